@@ -1,0 +1,230 @@
+"""Host-side input pipeline: deterministic, resumable, sharded numpy batches from a SeqIO task.
+
+How a batch is made. The task's split is run once through SeqIO (tokenize, chunk; no shuffle,
+one epoch) and kept in host memory as an array of N rows. The training stream is the infinite
+sequence of *global example positions* g = 0, 1, 2, ...; position g is row
+`index_shuffle(g mod N, seed=(seed, epoch))` of epoch `g // N` (a fresh permutation per
+epoch), and for an MLM task it is masked with RNG key (seed, g). Global batch `s` is positions
+[s * batch_size, (s + 1) * batch_size); with b = batch_size // num_shards, host `shard_index`
+takes positions [s * batch_size + shard_index * b, s * batch_size + (shard_index + 1) * b).
+Consequences:
+
+- Each batch is a pure function of (task, split, seq_len, seed, step): resuming at
+  `start_step=k` is O(1) and yields exactly the batches an uninterrupted run yields from k on.
+- Shards are disjoint, and concatenating the hosts' batches of a step in shard order gives the
+  single-host batch of that step (masks included, since they depend on g, not on the host).
+- Masks differ between epochs (the same row has a new g), as BERT's dynamic masking wants.
+- With `num_epochs` set, the stream stops after `ceil(num_epochs * N / batch_size)` batches;
+  positions past the end are all-zero rows (loss_weights 0, attention_mask 0).
+
+The split must fit in host memory (the embedded corpus is ~0.3 MB of ids at any length); a
+streaming path for web-scale corpora is future work and fails here with a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from bigs_jax.data import (
+    hide_accelerators_from_tensorflow,
+    preprocessors,
+    tasks,  # noqa: F401  (registers the embedded tasks)
+    vocab,
+)
+
+hide_accelerators_from_tensorflow()
+
+_MAX_TOKENS_IN_MEMORY = 1 << 28  # 1 GiB of int32 ids per host
+
+
+class BatchIterator(Iterator[dict[str, np.ndarray]]):
+    """Iterator of numpy batch dicts; `step` is the global step of the next batch.
+
+    Attributes:
+        step: index of the batch the next `next()` returns (save it to resume).
+        num_steps: total number of batches of a finite stream, None if infinite.
+        examples_per_epoch: rows in one epoch of the split.
+    """
+
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        *,
+        start_step: int,
+        num_steps: int | None,
+        examples_per_epoch: int,
+    ):
+        self._batches = dataset.as_numpy_iterator()
+        self.step = start_step
+        self.num_steps = num_steps
+        self.examples_per_epoch = examples_per_epoch
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._batches)
+        self.step += 1
+        return batch
+
+
+def _get_task(task_name: str) -> seqio.Task:
+    if task_name not in seqio.TaskRegistry.names():
+        known = ", ".join(sorted(seqio.TaskRegistry.names()))
+        raise ValueError(f"Unknown task {task_name!r}; registered tasks: {known}.")
+    return seqio.TaskRegistry.get(task_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _rows(task: seqio.Task, split: str, seq_len: int) -> dict[str, np.ndarray]:
+    """All rows of one epoch of a task split, as numpy arrays (read-only, cached)."""
+    if split not in task.splits:
+        raise ValueError(f"Task {task.name!r} has no split {split!r}; use one of {task.splits}.")
+    ds = task.get_dataset(
+        sequence_length={k: seq_len for k in task.output_features},
+        split=split,
+        shuffle=False,
+        num_epochs=1,
+        use_cached=False,
+    )
+    parts: dict[str, list[np.ndarray]] = {}
+    num_tokens = 0
+    for batch in ds.batch(1024).as_numpy_iterator():
+        for k, v in batch.items():
+            if v.dtype.kind in "iuf":  # drop strings such as pretokenized text
+                parts.setdefault(k, []).append(v)
+        num_tokens += batch["input_ids"].size
+        if num_tokens > _MAX_TOKENS_IN_MEMORY:
+            raise ValueError(
+                f"Task {task.name!r} split {split!r} exceeds {_MAX_TOKENS_IN_MEMORY} tokens; "
+                "make_iterator keeps a split in host memory, so use a smaller corpus or split."
+            )
+    if not parts:
+        raise ValueError(f"Task {task.name!r} split {split!r} is empty.")
+    rows = {}
+    for k, v in parts.items():
+        arr = np.concatenate(v)
+        arr = arr.astype(np.float32 if arr.dtype.kind == "f" else np.int32)
+        arr.flags.writeable = False
+        rows[k] = arr
+    return rows
+
+
+def examples_per_epoch(task_name: str, *, split: str, seq_len: int) -> int:
+    """Number of rows (examples) in one epoch of a task's split at a given sequence length."""
+    return len(_rows(_get_task(task_name), split, seq_len)["input_ids"])
+
+
+def make_iterator(
+    task_name: str,
+    *,
+    split: str,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    start_step: int = 0,
+    num_epochs: int | None = None,
+    shuffle: bool | None = None,
+    mask_rate: float = 0.15,
+) -> BatchIterator:
+    """Numpy batches of a SeqIO task for this host (see the module docstring for the scheme).
+
+    Args:
+        task_name: a registered task, e.g. "embedded_mlm" or "embedded_lm". A task without
+            `labels` is masked here (BERT, `preprocessors.mask_tokens`); others are used as is.
+        split: e.g. "train" or "validation".
+        batch_size: global batch size over all shards; each host gets
+            `batch_size // num_shards` rows.
+        seq_len: row length L.
+        seed: seeds the per-epoch shuffle and the masks.
+        shard_index: this host's shard (usually `jax.process_index()`).
+        num_shards: number of shards (usually `jax.process_count()`).
+        start_step: first global step to produce; resumes a run exactly.
+        num_epochs: None for an infinite stream (training); k for k epochs, with the last
+            batch completed by all-zero rows (evaluation: 1).
+        shuffle: permute rows anew each epoch; defaults to True for an infinite stream and
+            False for a finite one.
+        mask_rate: MLM selection probability (0.15 for BERT, 0.30 for M2).
+
+    Returns:
+        A `BatchIterator` of dicts of [batch_size // num_shards, L] arrays: int32 `input_ids`,
+        `labels`, `attention_mask` (and `token_type_ids` for MLM), float32 `loss_weights`.
+
+    Raises:
+        ValueError: on an unknown task or split, or inconsistent sizes or shard arguments.
+    """
+    checks = {
+        "batch_size": (batch_size, 1),
+        "seq_len": (seq_len, 1),
+        "num_shards": (num_shards, 1),
+        "start_step": (start_step, 0),
+    }
+    for name, (value, low) in checks.items():
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}.")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
+    if batch_size % num_shards:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by num_shards {num_shards}; "
+            "use a global batch size that is a multiple of the number of hosts."
+        )
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (infinite) or >= 1, got {num_epochs}.")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}.")
+    task = _get_task(task_name)
+    is_mlm = "labels" not in task.output_features
+    if is_mlm and not 0.0 < mask_rate < 1.0:
+        raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
+    specials = vocab.special_ids(task.output_features["input_ids"].vocabulary)
+    rows = _rows(task, split, seq_len)
+    num_rows = len(rows["input_ids"])
+    shuffle = num_epochs is None if shuffle is None else shuffle
+
+    per_host = batch_size // num_shards
+    num_steps = None
+    if num_epochs is not None:
+        num_steps = math.ceil(num_epochs * num_rows / batch_size)
+        start_step = min(start_step, num_steps)
+    table = {k: tf.constant(v) for k, v in rows.items()}
+
+    def example(local_index):
+        step, offset = local_index // per_host, local_index % per_host
+        g = step * batch_size + shard_index * per_host + offset
+        epoch, position = g // num_rows, g % num_rows
+        row = position
+        if shuffle:
+            row = tf.random.experimental.index_shuffle(
+                position,
+                seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+                max_index=num_rows - 1,
+            )
+        ex = {k: tf.gather(v, row) for k, v in table.items()}
+        if is_mlm:
+            ex = preprocessors.mask_tokens(
+                ex["input_ids"],
+                preprocessors.example_key(seed, g),
+                specials=specials,
+                mask_rate=mask_rate,
+            )
+        if num_epochs is not None:
+            valid = g < num_epochs * num_rows
+            ex = {k: tf.where(valid, v, tf.zeros_like(v)) for k, v in ex.items()}
+        return ex
+
+    start = start_step * per_host
+    if num_steps is None:
+        indices = tf.data.Dataset.counter(start)
+    else:
+        indices = tf.data.Dataset.range(start, num_steps * per_host)
+    ds = indices.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return BatchIterator(
+        ds, start_step=start_step, num_steps=num_steps, examples_per_epoch=num_rows
+    )

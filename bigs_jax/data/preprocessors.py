@@ -1,0 +1,228 @@
+"""Pretraining preprocessors: TF ops that run inside SeqIO tasks and tf.data pipelines.
+
+Stages, in pipeline order:
+
+- `chunk_for_mlm` / `chunk_for_lm` (SeqIO task preprocessors, deterministic): concatenate the
+  tokenized documents with a [SEP] after each one, cut the token stream into fixed-size pieces
+  and pad the last piece with 0. MLM rows are `[CLS] <seq_len - 2 tokens> [SEP]` (RoBERTa's
+  "full sentences", no next-sentence prediction); LM rows hold seq_len + 1 tokens.
+- `causal_lm` (task preprocessor): LM rows -> inputs and next-token labels.
+- `bert_mlm` / `mask_tokens` (random, applied *after* the epoch repeat): BERT's masking with a
+  loss on every selected position. Randomness is stateless and keyed on (seed, global example
+  index), so a mask depends only on those two numbers: the same on every run and every host
+  layout, and different each time the same row comes back in a later epoch (dynamic masking).
+
+SeqIO's own `EncoderFeatureConverter` puts the MLM loss only where the input is [MASK], which
+drops the 20% of selected positions that BERT leaves unchanged or randomizes; `mask_tokens`
+emits explicit `loss_weights` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import seqio
+import tensorflow as tf
+
+from bigs_jax.data import hide_accelerators_from_tensorflow, vocab
+
+hide_accelerators_from_tensorflow()
+
+MASK_FRACTION = 0.8  # of selected positions: replaced by [MASK]
+RANDOM_FRACTION = 0.1  # of selected positions: replaced by a random regular token; rest kept
+
+
+def _specials(output_features: Mapping[str, seqio.Feature], key: str) -> vocab.SpecialIds:
+    return vocab.special_ids(output_features[key].vocabulary)
+
+
+def _token_stream(dataset: tf.data.Dataset, key: str, sep_id: int) -> tf.data.Dataset:
+    """Yields every token of every document in order, with [SEP] after each document."""
+    sep = tf.constant([sep_id], tf.int32)
+    return dataset.map(
+        lambda ex: tf.concat([tf.cast(ex[key], tf.int32), sep], axis=0),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).unbatch()
+
+
+def _pad_to(x: tf.Tensor, length: int) -> tf.Tensor:
+    # Pad id is 0 by construction (checked in vocab.special_ids).
+    return tf.pad(x, [[0, length - tf.shape(x)[0]]])
+
+
+def chunk_for_mlm(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int],
+    output_features: Mapping[str, seqio.Feature],
+    key: str = "input_ids",
+) -> tf.data.Dataset:
+    """Concatenates tokenized documents into `[CLS] tokens [SEP]` rows of `sequence_length[key]`.
+
+    Args:
+        dataset: examples whose `key` holds one tokenized document (int ids, no specials).
+        sequence_length: row length per feature; `sequence_length[key]` must be >= 3.
+        output_features: SeqIO features; `output_features[key].vocabulary` gives the specials.
+        key: the token feature.
+
+    Returns:
+        One example per row, `{key: int32 [L]}`; the last row is padded with 0.
+    """
+    length = sequence_length[key]
+    if length < 3:
+        raise ValueError(f"MLM rows need seq_len >= 3 ([CLS] x [SEP]), got {length}.")
+    ids = _specials(output_features, key)
+    cls = tf.constant([ids.cls_id], tf.int32)
+    sep = tf.constant([ids.sep_id], tf.int32)
+    chunks = _token_stream(dataset, key, ids.sep_id).batch(length - 2)
+    return chunks.map(
+        lambda c: {key: tf.ensure_shape(_pad_to(tf.concat([cls, c, sep], 0), length), [length])},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def chunk_for_lm(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int],
+    output_features: Mapping[str, seqio.Feature],
+    key: str = "input_ids",
+) -> tf.data.Dataset:
+    """Concatenates tokenized documents into rows of `sequence_length[key] + 1` tokens.
+
+    [SEP] ends every document (GPT's end-of-text). The extra token per row is the last target
+    of `causal_lm`; rows do not overlap, so one next-token target per row boundary is unused.
+
+    Returns:
+        One example per row, `{key: int32 [L + 1]}`; the last row is padded with 0.
+    """
+    length = sequence_length[key] + 1
+    ids = _specials(output_features, key)
+    chunks = _token_stream(dataset, key, ids.sep_id).batch(length)
+    return chunks.map(
+        lambda c: {key: tf.ensure_shape(_pad_to(c, length), [length])},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def causal_lm(dataset: tf.data.Dataset, key: str = "input_ids") -> tf.data.Dataset:
+    """Turns rows of L + 1 tokens into next-token prediction examples of length L.
+
+    Returns:
+        Examples with `input_ids` (the first L tokens), `labels` (the last L), `loss_weights`
+        (float32, 1 where the label is a real token, 0 where it is padding) and
+        `attention_mask` (int32, 1 on real input tokens).
+    """
+
+    def convert(ex):
+        row = ex[key]
+        inputs, labels = row[:-1], row[1:]
+        return {
+            "input_ids": inputs,
+            "labels": labels,
+            "loss_weights": tf.cast(labels != 0, tf.float32),
+            "attention_mask": tf.cast(inputs != 0, tf.int32),
+        }
+
+    return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def example_key(seed: int, index: tf.Tensor) -> tf.Tensor:
+    """The stateless RNG key of one example: int64 [2] = (seed, global example index)."""
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}.")
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
+
+
+def mask_tokens(
+    ids: tf.Tensor,
+    key: tf.Tensor,
+    *,
+    specials: vocab.SpecialIds,
+    mask_rate: float = 0.15,
+) -> dict[str, tf.Tensor]:
+    """BERT masking of one row of token ids.
+
+    Every position that is not a special token ([PAD], [UNK], [CLS], [SEP], [MASK]) is selected
+    independently with probability `mask_rate`. A selected position becomes [MASK] with
+    probability 0.8, a uniformly drawn non-special id with probability 0.1 (which may equal the
+    original, as in BERT), and stays unchanged otherwise. [UNK] is never selected: predicting it
+    teaches nothing, and the embedded vocabulary never produces it (byte fallback).
+
+    Args:
+        ids: int32 [L] token ids, 0-padded.
+        key: int64 [2] stateless RNG key, e.g. `example_key(seed, index)`.
+        specials: the vocabulary's special ids and size.
+        mask_rate: selection probability, in (0, 1).
+
+    Returns:
+        `input_ids` (corrupted), `labels` (original id where selected, else 0), `loss_weights`
+        (float32, 1.0 at every selected position), `attention_mask` (int32, 1 on non-pad) and
+        `token_type_ids` (int32 zeros), each [L].
+    """
+    if not 0.0 < mask_rate < 1.0:
+        raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
+    ids = tf.cast(ids, tf.int32)
+    special = tf.constant(specials.all, tf.int32)
+    regular = tf.constant(
+        [i for i in range(specials.vocab_size) if i not in specials.all], tf.int32
+    )
+    select_key, action_key, token_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    shape = tf.shape(ids)
+    selectable = tf.reduce_all(ids[:, None] != special[None, :], axis=-1)
+    selected = selectable & (tf.random.stateless_uniform(shape, select_key) < mask_rate)
+    action = tf.random.stateless_uniform(shape, action_key)
+    random_ids = tf.gather(
+        regular,
+        tf.random.stateless_uniform(
+            shape, token_key, minval=0, maxval=regular.shape[0], dtype=tf.int32
+        ),
+    )
+    corrupted = tf.where(
+        action < MASK_FRACTION,
+        specials.mask_id,
+        tf.where(action < MASK_FRACTION + RANDOM_FRACTION, random_ids, ids),
+    )
+    return {
+        "input_ids": tf.where(selected, corrupted, ids),
+        "labels": tf.where(selected, ids, 0),
+        "loss_weights": tf.cast(selected, tf.float32),
+        "attention_mask": tf.cast(ids != specials.pad_id, tf.int32),
+        "token_type_ids": tf.zeros_like(ids),
+    }
+
+
+def bert_mlm(
+    dataset: tf.data.Dataset,
+    *,
+    specials: vocab.SpecialIds,
+    seed: int,
+    mask_rate: float = 0.15,
+    key: str = "input_ids",
+    index_key: str | None = None,
+) -> tf.data.Dataset:
+    """Applies `mask_tokens` to every example of a dataset.
+
+    Apply it after the repeat (`ds.repeat()` or SeqIO's `num_epochs`): masks are keyed on the
+    example's position in the stream, so a row seen again in a later epoch gets a new mask.
+
+    Args:
+        dataset: examples with `key` = int [L] token ids (e.g. from `chunk_for_mlm`).
+        specials: the vocabulary's special ids and size.
+        seed: the run's seed.
+        mask_rate: selection probability (0.15 in BERT; M2 uses 0.30).
+        key: the token feature.
+        index_key: feature holding each example's global index; None numbers the examples of
+            `dataset` in order (0, 1, 2, ...), which is the global index when `dataset` is the
+            whole repeated stream.
+
+    Returns:
+        The masked examples (see `mask_tokens`); other features are dropped.
+    """
+    if index_key is None:
+        dataset = dataset.enumerate().map(lambda i, ex: {**ex, "_index": i})
+        index_key = "_index"
+    return dataset.map(
+        lambda ex: mask_tokens(
+            ex[key], example_key(seed, ex[index_key]), specials=specials, mask_rate=mask_rate
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )

@@ -1,0 +1,213 @@
+"""SentencePiece vocabularies usable by SeqIO, and the ids of their special tokens.
+
+The embedded vocabulary (`assets/embedded_spm.model`, shipped with the package) is a byte-level
+BPE SentencePiece model of 4,096 pieces trained on the 'train' split of the embedded corpus
+(`bigs_jax.data.corpus`). Rebuild it, bit for bit, with
+
+    python -m bigs_jax.data.vocab --build     # writes bigs_jax/data/assets/embedded_spm.model
+    python -m bigs_jax.data.vocab --check     # exit status 1 if a rebuild would differ
+
+(the rebuild matches only under the interpreter whose corpus text the asset was built from,
+see `corpus.REFERENCE_FINGERPRINT`). Its ids:
+
+    0 [PAD]   1 [UNK]   2 [CLS]   3 [SEP]   4 [MASK]   5..260 the 256 byte pieces   261.. BPE
+
+[CLS] and [SEP] are control symbols (never produced from text; they decode to nothing); [MASK]
+is user-defined, so the text "[MASK]" encodes to it, for fill-in-the-blank demos. There is no
+BOS/EOS piece (SeqIO features use `add_eos=False`). Byte fallback is on, so any text encodes
+without [UNK], and normalization is the identity, so `decode(encode(s)) == s` for any string
+without leading, trailing or repeated spaces.
+
+Only `embedded_vocabulary` and `sentencepiece_vocabulary` import SeqIO (and so TensorFlow);
+the special ids and `EMBEDDED_VOCAB_SIZE` are cheap to read from a model config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import pathlib
+import sys
+from typing import TYPE_CHECKING
+
+import sentencepiece as spm
+
+from bigs_jax.data import corpus
+
+if TYPE_CHECKING:
+    import seqio
+
+EMBEDDED_MODEL_PATH = pathlib.Path(__file__).parent / "assets" / "embedded_spm.model"
+EMBEDDED_VOCAB_SIZE = 4096
+
+# Piece names looked up in any SentencePiece model; BERT-style first, then ALBERT/XLNet-style.
+_PIECE_NAMES = {
+    "cls_id": ("[CLS]", "<cls>"),
+    "sep_id": ("[SEP]", "<sep>"),
+    "mask_id": ("[MASK]", "<mask>"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the special tokens of a vocabulary, and its size.
+
+    Attributes:
+        pad_id: padding; always 0 (SeqIO pads with 0).
+        unk_id: unknown piece; never produced by the embedded vocabulary (byte fallback).
+        cls_id: [CLS], first token of every MLM row.
+        sep_id: [SEP], after every document and at the end of every MLM row.
+        mask_id: [MASK], the MLM corruption token.
+        vocab_size: number of ids, i.e. the embedding table size a model needs.
+    """
+
+    pad_id: int
+    unk_id: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+    vocab_size: int
+
+    @property
+    def all(self) -> tuple[int, ...]:
+        """The special ids (pad, unk, cls, sep, mask): never selected for masking."""
+        return (self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id)
+
+
+def _special_ids_of(processor: spm.SentencePieceProcessor, where: str) -> SpecialIds:
+    found = {}
+    for field, names in _PIECE_NAMES.items():
+        ids = [processor.piece_to_id(n) for n in names]
+        # piece_to_id answers unk_id for a piece the model lacks.
+        hits = [i for i in ids if i != processor.unk_id()]
+        if not hits:
+            raise ValueError(
+                f"SentencePiece model {where} has no {names[0]} piece; train it with "
+                "--control_symbols=[CLS],[SEP] --user_defined_symbols=[MASK] (or <cls>, <sep>, "
+                "<mask>)."
+            )
+        found[field] = hits[0]
+    if processor.pad_id() != 0:
+        raise ValueError(
+            f"SentencePiece model {where} has pad_id={processor.pad_id()}, but SeqIO pads with "
+            "id 0; retrain it with --pad_id=0."
+        )
+    return SpecialIds(
+        pad_id=0,
+        unk_id=processor.unk_id(),
+        vocab_size=processor.get_piece_size(),
+        **found,
+    )
+
+
+def special_ids(vocabulary: seqio.SentencePieceVocabulary) -> SpecialIds:
+    """Returns the special ids of a SeqIO SentencePiece vocabulary.
+
+    Raises:
+        ValueError: if the model lacks [CLS], [SEP] or [MASK], or does not pad with id 0.
+    """
+    return _special_ids_of(vocabulary.tokenizer, vocabulary.sentencepiece_model_file)
+
+
+@functools.cache
+def embedded_special_ids() -> SpecialIds:
+    """Special ids of the embedded vocabulary (reads the model file; no TensorFlow)."""
+    return _special_ids_of(_load_processor(EMBEDDED_MODEL_PATH), str(EMBEDDED_MODEL_PATH))
+
+
+def _load_processor(path: pathlib.Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SentencePiece model {path} does not exist; pass the path of a .model file "
+            "(the embedded one is rebuilt with `python -m bigs_jax.data.vocab --build`)."
+        )
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def sentencepiece_vocabulary(path: str | pathlib.Path) -> seqio.SentencePieceVocabulary:
+    """A SeqIO vocabulary from a user's SentencePiece model file.
+
+    Args:
+        path: a SentencePiece `.model` file with pad id 0 and [CLS], [SEP], [MASK] pieces.
+
+    Returns:
+        A `seqio.SentencePieceVocabulary` (its `encode_tf` runs inside tf.data graphs).
+
+    Raises:
+        FileNotFoundError: if `path` is not a file.
+        ValueError: if the model lacks the special pieces or pads with another id.
+    """
+    path = pathlib.Path(path)
+    _special_ids_of(_load_processor(path), str(path))  # fail early with a clear message
+    # SeqIO imports TensorFlow: keep both out of cheap imports of this module.
+    import seqio  # pylint: disable=import-outside-toplevel
+
+    from bigs_jax.data import hide_accelerators_from_tensorflow  # pylint: disable=C0415
+
+    hide_accelerators_from_tensorflow()
+
+    return seqio.SentencePieceVocabulary(str(path))
+
+
+@functools.cache
+def embedded_vocabulary() -> seqio.SentencePieceVocabulary:
+    """The vocabulary shipped with the package (4,096 pieces), as a SeqIO vocabulary."""
+    return sentencepiece_vocabulary(EMBEDDED_MODEL_PATH)
+
+
+def train_embedded_model() -> bytes:
+    """Trains the embedded SentencePiece model on the corpus 'train' split; returns its bytes.
+
+    Deterministic: one thread, the whole split in a fixed order, no sampling.
+    """
+    texts = [doc.text for doc in corpus.documents("train")]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        # A unigram model cannot reach 4k pieces on a corpus this small (~3.8k max); BPE can.
+        vocab_size=EMBEDDED_VOCAB_SIZE,
+        character_coverage=0.9999,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        byte_fallback=True,
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=-1,
+        pad_piece="[PAD]",
+        unk_piece="[UNK]",
+        control_symbols=["[CLS]", "[SEP]"],
+        user_defined_symbols=["[MASK]"],
+        max_sentence_length=1 << 20,  # documents are single lines of up to ~60k characters
+        input_sentence_size=0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: `python -m bigs_jax.data.vocab --build | --check`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--build", action="store_true", help="train and write the asset")
+    group.add_argument("--check", action="store_true", help="fail if a rebuild would differ")
+    args = parser.parse_args(argv)
+    model = train_embedded_model()
+    if args.build:
+        EMBEDDED_MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
+        EMBEDDED_MODEL_PATH.write_bytes(model)
+        print(f"wrote {EMBEDDED_MODEL_PATH} ({len(model)} bytes)")
+        return 0
+    same = EMBEDDED_MODEL_PATH.is_file() and EMBEDDED_MODEL_PATH.read_bytes() == model
+    print(f"{EMBEDDED_MODEL_PATH}: {'matches' if same else 'DIFFERS FROM'} a fresh build")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

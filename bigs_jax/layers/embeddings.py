@@ -1,0 +1,75 @@
+"""BERT-style input embeddings: word + absolute position + token type, LayerNorm, dropout.
+
+Devlin et al. 2018 (arXiv 1810.04805). BiGS and M2-BERT reuse them unchanged.
+
+Dimension key: B batch, L length, D model, C vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigs_jax.layers.linear import Dtype, layer_norm, sharded
+
+
+def embed(num: int, features: int, axes, *, init_std: float, rngs: nnx.Rngs,
+          dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32) -> nnx.Embed:
+    """An `nnx.Embed` with a normal(init_std) table named `axes`."""
+    return nnx.Embed(num, features, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=jax.nn.initializers.normal(init_std), rngs=rngs,
+                     embedding_metadata=sharded(axes))
+
+
+class BertEmbeddings(nnx.Module):
+    """E = Dropout(LN(word[ids] + position[t] + token_type[tt]))."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_len: int,
+        type_vocab_size: int,
+        features: int,
+        *,
+        norm_eps: float = 1e-12,
+        dropout: float = 0.1,
+        init_std: float = 0.02,
+        dtype: Optional[Dtype] = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.word = embed(vocab_size, features, ("vocab", "embed"), **kw)
+        self.position = embed(max_len, features, (None, "embed"), **kw)
+        self.token_type = (embed(type_vocab_size, features, (None, "embed"), **kw)
+                           if type_vocab_size else None)
+        self.norm = layer_norm(features, eps=norm_eps, rngs=rngs, dtype=dtype,
+                               param_dtype=param_dtype)
+        self.dropout = nnx.Dropout(dropout)
+        self.max_len = max_len
+
+    def __call__(
+        self,
+        ids_BL: jax.Array,
+        token_type_ids_BL: Optional[jax.Array] = None,
+        position_ids_BL: Optional[jax.Array] = None,
+        *,
+        deterministic: bool = True,
+        rngs: Optional[nnx.Rngs] = None,
+    ) -> jax.Array:
+        L = ids_BL.shape[1]
+        if L > self.max_len:
+            raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "
+                             "truncate the input or build the model with a larger max_len")
+        if position_ids_BL is None:
+            position_ids_BL = jnp.arange(L)[None, :]
+        x_BLD = self.word(ids_BL) + self.position(position_ids_BL)
+        if self.token_type is not None:
+            if token_type_ids_BL is None:
+                token_type_ids_BL = jnp.zeros_like(ids_BL)
+            x_BLD = x_BLD + self.token_type(token_type_ids_BL)
+        x_BLD = self.norm(x_BLD)
+        return self.dropout(x_BLD, deterministic=deterministic, rngs=rngs)

@@ -1,0 +1,362 @@
+"""Diagonal state space layer (S4D) as the official BiGS code uses it.
+
+BiGS: Wang, Yan, Gu, Rush, "Pretraining Without Attention", arXiv 2212.10544.
+S4D: Gu, Gupta, Goel, Re, "On the Parameterization and Initialization of Diagonal State Space
+Models", arXiv 2206.11893.
+
+Each channel of the input is filtered by a linear time-invariant system with diagonal complex
+state matrix A (N modes), B fixed to 1, output projection C and skip D, discretized by
+zero-order hold with one step size Delta. Unrolled, the system is a causal convolution with the
+kernel K[l] = Re sum_n C_n (exp(Delta A_n) - 1) / A_n exp(l Delta A_n); all N modes are kept
+(no conjugate halving, no factor 2), exactly as the official BiGS `s4d_kernel_zoh`. In the
+official model one SSM is shared by every channel (`shared=True`, param shapes `A_re (N,)`,
+`A_im (N,)`, `C (N, 2)`, `D (1,)`, `log_step (1,)`); `shared=False` gives one SSM per channel as
+in S4D and annotated-s4. The convolution is applied by FFT (training), by a parallel scan of the
+recurrence, by a sequential scan, or by a dense Toeplitz matmul (reference); `step` runs the
+recurrence one token at a time with O(N) state per channel. `reverse_padded` gives the backward
+direction of a bidirectional mixer without letting pads leak into real tokens.
+
+Dimension key: B batch, L length, D channels (model dim), N state size, H number of distinct
+SSMs (1 when shared, D otherwise), F = L + 1 rfft bins of the 2L-padded sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigs_jax.layers.linear import sharded
+
+Dtype = Any
+
+INITS = ("legs", "lin", "inv")
+MODES = ("fft", "scan", "recurrent", "toeplitz")
+_A_RE_MAX = -1e-4  # the official clip that keeps every mode stable (Re A < 0)
+
+
+def hippo_legs(N: int) -> np.ndarray:
+    """The (N, N) HiPPO-LegS state matrix A, float64.
+
+    A_nk = -sqrt((2n+1)(2k+1)) below the diagonal, -(n+1) on it, 0 above.
+    """
+    r = np.sqrt(2.0 * np.arange(N) + 1.0)
+    return -(np.tril(np.outer(r, r), -1) + np.diag(np.arange(N) + 1.0))
+
+
+def ssm_init(kind: str, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """Initial (A_re, A_im), each (N,) float64, for the S4D init `kind`.
+
+    Args:
+      kind: 'legs' (official BiGS default "hippo"): eigenvalues of the normal part of HiPPO-LegS;
+        'lin': A = -1/2 + i pi n; 'inv': A = -1/2 + i (N/pi)(N/(2n+1) - 1); n = 0..N-1.
+      N: state size. All N modes are returned (LegS: the N/2 conjugate pairs both appear).
+
+    Returns:
+      A_re and A_im as float64 numpy arrays.
+    """
+    n = np.arange(N, dtype=np.float64)
+    a_re = np.full((N,), -0.5)
+    if kind == "legs":
+        # HiPPO-LegS is normal plus low rank: S = A + P P^T with P_n = sqrt(n + 1/2) is -1/2 I
+        # plus a real skew-symmetric matrix. Its eigenvalues are therefore -1/2 + i w, with w the
+        # (real) eigenvalues of the Hermitian matrix -i (S + I/2); eigh returns them ascending,
+        # the order of the official `make_DPLR_HiPPO`.
+        P = np.sqrt(n + 0.5)
+        S = hippo_legs(N) + np.outer(P, P)
+        # (The official code stores mean(diag S), i.e. -1/2 up to a float64 ulp: -0.5 in f32.)
+        a_im = np.linalg.eigvalsh(-1j * (S - np.diag(np.diag(S))))
+    elif kind == "lin":
+        a_im = np.pi * n
+    elif kind == "inv":
+        a_im = (N / np.pi) * (N / (2 * n + 1) - 1)
+    else:
+        raise ValueError(f"unknown S4D init {kind!r}; choose one of {list(INITS)}")
+    return a_re, a_im
+
+
+# ---- float32 phase accuracy -------------------------------------------------------------------
+# K[l] needs exp(i l Delta A_im), whose phase reaches 1e4-1e5 rad over a few thousand steps.
+# Plain float32 gets it wrong by 1e-3 rad and more: the phase is l times Delta*A_im, so any
+# relative error of Delta*A_im (rounding of exp(log_step), of the product, of l*(...)) grows
+# with l. Measured against a float64 evaluation on the same float32 params, the plain formula
+# reaches ~1e-5 of max|K| at Delta = 0.01 (slow decay keeps large-l terms alive), mostly from
+# the rounding of exp(log_step) alone. So, in float32 only:
+#   1. Delta = exp(log_step) is computed as an unevaluated sum hi + lo (<1e-9 relative) by
+#      Cody-Waite reduction by ln 2, a 179-entry table of exp(i/256) and a 3-term series;
+#   2. Delta*A_im/(2 pi), the phase per step in turns, is formed exactly as t + t_lo with
+#      Dekker's two-product (splits by bit masks, so FMA contraction cannot break it);
+#   3. for l < 2^k, t's top 24-k bits times l are exact, so their fractional part (mod one turn)
+#      is exact; only the small rest times l is rounded, an error ~2^(2k-23) |t| eps turns.
+# The result is the phase reduced to [-1/2, 1/2] turns before cos/sin; float64 needs none of it.
+_LN2_HI = (np.array(np.log(2.0), np.float32).view(np.uint32) & np.uint32(0xFFFFFF00)).view(
+    np.float32)  # 16 significant bits, so j * _LN2_HI is exact for |j| < 2^8
+_LN2_LO = np.float32(np.log(2.0) - np.float64(_LN2_HI))
+_EXP_TABLE = np.exp(np.arange(-89, 90) / 256.0)  # covers |r| <= ln2/2 at 1/256 spacing
+_EXP_TABLE_HI = _EXP_TABLE.astype(np.float32)
+_EXP_TABLE_LO = (_EXP_TABLE - _EXP_TABLE_HI.astype(np.float64)).astype(np.float32)
+_INV_2PI_HI = np.float32(1 / (2 * np.pi))
+_INV_2PI_LO = np.float32(1 / (2 * np.pi) - np.float64(_INV_2PI_HI))
+
+
+def _clear_low_bits(x: jax.Array, bits: int) -> jax.Array:
+    """float32 x with its `bits` least significant mantissa bits zeroed (24 - bits remain)."""
+    mask = np.uint32((0xFFFFFFFF << bits) & 0xFFFFFFFF)
+    return jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, jnp.uint32) & mask, jnp.float32)
+
+
+def _two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(p, e) with p = fl(a b) and a b = p + e exactly (Dekker; float32)."""
+    p = a * b
+    a_hi, b_hi = _clear_low_bits(a, 12), _clear_low_bits(b, 12)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return p, ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def _exp_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """exp(x) as hi + lo, float32, relative error < 1e-9 for |x| < 177 (vs 6e-8 for exp)."""
+    j = jnp.round(x * np.float32(1 / np.log(2.0)))
+    r_hi = x - j * _LN2_HI  # exact: Sterbenz, and j * _LN2_HI is exact
+    i = jnp.clip(jnp.round(r_hi * 256.0), -89, 89)
+    s = (r_hi - i / 256.0) - j * _LN2_LO  # |s| <~ 2^-9, first difference exact
+    em1 = s + s * s * (0.5 + s * (1 / 6 + s / 24))  # expm1(s), truncation < 1e-14
+    idx = (i + 89).astype(jnp.int32)
+    t_hi, t_lo = jnp.asarray(_EXP_TABLE_HI)[idx], jnp.asarray(_EXP_TABLE_LO)[idx]
+    j = j.astype(jnp.int32)
+    return jnp.ldexp(t_hi, j), jnp.ldexp(t_lo + t_hi * em1, j)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _phase_turns(log_step_H: jax.Array, a_im_HN: jax.Array, length: int) -> jax.Array:
+    """frac(l Delta A_im / 2pi) in [-1/2, 1/2] for l = 0..length-1, shape (H, N, length)."""
+    l = jnp.arange(length, dtype=a_im_HN.dtype)
+    if a_im_HN.dtype != jnp.float32:
+        turns = jnp.exp(log_step_H)[:, None, None] * a_im_HN[..., None] * l / (2 * np.pi)
+        return turns - jnp.round(turns)
+    dt_hi, dt_lo = _exp_hi_lo(log_step_H[:, None])
+    p, e = _two_prod(jnp.broadcast_to(dt_hi, a_im_HN.shape), a_im_HN)
+    e = e + dt_lo * a_im_HN
+    t, t_lo = _two_prod(p, _INV_2PI_HI)
+    t_lo = t_lo + (p * _INV_2PI_LO + e * _INV_2PI_HI)
+    k = min(23, max(1, math.ceil(math.log2(length))))  # l < 2^k for every l
+    t_top = _clear_low_bits(t, k)
+    t_rest = (t - t_top) + t_lo
+    f = t_top[..., None] * l  # exact
+    f = f - jnp.round(f)  # exact
+    f = f + t_rest[..., None] * l
+    return f - jnp.round(f)
+
+
+@_phase_turns.defjvp
+def _phase_turns_jvp(length, primals, tangents):
+    # The bit tricks above have no useful derivative; the phase's is l Delta (dlog_step A_im +
+    # dA_im) / 2pi, linear in the tangents, so reverse mode works too.
+    log_step_H, a_im_HN = primals
+    dlog_step_H, da_im_HN = tangents
+    l = jnp.arange(length, dtype=a_im_HN.dtype)
+    dturns_HN = jnp.exp(log_step_H)[:, None] * (dlog_step_H[:, None] * a_im_HN + da_im_HN)
+    return (_phase_turns(log_step_H, a_im_HN, length),
+            dturns_HN[..., None] * l / (2 * np.pi))
+
+
+def _zoh(a_re_HN, a_im_HN, log_step_H):
+    """ZOH discretization: (Delta Re A (H, N), A_bar (H, N), B_bar = (A_bar - 1) / A (H, N))."""
+    a_re_HN = jnp.minimum(a_re_HN, _A_RE_MAX)
+    decay_HN = jnp.exp(log_step_H)[:, None] * a_re_HN
+    angle_HN = 2 * np.pi * _phase_turns(log_step_H, a_im_HN, 2)[..., 1]
+    cos, sin = jnp.cos(angle_HN), jnp.sin(angle_HN)
+    # exp(z) - 1 written with expm1 and 1 - cos = 2 sin^2(./2): no cancellation when |Delta A|
+    # is tiny (A_re near the clip, A_im near 0), where exp(z) - 1 would lose most digits.
+    a_bar_m1 = jax.lax.complex(jnp.expm1(decay_HN) * cos - 2 * jnp.sin(angle_HN / 2) ** 2,
+                               jnp.exp(decay_HN) * sin)
+    a_bar = jax.lax.complex(jnp.exp(decay_HN) * cos, jnp.exp(decay_HN) * sin)
+    return decay_HN, a_bar, a_bar_m1 / jax.lax.complex(a_re_HN, a_im_HN)
+
+
+def s4d_kernel(a_re_HN: jax.Array, a_im_HN: jax.Array, c_HN2: jax.Array, log_step_H: jax.Array,
+               length: int) -> jax.Array:
+    """The ZOH S4D convolution kernel K (H, length), in the params' dtype (f32 or f64).
+
+    K[h, l] = Re sum_n C_hn (exp(Delta_h A_hn) - 1) / A_hn exp(l Delta_h A_hn), with
+    A = min(A_re, -1e-4) + i A_im, Delta = exp(log_step), C = C[..., 0] + i C[..., 1].
+    Complex64 arithmetic for float32 params (phase kept accurate, see above), complex128 for
+    float64 params.
+    """
+    dtype = jnp.promote_types(a_re_HN.dtype, jnp.float32)
+    a_re_HN, a_im_HN, c_HN2, log_step_H = (
+        x.astype(dtype) for x in (a_re_HN, a_im_HN, c_HN2, log_step_H))
+    decay_HN, _, b_bar_HN = _zoh(a_re_HN, a_im_HN, log_step_H)
+    cb_HN = jax.lax.complex(c_HN2[..., 0], c_HN2[..., 1]) * b_bar_HN
+    l = jnp.arange(length, dtype=dtype)
+    mag_HNL = jnp.exp(decay_HN[..., None] * l)
+    angle_HNL = 2 * np.pi * _phase_turns(log_step_H, a_im_HN, length)
+    vander_HNL = jax.lax.complex(mag_HNL * jnp.cos(angle_HNL), mag_HNL * jnp.sin(angle_HNL))
+    # HIGHEST: GPUs/TPUs would otherwise run this f32 contraction in TF32/bf16 passes.
+    return jnp.einsum("hn,hnl->hl", cb_HN, vander_HNL, precision="highest").real
+
+
+def reverse_padded(x_BL: jax.Array, mask_BL: Optional[jax.Array], *,
+                   official_padding: bool = False) -> jax.Array:
+    """Reverses each sequence along axis 1 within its own length; pads stay where they are.
+
+    Assumes right padding (each mask row is 1...1 0...0), so the reversed batch is still
+    right-padded and a causal SSM on it never sees a pad before a real token. The map is its
+    own inverse.
+
+    Args:
+      x_BL: (B, L, ...) array.
+      mask_BL: (B, L) 1 for real tokens, 0 for pads; None means no padding.
+      official_padding: plain flip over the full padded length, as the official BiGS code
+        (pads then come first and feed the backward direction).
+
+    Returns:
+      The reversed array, shape and dtype of `x_BL`.
+    """
+    if mask_BL is None or official_padding:
+        return jnp.flip(x_BL, axis=1)
+    L = x_BL.shape[1]
+    len_B1 = jnp.sum(mask_BL.astype(jnp.int32), axis=-1, keepdims=True)
+    t_1L = jnp.arange(L)[None, :]
+    idx_BL = jnp.where(t_1L < len_B1, len_B1 - 1 - t_1L, t_1L)
+    idx = idx_BL.reshape(idx_BL.shape + (1,) * (x_BL.ndim - 2))
+    return jnp.take_along_axis(x_BL, idx, axis=1)
+
+
+class S4D(nnx.Module):
+    """S4D layer: per-channel causal convolution with an S4D kernel plus a D skip.
+
+    Attributes (params): A_re, A_im (N,) | (D, N); C (N, 2) | (D, N, 2) (real, imag);
+    D (1,) | (D,); log_step (1,) | (D,). The first shapes are the shared (official) layout.
+    """
+
+    def __init__(self, features: int, *, state_size: int = 64, shared: bool = True,
+                 init: str = "legs", dt_min: float = 0.01, dt_max: float = 1.0,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        """Args:
+          features: number of channels D (sets the param shapes only when shared=False).
+          state_size: N, modes per SSM.
+          shared: one SSM for every channel (official BiGS) or one per channel.
+          init: 'legs' | 'lin' | 'inv' (see `ssm_init`).
+          dt_min, dt_max: log_step ~ U[log dt_min, log dt_max] (BiGS: 0.01, 1).
+          param_dtype: dtype of all params; the kernel is computed in it (at least float32).
+          rngs: `params` stream for C and log_step.
+        """
+        self.features, self.state_size, self.shared = features, state_size, shared
+        N = state_size
+        a_re, a_im = ssm_init(init, N)
+        lead = () if shared else (features,)
+        H = 1 if shared else features
+        axes = ("state",) if shared else ("embed", "state")
+        self.A_re = nnx.Param(jnp.broadcast_to(jnp.asarray(a_re, param_dtype), lead + (N,)),
+                              **sharded(axes))
+        self.A_im = nnx.Param(jnp.broadcast_to(jnp.asarray(a_im, param_dtype), lead + (N,)),
+                              **sharded(axes))
+        self.C = nnx.Param(
+            jax.random.normal(rngs.params(), lead + (N, 2), param_dtype) * np.sqrt(0.5),
+            **sharded(axes + (None,)))
+        self.D = nnx.Param(jnp.ones((H,), param_dtype),
+                           **sharded((None,) if shared else ("embed",)))
+        self.log_step = nnx.Param(
+            jax.random.uniform(rngs.params(), (H,), param_dtype, np.log(dt_min), np.log(dt_max)),
+            **sharded((None,) if shared else ("embed",)))
+
+    def _params_H(self):
+        """Params in the compute dtype with a leading H axis (H = 1 when shared)."""
+        dtype = jnp.promote_types(self.A_re[...].dtype, jnp.float32)
+        a_re, a_im, c = self.A_re[...], self.A_im[...], self.C[...]
+        if self.shared:
+            a_re, a_im, c = a_re[None], a_im[None], c[None]
+        return tuple(x.astype(dtype) for x in (a_re, a_im, c, self.log_step[...]))
+
+    def _recurrence(self):
+        """(A_bar (H, N), B_bar (H, N), C (H, N)) of x_t = A_bar x_t-1 + B_bar u_t, Re(C x_t)."""
+        a_re, a_im, c, log_step = self._params_H()
+        _, a_bar_HN, b_bar_HN = _zoh(a_re, a_im, log_step)
+        return a_bar_HN, b_bar_HN, jax.lax.complex(c[..., 0], c[..., 1])
+
+    def kernel(self, L: int) -> jax.Array:
+        """The convolution kernel K, (1, L) when shared else (D, L)."""
+        return s4d_kernel(*self._params_H(), L)
+
+    def __call__(self, u_BLD: jax.Array, mask_BL: Optional[jax.Array] = None, *,
+                 mode: str = "fft") -> jax.Array:
+        """y = K * u + D u along L for every channel.
+
+        Args:
+          u_BLD: input (B, L, D), any float dtype; output has the same dtype. The shared layer
+            accepts any D.
+          mask_BL: 1 for real tokens, 0 for pads; pads of u are zeroed first, so real tokens
+            never see them (outputs at pad positions are meaningless).
+          mode: 'fft' (rfft of size 2L, fp32 at least: the training path), 'scan' (parallel
+            `associative_scan` of the recurrence; holds a (B, L, D, N) complex state),
+            'recurrent' (sequential `lax.scan`), 'toeplitz' (dense L x L matmul; reference
+            for tests and short L).
+
+        Returns:
+          y (B, L, D).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown S4D mode {mode!r}; choose one of {list(MODES)}")
+        B, L, D = u_BLD.shape
+        out_dtype = u_BLD.dtype
+        dtype = jnp.promote_types(self.A_re[...].dtype, jnp.float32)  # fp32 even for bf16 u
+        u_BLD = u_BLD.astype(dtype)
+        if mask_BL is not None:
+            u_BLD = u_BLD * mask_BL[..., None].astype(dtype)
+        if mode == "fft":
+            # Zero padding to 2L turns the FFT's circular convolution into the linear one.
+            k_FH = jnp.fft.rfft(self.kernel(L), n=2 * L, axis=-1).T
+            u_BFD = jnp.fft.rfft(u_BLD, n=2 * L, axis=1)
+            y_BLD = jnp.fft.irfft(u_BFD * k_FH, n=2 * L, axis=1)[:, :L]
+        elif mode == "toeplitz":
+            K_HL = self.kernel(L)
+            lag_LL = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
+            T_HLL = jnp.where(lag_LL >= 0, K_HL[:, jnp.clip(lag_LL, 0)], 0)
+            if self.shared:
+                y_BLD = jnp.einsum("ts,bsd->btd", T_HLL[0], u_BLD, precision="highest")
+            else:
+                y_BLD = jnp.einsum("dts,bsd->btd", T_HLL, u_BLD, precision="highest")
+        else:
+            a_bar_HN, b_bar_HN, c_HN = self._recurrence()
+            u_LBD = jnp.swapaxes(u_BLD, 0, 1)
+            if mode == "scan":
+                a_L1HN = jnp.broadcast_to(a_bar_HN, (L, 1) + a_bar_HN.shape)
+                _, x_LBDN = jax.lax.associative_scan(
+                    lambda e1, e2: (e2[0] * e1[0], e2[0] * e1[1] + e2[1]),
+                    (a_L1HN, b_bar_HN * u_LBD[..., None]))
+            else:
+                def body(x_BDN, u_BD):
+                    x_BDN = a_bar_HN * x_BDN + b_bar_HN * u_BD[..., None]
+                    return x_BDN, x_BDN
+                x_BDN = jnp.zeros((B, D, self.state_size), a_bar_HN.dtype)
+                _, x_LBDN = jax.lax.scan(body, x_BDN, u_LBD)
+            y_BLD = jnp.swapaxes(jnp.sum((c_HN * x_LBDN).real, axis=-1), 0, 1)
+        return (y_BLD + self.D[...].astype(dtype) * u_BLD).astype(out_dtype)
+
+    def init_state(self, batch: int, features: Optional[int] = None) -> jax.Array:
+        """Zero recurrent state (batch, D, N), complex; D defaults to `self.features`."""
+        dtype = jnp.promote_types(self.A_re[...].dtype, jnp.float32)
+        features = self.features if features is None else features
+        return jnp.zeros((batch, features, self.state_size), jnp.result_type(dtype, jnp.complex64))
+
+    def step(self, x_BDN: jax.Array, u_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One token of the recurrence: x = A_bar x + B_bar u, y = Re(C x) + D u.
+
+        Args:
+          x_BDN: state from `init_state` or the previous step.
+          u_BD: the new token's input (B, D).
+
+        Returns:
+          (new state, y (B, D) in u's dtype).
+        """
+        a_bar_HN, b_bar_HN, c_HN = self._recurrence()
+        u32_BD = u_BD.astype(a_bar_HN.real.dtype)
+        x_BDN = a_bar_HN * x_BDN + b_bar_HN * u32_BD[..., None]
+        y_BD = jnp.sum((c_HN * x_BDN).real, axis=-1) + self.D[...].astype(u32_BD.dtype) * u32_BD
+        return x_BDN, y_BD.astype(u_BD.dtype)

@@ -1,0 +1,350 @@
+"""The train loop: sharded init, jitted step, periodic eval, checkpoints, logging.
+
+`train_and_evaluate(config, workdir)` is the whole job; `train.py` only parses flags. The
+step is a pure function of (state, batch) jitted with explicit in/out shardings and the state
+donated, so the same code runs on one CPU and on a sharded mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from bigs_jax.models import make_config
+from bigs_jax.train import checkpointing, metrics, optim, partitioning
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `params` is a pure dict shaped like the model's state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so checkpoints need no typed-key support
+
+
+class ConfigError(ValueError):
+    """A config or workdir problem the user must fix; reported as one line."""
+
+
+# ---------------------------------------------------------------------------- workdir
+
+
+def check_workdir(workdir: str) -> str:
+    """Absolute workdir path after checking it can be written, creating nothing."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    probe = workdir
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"workdir {workdir} is under {probe}, which is a file; "
+                          "pass a directory path to --workdir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir} is not writable ({probe} denies writes); "
+                          "pass a writable --workdir")
+    return workdir
+
+
+def model_config_from(config: ConfigDict, vocab_size: Optional[int]):
+    """The frozen model config named by `config.model` (name + overrides)."""
+    overrides = {k: v for k, v in config.model.items() if k != "name"}
+    if vocab_size is not None:
+        overrides.setdefault("vocab_size", vocab_size)
+    if "max_len" not in overrides and "seq_len" in config.data:
+        overrides["max_len"] = config.data.seq_len
+    try:
+        return make_config(config.model.name, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
+    """Write config.json and model.json; a workdir of a different model is refused."""
+    path = os.path.join(workdir, checkpointing.MODEL_JSON)
+    if os.path.exists(path):
+        existing = checkpointing.read_model_config(workdir)
+        if existing != model_config:
+            changed = sorted(f.name for f in dataclasses.fields(existing)
+                             if getattr(existing, f.name) != getattr(model_config, f.name, None))
+            raise ConfigError(f"workdir {workdir} holds a run of a different model (differs in "
+                              f"{changed}); use a new --workdir or the original config")
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.CONFIG_JSON),
+                                    config.to_dict())
+    checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def mlm_loss(model, batch, *, deterministic: bool, rngs, max_predictions: int = 0):
+    """Mean cross-entropy over every selected position (loss_weights > 0).
+
+    With `max_predictions` > 0 logits are computed only at the `max_predictions`
+    highest-weighted positions of each row (selected first), as large-scale BERT trainers do;
+    `dropped` counts selected positions that did not fit (it should stay 0).
+    """
+    weights_BL = batch["loss_weights"]
+    labels_BL = batch["labels"]
+    positions = None
+    if max_predictions:
+        weights_BP, positions = jax.lax.top_k(weights_BL, max_predictions)
+        labels_BP = jnp.take_along_axis(labels_BL, positions, axis=1)
+    else:
+        weights_BP, labels_BP = weights_BL, labels_BL
+    out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                mlm_positions=positions, deterministic=deterministic, rngs=rngs)
+    ce_BP = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels_BP)
+    total = weights_BP.sum()
+    loss = (ce_BP * weights_BP).sum() / jnp.maximum(total, 1.0)
+    return loss, {"loss_sum": (ce_BP * weights_BP).sum(), "weight_sum": total,
+                  "dropped": weights_BL.sum() - total}
+
+
+LOSSES: dict[str, Callable] = {"mlm": mlm_loss}
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def make_train_step(graphdef, tx, loss_fn):
+    def train_step(state: TrainState, batch):
+        rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def objective(params):
+            model = nnx.merge(graphdef, params)
+            return loss_fn(model, batch, deterministic=False,
+                           rngs=nnx.Rngs(dropout=dropout_key))
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rng=jax.random.key_data(rng))
+        stats = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                 "param_norm": optax.global_norm(params), "dropped": aux["dropped"]}
+        return new_state, stats
+
+    return train_step
+
+
+def make_eval_step(graphdef, loss_fn):
+    def eval_step(params, batch):
+        _, aux = loss_fn(nnx.merge(graphdef, params), batch, deterministic=True, rngs=None)
+        return aux["loss_sum"], aux["weight_sum"]
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def task_vocab_size(task_name: str) -> int:
+    """Vocabulary size of a registered SeqIO task's `input_ids` feature."""
+    import seqio
+
+    from bigs_jax.data import pipeline  # noqa: F401  (registers the built-in tasks)
+
+    if task_name not in seqio.TaskRegistry.names():
+        raise ConfigError(f"config.data.task {task_name!r} is not a registered task; known: "
+                          f"{', '.join(sorted(seqio.TaskRegistry.names()))}")
+    return seqio.TaskRegistry.get(task_name).output_features["input_ids"].vocabulary.vocab_size
+
+
+def make_data(config: ConfigDict, *, start_step: int):
+    """(train iterator from `start_step`, list of eval batches)."""
+    from bigs_jax.data import pipeline
+
+    d = config.data
+    kw = dict(batch_size=d.batch_size, seq_len=d.seq_len, seed=d.seed,
+              shard_index=jax.process_index(), num_shards=jax.process_count())
+    if "mask_rate" in d:
+        kw["mask_rate"] = d.mask_rate
+    train = pipeline.make_iterator(d.task, split="train", start_step=start_step, **kw)
+    evals = list(pipeline.make_iterator(d.task, split=d.eval_split, num_epochs=1,
+                                        **{**kw, "batch_size": d.eval_batch_size}))
+    if d.eval_batches:
+        evals = evals[: d.eval_batches]
+    return train, evals
+
+
+def to_global(batch: dict, sharding) -> dict:
+    """Host-local numpy batch → global jax arrays on the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
+    """Train per `config` in `workdir` (resuming from its latest checkpoint); return a summary.
+
+    Nothing is written to the workdir before the config, data and model have been validated.
+    """
+    workdir = check_workdir(workdir)
+    t = config.train
+    vocab_size = task_vocab_size(config.data.task)
+    model_config = model_config_from(config, vocab_size)
+    loss_fn = functools.partial(LOSSES[config.objective],
+                                max_predictions=t.get("max_predictions", 0))
+
+    mesh = partitioning.make_mesh(config.mesh.shape)
+    rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        from bigs_jax import build
+
+        abstract = nnx.eval_shape(lambda: build(model_config, seed=t.seed))
+        graphdef, abstract_state = nnx.split(abstract)
+        param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
+        abstract_params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nnx.to_pure_dict(abstract_state), param_shardings)
+        tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, t.steps)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        opt_shardings = _opt_shardings(tx, abstract_params)
+        abstract_opt = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_opt, opt_shardings)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state_shardings = TrainState(step=replicated, params=param_shardings,
+                                     opt_state=opt_shardings, rng=replicated)
+
+        @functools.partial(jax.jit, out_shardings=state_shardings)
+        def init_state():
+            params = nnx.to_pure_dict(nnx.state(build(model_config, seed=t.seed)))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=tx.init(params),
+                              rng=jax.random.key_data(jax.random.key(t.seed + 1)))
+
+        data_sharding = partitioning.batch_sharding(mesh, rules)
+        train_step = jax.jit(make_train_step(graphdef, tx, loss_fn),
+                             in_shardings=(state_shardings, data_sharding),
+                             out_shardings=(state_shardings, replicated), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(graphdef, loss_fn),
+                            in_shardings=(param_shardings, data_sharding),
+                            out_shardings=replicated)
+
+        ckpt = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
+                                          save_every=t.checkpoint_every) if os.path.isdir(
+            os.path.join(workdir, checkpointing.CHECKPOINTS)) else None
+        start = ckpt.latest_step() if ckpt else None
+        train_iter, eval_batches = make_data(config, start_step=start or 0)
+        prepare_workdir(workdir, config, model_config)
+        if ckpt is None:
+            ckpt = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
+                                              save_every=t.checkpoint_every)
+        if start is not None:
+            params, opt_state, meta = ckpt.restore(start, abstract_params, abstract_opt)
+            state = TrainState(step=jnp.asarray(start, jnp.int32), params=params,
+                               opt_state=opt_state,
+                               rng=jnp.asarray(np.asarray(meta["rng"], np.uint32)))
+            state = jax.device_put(state, state_shardings)
+        else:
+            state = init_state()
+
+        return _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches,
+                    data_sharding, ckpt, lr_schedule, model_config, start)
+
+
+def _opt_shardings(tx, abstract_params):
+    """Shardings of the optimizer state, as XLA propagates them from the params' shardings.
+
+    Moments come out sharded like their parameters and counters replicated; compiling
+    `tx.init` is cheap and spares matching optimizer-state paths to parameter paths by hand.
+    """
+    return jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+
+
+def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches,
+         data_sharding, ckpt, lr_schedule, model_config, start):
+    t = config.train
+    step = int(state.step)
+    writer = metrics.writer(os.path.join(workdir, "tb"))
+    print(f"workdir: {workdir}", flush=True)
+    print(f"model: {config.model.name} ({checkpointing.param_count(state.params):,} params), "
+          f"{'resuming from step ' + str(step) if start is not None else 'fresh start'}, "
+          f"training to step {t.steps}", flush=True)
+
+    def evaluate() -> float:
+        total = weight = 0.0
+        for b in eval_batches:
+            s, w = eval_step(state.params, to_global(b, data_sharding))
+            total, weight = total + float(s), weight + float(w)
+        return total / max(weight, 1.0)
+
+    history = {}
+    if start is None:
+        history[0] = evaluate()
+        writer.write_scalars(0, {"eval/loss": history[0]})
+        print(f"step 0: eval loss {history[0]:.4f}", flush=True)
+    bar = metrics.Progress(step, t.steps)
+    meter = metrics.Throughput()
+    t_start = time.perf_counter()
+    tokens_seen = 0
+    stats = None
+    try:
+        while step < t.steps:
+            batch = next(train_iter)
+            tokens = int(batch["attention_mask"].sum())
+            state, stats = train_step(state, to_global(batch, data_sharding))
+            step += 1
+            meter.add(tokens)
+            tokens_seen += tokens
+            if step % t.log_every == 0 or step == t.steps:
+                stats = jax.device_get(stats)
+                loss = float(stats["loss"])
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss} at step {step}; the last good checkpoint is step "
+                        f"{ckpt.latest_step()} — lower optim.lr or raise warmup")
+                scalars = {"train/loss": loss, "train/grad_norm": float(stats["grad_norm"]),
+                           "train/lr": float(lr_schedule(step - 1))}
+                rate = meter.read()
+                if rate:
+                    scalars.update({"perf/tokens_per_sec": rate["tokens_per_sec"],
+                                    "perf/step_time": rate["step_time"]})
+                writer.write_scalars(step, scalars)
+                bar.update(step, tokens, {"loss": loss, "tok/s": round(
+                    scalars.get("perf/tokens_per_sec", 0.0))})
+            else:
+                bar.update(step, tokens, {})
+            if step % t.eval_every == 0 or step == t.steps:
+                history[step] = evaluate()
+                writer.write_scalars(step, {"eval/loss": history[step]})
+                bar.write(f"step {step}: eval loss {history[step]:.4f}")
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                ckpt.save(step, state.params, state.opt_state,
+                          {"rng": np.asarray(state.rng).tolist(), "step": step,
+                           "data": {"task": config.data.task, "batches_consumed": step}},
+                          force=step == t.steps)
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.flush()
+    elapsed = time.perf_counter() - t_start
+    summary = {"workdir": workdir, "steps": step, "elapsed_sec": round(elapsed, 1),
+               "tokens": tokens_seen, "eval_loss": history,
+               "checkpoints": checkpointing.Checkpointer(workdir).all_steps()}
+    first = history.get(0)
+    last = history.get(step)
+    line = f"done: {step} steps in {elapsed:.0f}s"
+    if first is not None and last is not None:
+        line += f", eval loss {first:.3f} -> {last:.3f} ({100 * (1 - last / first):.1f}% lower)"
+    elif last is not None:
+        line += f", eval loss {last:.3f}"
+    print(f"{line}; checkpoints {summary['checkpoints']} in {workdir}", flush=True)
+    return summary

@@ -1,0 +1,60 @@
+"""TensorBoard event files, the progress bar, and throughput accounting."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Mapping, Optional
+
+import jax
+from clu import metric_writers
+from tqdm import tqdm
+
+
+def writer(logdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard writer on the first process; log-only elsewhere."""
+    return metric_writers.create_default_writer(
+        logdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+class Progress:
+    """A tqdm bar over training steps showing loss, tokens/s and the ETA."""
+
+    def __init__(self, start: int, total: int, *, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                        disable=not enabled or jax.process_index() > 0, file=sys.stdout,
+                        mininterval=1.0, smoothing=0.1)
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, tokens: int, postfix: Mapping[str, float]) -> None:
+        self.tokens += tokens
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                              for k, v in postfix.items()}, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def write(self, line: str) -> None:
+        if jax.process_index() == 0:
+            self.bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Throughput:
+    """Tokens/s and step time over the steps since the last `read`."""
+
+    def __init__(self):
+        self.tokens, self.steps, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    def read(self) -> Optional[dict]:
+        if not self.steps:
+            return None
+        dt = time.perf_counter() - self.t0
+        out = {"tokens_per_sec": self.tokens / dt, "step_time": dt / self.steps}
+        self.tokens, self.steps, self.t0 = 0, 0, time.perf_counter()
+        return out

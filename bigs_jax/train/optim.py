@@ -1,0 +1,91 @@
+"""Optax chains from the config: AdamW, warmup + decay schedules, clipping, per-group options.
+
+Per-group learning rates, weight-decay exclusions and freezing are masks built from regexes
+over parameter paths ("layers/3/fs4/A_re"), never `stop_gradient` in model code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def schedule(c: ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, then cosine or linear decay to `lr * end_lr_ratio`."""
+    warmup = min(int(c.warmup_steps), total_steps)
+    decay = max(total_steps - warmup, 1)
+    end = c.lr * c.end_lr_ratio
+    if c.schedule == "cosine":
+        after = optax.cosine_decay_schedule(c.lr, decay, alpha=c.end_lr_ratio)
+    elif c.schedule == "linear":
+        after = optax.linear_schedule(c.lr, end, decay)
+    elif c.schedule == "constant":
+        after = optax.constant_schedule(c.lr)
+    else:
+        raise ValueError(f"unknown optim.schedule {c.schedule!r}; choose one of {SCHEDULES}")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), after], [warmup])
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """'layers/3/fs4/A_re' from a pytree key path."""
+    parts = []
+    for k in path:
+        k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        parts.append(str(k))
+    return "/".join(p for p in parts if p != "value")
+
+
+def path_labels(params, fn: Callable[[str], Any]):
+    """A pytree like `params` holding fn(path) at every leaf."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: fn(path_str(p)), params)
+
+
+def _matches(patterns: Sequence[str], path: str) -> bool:
+    return any(re.search(p, path) for p in patterns)
+
+
+def make_optimizer(c: ConfigDict, params, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer for `params` and its base learning-rate schedule.
+
+    Config keys (under `optim`): lr, warmup_steps, schedule, end_lr_ratio, b1, b2, eps,
+    weight_decay, clip_norm, no_decay (regexes), groups (list of {pattern, lr_scale,
+    weight_decay}), freeze (regexes).
+    """
+    base = schedule(c, total_steps)
+    groups = list(c.get("groups", ()))
+    freeze = list(c.get("freeze", ()))
+    no_decay = list(c.get("no_decay", ()))
+
+    def label(path: str) -> str:
+        if _matches(freeze, path):
+            return "frozen"
+        for i, g in enumerate(groups):
+            if re.search(g["pattern"], path):
+                return f"group{i}"
+        return "default"
+
+    def adamw(lr_scale: float, weight_decay: float) -> optax.GradientTransformation:
+        lr = base if lr_scale == 1.0 else (lambda step: base(step) * lr_scale)
+        mask = lambda p: path_labels(p, lambda s: not _matches(no_decay, s))
+        return optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=weight_decay,
+                           mask=mask)
+
+    transforms = {"default": adamw(1.0, c.weight_decay), "frozen": optax.set_to_zero()}
+    for i, g in enumerate(groups):
+        transforms[f"group{i}"] = adamw(g.get("lr_scale", 1.0),
+                                        g.get("weight_decay", c.weight_decay))
+    labels = path_labels(params, label)
+    used = set(jax.tree.leaves(labels))
+    tx = optax.multi_transform({k: v for k, v in transforms.items() if k in used}, labels)
+    if c.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
+    return tx, base
