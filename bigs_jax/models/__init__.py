@@ -1,18 +1,16 @@
-"""The model registry: one table of named sizes for every family in the zoo.
+"""The model registry: every family's named sizes, by registry name.
 
-`MODELS[name]` is a `ModelSpec` (family, config overrides). Sizes follow the papers and the
-official configs: BERT base/large (Devlin et al.), BiGS large = the released checkpoints
-(23 layers, hidden 1024, intermediate 3072, N = 64; research/bigs.md §1.3).
+`MODELS[name]` is a `ModelSpec` (family, config overrides). Each family module holds its own
+size table (`SIZES`); sizes follow the papers and the official configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable, Mapping
 
 from flax import nnx
-
-from bigs_jax.models import encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,41 +22,25 @@ class Family:
     model_cls: Callable[..., nnx.Module]
 
 
-FAMILIES: dict[str, Family] = {
-    "encoder": Family("encoder", encoder.EncoderConfig, encoder.Encoder),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     family: str
     overrides: Mapping[str, Any]
 
 
-_BERT = dict(block="stack", mixer="attention")
-_BIGS = dict(block="gated", mixer="ssm")
-_BASE = dict(hidden_size=768, num_layers=12, intermediate_size=3072, num_heads=12)
-_LARGE = dict(hidden_size=1024, num_layers=24, intermediate_size=4096, num_heads=16)
-# The official BiGS size: a gated layer holds ~13.6M params, so 23 of them match BERT-large.
-_BIGS_LARGE = dict(hidden_size=1024, num_layers=23, intermediate_size=3072, num_heads=16,
-                   max_len=128, mlm_head_init_std=None)
-_BIGS_BASE = dict(hidden_size=768, num_layers=12, intermediate_size=2304, num_heads=12,
-                  mlm_head_init_std=None)
-# Small sizes for CPU runs, smoke configs and tests.
-_SMALL = dict(hidden_size=256, num_layers=4, intermediate_size=1024, num_heads=4, max_len=128)
-_TINY = dict(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=2, max_len=128,
-             ssm_state=16)
+# One module per family; each exposes FAMILY (its name), Config, Model and SIZES
+# (registry name -> config overrides).
+FAMILY_MODULES = ("encoder",)
 
+FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, ModelSpec] = {}
-for _size, _dims, _gated_dims in (("tiny", _TINY, _TINY), ("small", _SMALL, _SMALL),
-                                  ("base", _BASE, _BIGS_BASE), ("large", _LARGE, _BIGS_LARGE)):
-    MODELS[f"bert-{_size}"] = ModelSpec("encoder", {**_BERT, **_dims})
-    MODELS[f"bigs-{_size}"] = ModelSpec("encoder", {**_BIGS, **_gated_dims})
-    MODELS[f"stack-ssm-{_size}"] = ModelSpec("encoder", {"block": "stack", "mixer": "ssm",
-                                                         **_dims})
-    MODELS[f"gated-attention-{_size}"] = ModelSpec("encoder", {"block": "gated",
-                                                               "mixer": "attention",
-                                                               **_gated_dims})
+for _module in FAMILY_MODULES:
+    _m = importlib.import_module(f"bigs_jax.models.{_module}")
+    FAMILIES[_m.FAMILY] = Family(_m.FAMILY, _m.Config, _m.Model)
+    for _name, _overrides in _m.SIZES.items():
+        if _name in MODELS:
+            raise RuntimeError(f"registry name {_name!r} defined twice")
+        MODELS[_name] = ModelSpec(_m.FAMILY, dict(_overrides))
 
 
 def get_spec(name: str) -> ModelSpec:

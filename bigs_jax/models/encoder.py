@@ -264,3 +264,33 @@ class Encoder(nnx.Module):
             logits, pooled = self.classifier(x_BLD, mask_BL, **kw)
             return ModelOutput(hidden_states=x_BLD, logits=logits, pooled=pooled)
         return ModelOutput(hidden_states=x_BLD)
+
+
+# ---------------------------------------------------------------------------- registry
+
+FAMILY = "encoder"
+Config = EncoderConfig
+Model = Encoder
+
+# Named sizes. BERT base/large: Devlin et al. bigs-large: the released BiGS checkpoints.
+_BERT = dict(block="stack", mixer="attention")
+_BIGS = dict(block="gated", mixer="ssm")
+_BASE = dict(hidden_size=768, num_layers=12, intermediate_size=3072, num_heads=12)
+_LARGE = dict(hidden_size=1024, num_layers=24, intermediate_size=4096, num_heads=16)
+# The official BiGS size: a gated layer holds ~13.6M params, so 23 of them match BERT-large.
+_BIGS_LARGE = dict(hidden_size=1024, num_layers=23, intermediate_size=3072, num_heads=16,
+                   max_len=128, mlm_head_init_std=None)
+_BIGS_BASE = dict(hidden_size=768, num_layers=12, intermediate_size=2304, num_heads=12,
+                  mlm_head_init_std=None)
+# Small sizes for CPU runs, smoke configs and tests.
+_SMALL = dict(hidden_size=256, num_layers=4, intermediate_size=1024, num_heads=4, max_len=128)
+_TINY = dict(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=2, max_len=128,
+             ssm_state=16)
+
+SIZES: dict[str, dict] = {}
+for _size, _dims, _gated_dims in (("tiny", _TINY, _TINY), ("small", _SMALL, _SMALL),
+                                  ("base", _BASE, _BIGS_BASE), ("large", _LARGE, _BIGS_LARGE)):
+    SIZES[f"bert-{_size}"] = {**_BERT, **_dims}
+    SIZES[f"bigs-{_size}"] = {**_BIGS, **_gated_dims}
+    SIZES[f"stack-ssm-{_size}"] = {"block": "stack", "mixer": "ssm", **_dims}
+    SIZES[f"gated-attention-{_size}"] = {"block": "gated", "mixer": "attention", **_gated_dims}

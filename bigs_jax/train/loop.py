@@ -114,7 +114,20 @@ def mlm_loss(model, batch, *, deterministic: bool, rngs, max_predictions: int = 
                   "dropped": weights_BL.sum() - total}
 
 
-LOSSES: dict[str, Callable] = {"mlm": mlm_loss}
+def lm_loss(model, batch, *, deterministic: bool, rngs, max_predictions: int = 0):
+    """Mean next-token cross-entropy over positions with loss_weights > 0 (causal LM)."""
+    del max_predictions
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                deterministic=deterministic, rngs=rngs)
+    weights_BL = batch["loss_weights"]
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["labels"])
+    total = weights_BL.sum()
+    loss = (ce_BL * weights_BL).sum() / jnp.maximum(total, 1.0)
+    return loss, {"loss_sum": (ce_BL * weights_BL).sum(), "weight_sum": total,
+                  "dropped": jnp.zeros(())}
+
+
+LOSSES: dict[str, Callable] = {"mlm": mlm_loss, "lm": lm_loss}
 
 
 # ---------------------------------------------------------------------------- steps
@@ -198,6 +211,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     t = config.train
     vocab_size = task_vocab_size(config.data.task)
     model_config = model_config_from(config, vocab_size)
+    if config.objective not in LOSSES:
+        raise ConfigError(f"unknown config.objective {config.objective!r}; choose one of "
+                          f"{sorted(LOSSES)}")
     loss_fn = functools.partial(LOSSES[config.objective],
                                 max_predictions=t.get("max_predictions", 0))
 
