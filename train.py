@@ -19,10 +19,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(HERE, "configs", "quickstart.py"), "experiment config file",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>)")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -30,14 +26,36 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (ml_collections wraps KeyErrors in reprs)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return text or type(e).__name__
+
+
+try:
+    # ml_collections loads the config file and applies --config.* overrides already here,
+    # while defining the flag; a bad key or a missing file surfaces as an exception.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", os.path.join(HERE, "configs", "quickstart.py"), "experiment config file",
+        lock_config=True)
+except (KeyError, AttributeError) as _e:
+    fail(f"unknown config key in a --config.* flag: {_one_line(_e)}; see the config file's keys")
+except (TypeError, ValueError, OSError, flags.Error) as _e:
+    fail(f"bad --config or --config.* flag: {_one_line(_e)}")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>)")
+
+
 def parse_flags(argv):
     """absl's parser, with flag mistakes (bad key, missing config file) as one line."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0])
-    except (FileNotFoundError, OSError) as e:
-        fail(f"{e}; check the --config path")
+        fail(_one_line(e))
+    except (KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        fail(f"bad --config or --config.* flag: {_one_line(e)}")
 
 
 def default_workdir() -> str:
@@ -52,10 +70,12 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE")
     from bigs_jax.train import loop
 
+    config = _CONFIG.value
     try:
-        config = _CONFIG.value
-    except Exception as e:  # config file that fails to load or whose get_config raises
-        fail(f"could not load --config: {e}")
+        config.get("train")  # ml_collections defers load failures to the first access
+    except OSError as e:
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        fail(f"could not load --config {path}: {str(e).strip().splitlines()[-1].strip()}")
     try:
         loop.train_and_evaluate(config, _WORKDIR.value or default_workdir())
     except (loop.ConfigError, FileNotFoundError, FloatingPointError) as e:

@@ -1,55 +1,61 @@
-"""The embedded default corpus: English prose from the Python reference documentation.
+"""The embedded default corpus: English prose from the Python documentation every CPython ships.
 
-Every CPython installation ships the text of its language reference as the standard-library
-module `pydoc_data.topics` (it backs `help("assert")`). We use it as a pretraining corpus that
-needs no download and no user file, so the quickstart and the tests run offline.
+Two kinds of text that every CPython installation carries, read at run time, so the quickstart
+and the tests need no download and no user file:
 
-- **Documents** are the help topics (one per `topics` key) in sorted topic-name order, minus
-  those whose text is a verbatim section of a larger topic ('if', 'try', 'class', ... are
-  sections of 'compound'; 'customization', 'sequence-types', ... of 'specialnames'): keeping
-  them would count a fifth of the text twice and leak held-out text into 'train'. 57 of the
-  79 topics remain. Each is cleaned lightly and made one line: reStructuredText heading
-  underlines (`*****`, `=====`, `-----`, `~~~~~`) are dropped and every whitespace run becomes
-  one space. Code samples lose their layout; the prose, which is most of the text, reads
-  unchanged. Paragraph breaks are not kept: the pipeline concatenates documents into
-  fixed-length rows anyway.
-- **Split**: a topic is held out for 'validation' when `sha256(topic name) mod 10 == 0`, so
-  membership depends only on the name (stable across Python versions that add or drop topics);
-  every other topic is 'train'.
+- **Reference topics**: the text of the language reference as the standard-library module
+  `pydoc_data.topics` (it backs `help("assert")`), one document per help topic, in sorted
+  topic-name order, minus those whose text is a verbatim section of a larger topic ('if',
+  'try', 'class', ... are sections of 'compound'; 'customization', 'sequence-types', ... of
+  'specialnames'): keeping them would count a fifth of that text twice and leak held-out text
+  into 'train'. 57 of the 79 topics remain.
+- **Library docstrings**: the docstrings of every standard-library module, class and function,
+  one document per source file (`stdlib:json/decoder.py`), read with `ast` (never imported),
+  without doctest lines and without docstrings of fewer than 8 words; test suites, IDLE,
+  lib2to3 and the demos are left out.
+
+Each document is cleaned lightly and made one line: reStructuredText heading underlines
+(`*****`, `=====`, ...) are dropped and every whitespace run becomes one space. Code samples
+lose their layout; the prose, which is most of the text, reads unchanged.
+
+- **Split**: a document is held out for 'validation' when `sha256(name) mod 10 == 0`, so
+  membership depends only on the name (stable across Python versions that add or drop text).
 - **Size** under CPython 3.11.7 (`REFERENCE_FINGERPRINT`; other versions differ by a few
-  percent): 57 documents, 343,902 characters, 52,503 words (whitespace split), 81,599 tokens
-  under the embedded vocabulary (`bigs_jax.data.vocab`, byte-level BPE, 4,096 ids). Before
-  removing the duplicated sections, `pydoc_data.topics` holds 464,970 characters.
+  percent): 537 documents, 1,802,346 characters, 284,510 words (whitespace split), 419,780
+  tokens under the embedded vocabulary (`bigs_jax.data.vocab`, byte-level BPE, 8,192 ids).
 
-  | split      | documents | characters | words  | tokens | rows at L=128 (MLM / LM) |
-  |------------|-----------|------------|--------|--------|--------------------------|
-  | train      | 49        | 310,003    | 47,481 | 72,296 | 575 / 561                |
-  | validation | 8         | 33,899     | 5,022  | 9,303  | 74 / 73                  |
+  | split      | documents (topics) | characters | words   | tokens  | rows at L=128 (MLM / LM) |
+  |------------|--------------------|------------|---------|---------|--------------------------|
+  | train      | 481 (49)           | 1,582,502  | 249,319 | 366,764 | 2,915 / 2,847            |
+  | validation | 56 (8)             | 219,844    | 35,191  | 53,016  | 422 / 412                |
 
-  Token counts exclude the [SEP] the preprocessors put after each document. The validation
-  topics are dict, floating, raise, return, slicings, specialattrs, string-methods and
-  typesmodules.
+  Token counts exclude the [SEP] the preprocessors put after each document. The held-out
+  reference topics are dict, floating, raise, return, slicings, specialattrs, string-methods
+  and typesmodules.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
+import os
 import re
+import sysconfig
 
 SPLITS = ("train", "validation")
 
 # sha256 of the cleaned documents of both splits under CPython 3.11.7 (see `fingerprint`). Tests
 # compare exact sizes only when the running interpreter ships this same text.
-REFERENCE_FINGERPRINT = "f02de262e6ec48f4850a8b2a8fd8f8fccb4b0e6862e841bdfa9321a76a9f2209"
+REFERENCE_FINGERPRINT = "708a7fd7915b11766b9bd7dbdcab86761c4fd44c2907283146aa989d9bdc28d9"
 
 _UNDERLINE = re.compile(r"^([*=\-~^])\1{2,}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """One corpus document: a help topic of the Python reference."""
+    """One corpus document: a help topic, or the docstrings of one library source file."""
 
     name: str
     text: str
@@ -82,18 +88,57 @@ def _is_section_of_another(name: str, texts: dict[str, str]) -> bool:
     )
 
 
+# Standard-library folders whose docstrings are not the library's own documentation.
+_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages",
+              "dist-packages", "__pycache__", "pydoc_data"}
+_MIN_DOCSTRING_WORDS = 8
+_DOCTEST = re.compile(r"^\s*(>>>|\.\.\.)( |$)")
+
+
+def _module_docstrings() -> dict[str, str]:
+    """{'stdlib:json/decoder.py': its docstrings joined} for every standard-library module.
+
+    Files are parsed with `ast`, never imported (importing all of the standard library has side
+    effects). Doctest lines are dropped; docstrings shorter than 8 words (mostly "Return x.")
+    carry little language and are skipped.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a few files are templates or Python-2 fixtures
+            parts = []
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                     ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc.split()) >= _MIN_DOCSTRING_WORDS:
+                        parts.append("\n".join(l for l in doc.split("\n")
+                                               if not _DOCTEST.match(l)))
+            if parts:
+                out["stdlib:" + os.path.relpath(path, root).replace(os.sep, "/")] = \
+                    "\n\n".join(parts)
+    return out
+
+
 @functools.cache
 def _all_documents() -> tuple[Document, ...]:
     texts = {name: _clean(text) for name, text in _topics().items()}
-    return tuple(
-        Document(name, texts[name])
-        for name in sorted(texts)
-        if not _is_section_of_another(name, texts)
-    )
+    topics = [Document(name, texts[name]) for name in sorted(texts)
+              if not _is_section_of_another(name, texts)]
+    modules = [Document(name, _clean(text)) for name, text in
+               sorted(_module_docstrings().items())]
+    return tuple(topics + [doc for doc in modules if doc.text])
 
 
 def split_of(topic_name: str) -> str:
-    """Returns the split ('train' or 'validation') a topic belongs to."""
+    """Returns the split ('train' or 'validation') a document belongs to, by its name."""
     digest = hashlib.sha256(topic_name.encode("utf-8")).digest()
     return "validation" if int.from_bytes(digest, "big") % 10 == 0 else "train"
 

@@ -1,7 +1,7 @@
 """SentencePiece vocabularies usable by SeqIO, and the ids of their special tokens.
 
 The embedded vocabulary (`assets/embedded_spm.model`, shipped with the package) is a byte-level
-BPE SentencePiece model of 4,096 pieces trained on the 'train' split of the embedded corpus
+BPE SentencePiece model of 8,192 pieces trained on the 'train' split of the embedded corpus
 (`bigs_jax.data.corpus`). Rebuild it, bit for bit, with
 
     python -m bigs_jax.data.vocab --build     # writes bigs_jax/data/assets/embedded_spm.model
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import seqio
 
 EMBEDDED_MODEL_PATH = pathlib.Path(__file__).parent / "assets" / "embedded_spm.model"
-EMBEDDED_VOCAB_SIZE = 4096
+EMBEDDED_VOCAB_SIZE = 8192
 
 # Piece names looked up in any SentencePiece model; BERT-style first, then ALBERT/XLNet-style.
 _PIECE_NAMES = {
@@ -153,7 +153,7 @@ def sentencepiece_vocabulary(path: str | pathlib.Path) -> seqio.SentencePieceVoc
 
 @functools.cache
 def embedded_vocabulary() -> seqio.SentencePieceVocabulary:
-    """The vocabulary shipped with the package (4,096 pieces), as a SeqIO vocabulary."""
+    """The vocabulary shipped with the package (8,192 pieces), as a SeqIO vocabulary."""
     return sentencepiece_vocabulary(EMBEDDED_MODEL_PATH)
 
 
@@ -168,7 +168,6 @@ def train_embedded_model() -> bytes:
         sentence_iterator=iter(texts),
         model_writer=model,
         model_type="bpe",
-        # A unigram model cannot reach 4k pieces on a corpus this small (~3.8k max); BPE can.
         vocab_size=EMBEDDED_VOCAB_SIZE,
         character_coverage=0.9999,
         normalization_rule_name="identity",

@@ -310,7 +310,8 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
     meter = metrics.Throughput()
     t_start = time.perf_counter()
     tokens_seen = 0
-    stats = None
+    preempted = False
+    stop = metrics.StopSignal()
     try:
         while step < t.steps:
             batch = next(train_iter)
@@ -319,13 +320,16 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
             step += 1
             meter.add(tokens)
             tokens_seen += tokens
-            if step % t.log_every == 0 or step == t.steps:
+            preempted = stop.received
+            saving = step % t.checkpoint_every == 0 or step == t.steps or preempted
+            if step % t.log_every == 0 or saving:
+                # Checked before every save, so a checkpoint never holds non-finite params.
                 stats = jax.device_get(stats)
                 loss = float(stats["loss"])
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss} at step {step}; the last good checkpoint is step "
-                        f"{ckpt.latest_step()} — lower optim.lr or raise warmup")
+                        f"{ckpt.latest_step()}; lower optim.lr or raise optim.warmup_steps")
                 scalars = {"train/loss": loss, "train/grad_norm": float(stats["grad_norm"]),
                            "train/lr": float(lr_schedule(step - 1))}
                 rate = meter.read()
@@ -341,18 +345,24 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
                 history[step] = evaluate()
                 writer.write_scalars(step, {"eval/loss": history[step]})
                 bar.write(f"step {step}: eval loss {history[step]:.4f}")
-            if step % t.checkpoint_every == 0 or step == t.steps:
+            if saving:
                 ckpt.save(step, state.params, state.opt_state,
                           {"rng": np.asarray(state.rng).tolist(), "step": step,
                            "data": {"task": config.data.task, "batches_consumed": step}},
-                          force=step == t.steps)
+                          force=step == t.steps or preempted)
+            if preempted:
+                bar.write(f"stopping at step {step} on {stop.received}; checkpoint saved, "
+                          "rerun the same command to resume")
+                break
     finally:
+        stop.restore()
         bar.close()
         ckpt.wait()
         ckpt.close()
         writer.flush()
     elapsed = time.perf_counter() - t_start
-    summary = {"workdir": workdir, "steps": step, "elapsed_sec": round(elapsed, 1),
+    summary = {"workdir": workdir, "steps": step, "preempted": bool(preempted),
+               "elapsed_sec": round(elapsed, 1),
                "tokens": tokens_seen, "eval_loss": history,
                "checkpoints": checkpointing.Checkpointer(workdir).all_steps()}
     first = history.get(0)

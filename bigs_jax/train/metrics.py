@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import Mapping, Optional
@@ -58,3 +59,30 @@ class Throughput:
         out = {"tokens_per_sec": self.tokens / dt, "step_time": dt / self.steps}
         self.tokens, self.steps, self.t0 = 0, 0, time.perf_counter()
         return out
+
+
+class StopSignal:
+    """Catches SIGTERM/SIGINT so the loop can checkpoint the current step and exit cleanly.
+
+    Schedulers (SLURM, Kubernetes, TPU maintenance) send SIGTERM before killing a job.
+    `received` holds the signal's name once one arrived; a second Ctrl-C exits at once.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.received: Optional[str] = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals to the host program
+                pass
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

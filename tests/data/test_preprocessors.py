@@ -54,7 +54,7 @@ def test_lm_rows_shift_by_one_and_cover_the_stream():
 
 @pytest.fixture(scope="module")
 def masked_two_epochs():
-    """Train rows (575 x 128, ~73k tokens) repeated twice, masked after the repeat."""
+    """Train rows (2,915 x 128, ~370k tokens) repeated twice, masked after the repeat."""
     originals = np.stack([r["input_ids"] for r in _task_rows(tasks.EMBEDDED_MLM, "train")])
     ds = tf.data.Dataset.from_tensor_slices({"input_ids": originals}).repeat(2)
     ds = preprocessors.bert_mlm(ds, specials=SPECIALS, seed=1234)

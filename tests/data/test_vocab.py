@@ -9,18 +9,18 @@ import sentencepiece as spm
 from bigs_jax.data import corpus, vocab
 
 SAME_TEXT = corpus.fingerprint() == corpus.REFERENCE_FINGERPRINT
-DOCUMENTED_TOKENS = {"train": 72_296, "validation": 9_303}  # corpus docstring
+DOCUMENTED_TOKENS = {"train": 366_764, "validation": 53_016}  # corpus docstring
 
 
 def test_special_ids_and_size_match_the_model_file():
     ids = vocab.embedded_special_ids()
     assert (ids.pad_id, ids.unk_id, ids.cls_id, ids.sep_id, ids.mask_id) == (0, 1, 2, 3, 4)
     sp = spm.SentencePieceProcessor(model_file=str(vocab.EMBEDDED_MODEL_PATH))
-    assert ids.vocab_size == sp.get_piece_size() == vocab.EMBEDDED_VOCAB_SIZE == 4096
+    assert ids.vocab_size == sp.get_piece_size() == vocab.EMBEDDED_VOCAB_SIZE == 8192
     assert [sp.id_to_piece(i) for i in range(5)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert sp.id_to_piece(5) == "<0x00>" and sp.id_to_piece(260) == "<0xFF>"
     seqio_vocab = vocab.embedded_vocabulary()
-    assert seqio_vocab.vocab_size == 4096
+    assert seqio_vocab.vocab_size == 8192
     assert vocab.special_ids(seqio_vocab) == ids
 
 
