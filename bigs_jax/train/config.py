@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Optional
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from bigs_jax.train.partitioning import DEFAULT_RULES
 
@@ -25,10 +27,34 @@ def parse_arg(arg: Optional[str]) -> dict:
     return out
 
 
+def _field_type(hint) -> type:
+    """int for `int` and `Optional[int]`; the type ml_collections parses a flag value as."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def model_config(name: str, **values) -> ConfigDict:
+    """`config.model`: the registry name plus one key per field of the family's config.
+
+    Keys left None take the registry's value for `name`, so `--config.model.X=...` works for
+    every model option while `--config.model.name=...` still picks up that size's defaults.
+    """
+    from bigs_jax.models import FAMILIES, get_spec  # pylint: disable=import-outside-toplevel
+
+    cls = FAMILIES[get_spec(name).family].config_cls
+    hints = typing.get_type_hints(cls)
+    c = ConfigDict({"name": name})
+    for field in dataclasses.fields(cls):
+        c[field.name] = config_dict.placeholder(_field_type(hints[field.name]))
+    for key, value in values.items():
+        c[key] = value
+    return c
+
+
 def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
     c = ConfigDict()
     c.objective = objective
-    c.model = ConfigDict({"name": model})
+    c.model = model_config(model)
     c.data = ConfigDict({
         "task": task, "seq_len": 128, "batch_size": 32, "eval_batch_size": 32,
         "eval_split": "validation", "eval_batches": 0, "mask_rate": 0.15, "seed": 0,

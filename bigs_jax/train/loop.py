@@ -60,7 +60,7 @@ def check_workdir(workdir: str) -> str:
 
 def model_config_from(config: ConfigDict, vocab_size: Optional[int]):
     """The frozen model config named by `config.model` (name + overrides)."""
-    overrides = {k: v for k, v in config.model.items() if k != "name"}
+    overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
     if vocab_size is not None:
         overrides.setdefault("vocab_size", vocab_size)
     if "max_len" not in overrides and "seq_len" in config.data:
@@ -301,7 +301,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
             total, weight = total + float(s), weight + float(w)
         return total / max(weight, 1.0)
 
-    history = {}
+    history, train_history = {}, {}
     if start is None:
         history[0] = evaluate()
         writer.write_scalars(0, {"eval/loss": history[0]})
@@ -330,6 +330,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
                     raise FloatingPointError(
                         f"loss became {loss} at step {step}; the last good checkpoint is step "
                         f"{ckpt.latest_step()}; lower optim.lr or raise optim.warmup_steps")
+                train_history[step] = loss
                 scalars = {"train/loss": loss, "train/grad_norm": float(stats["grad_norm"]),
                            "train/lr": float(lr_schedule(step - 1))}
                 rate = meter.read()
@@ -363,7 +364,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
     elapsed = time.perf_counter() - t_start
     summary = {"workdir": workdir, "steps": step, "preempted": bool(preempted),
                "elapsed_sec": round(elapsed, 1),
-               "tokens": tokens_seen, "eval_loss": history,
+               "tokens": tokens_seen, "eval_loss": history, "train_loss": train_history,
                "checkpoints": checkpointing.Checkpointer(workdir).all_steps()}
     first = history.get(0)
     last = history.get(step)

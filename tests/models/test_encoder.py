@@ -13,8 +13,11 @@ from bigs_jax.convert.bigs_official import official_to_ours, ours_to_official
 from tests.reference.bigs_numpy import bigs_mlm_forward
 
 VARIANTS = [("stack", "attention"), ("stack", "ssm"), ("gated", "attention"), ("gated", "ssm")]
+# init_std ~ 1/sqrt(hidden): with BERT's 0.02 the blocks' outputs would be ~1e-3 of the
+# residual stream, and a relative tolerance on the outputs would not see a wrong block.
 TINY = dict(vocab_size=97, hidden_size=32, num_layers=2, intermediate_size=48, num_heads=4,
-            ssm_state=8, max_len=40, dropout=0.0, attention_dropout=0.0)
+            ssm_state=8, max_len=40, dropout=0.0, attention_dropout=0.0, init_std=0.2,
+            mlm_head_init_std=0.2)
 
 
 def tiny(block, mixer, **kw):

@@ -1,0 +1,33 @@
+"""Helper run in a subprocess by test_sharding.py: per-step losses of a smoke run on a mesh.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.train.mesh_losses \
+        MODEL DATA,FSDP,TENSOR STEPS WORKDIR
+prints one JSON line {"losses": [...], "devices": n}.
+"""
+
+import json
+import sys
+
+import jax
+
+from bigs_jax.train import loop
+from configs import quickstart
+
+
+def main(model: str, mesh: str, steps: str, workdir: str) -> None:
+    config = quickstart.get_config("smoke")
+    config.model.name = model
+    config.model.num_heads = 4
+    config.mesh.shape = tuple(int(x) for x in mesh.split(","))
+    config.train.steps = int(steps)
+    config.train.log_every = 1
+    config.train.eval_every = int(steps)
+    config.train.checkpoint_every = int(steps)
+    summary = loop.train_and_evaluate(config, workdir)
+    losses = [summary["train_loss"][s] for s in sorted(summary["train_loss"])]
+    print(json.dumps({"losses": losses, "devices": jax.device_count(),
+                      "eval": summary["eval_loss"][int(steps)]}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
