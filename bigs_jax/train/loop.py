@@ -12,28 +12,18 @@ import functools
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
 from bigs_jax.models import make_config
 from bigs_jax.train import checkpointing, metrics, optim, partitioning
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step changes. `params` is a pure dict shaped like the model's state."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # raw uint32 key data, so checkpoints need no typed-key support
+from bigs_jax.train.objectives import OBJECTIVES
+from bigs_jax.train.step import TrainState, make_eval_step, make_train_step
 
 
 class ConfigError(ValueError):
@@ -87,81 +77,6 @@ def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
     checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
 
 
-# ---------------------------------------------------------------------------- losses
-
-
-def mlm_loss(model, batch, *, deterministic: bool, rngs, max_predictions: int = 0):
-    """Mean cross-entropy over every selected position (loss_weights > 0).
-
-    With `max_predictions` > 0 logits are computed only at the `max_predictions`
-    highest-weighted positions of each row (selected first), as large-scale BERT trainers do;
-    `dropped` counts selected positions that did not fit (it should stay 0).
-    """
-    weights_BL = batch["loss_weights"]
-    labels_BL = batch["labels"]
-    positions = None
-    if max_predictions:
-        weights_BP, positions = jax.lax.top_k(weights_BL, max_predictions)
-        labels_BP = jnp.take_along_axis(labels_BL, positions, axis=1)
-    else:
-        weights_BP, labels_BP = weights_BL, labels_BL
-    out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                mlm_positions=positions, deterministic=deterministic, rngs=rngs)
-    ce_BP = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels_BP)
-    total = weights_BP.sum()
-    loss = (ce_BP * weights_BP).sum() / jnp.maximum(total, 1.0)
-    return loss, {"loss_sum": (ce_BP * weights_BP).sum(), "weight_sum": total,
-                  "dropped": weights_BL.sum() - total}
-
-
-def lm_loss(model, batch, *, deterministic: bool, rngs, max_predictions: int = 0):
-    """Mean next-token cross-entropy over positions with loss_weights > 0 (causal LM)."""
-    del max_predictions
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                deterministic=deterministic, rngs=rngs)
-    weights_BL = batch["loss_weights"]
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["labels"])
-    total = weights_BL.sum()
-    loss = (ce_BL * weights_BL).sum() / jnp.maximum(total, 1.0)
-    return loss, {"loss_sum": (ce_BL * weights_BL).sum(), "weight_sum": total,
-                  "dropped": jnp.zeros(())}
-
-
-LOSSES: dict[str, Callable] = {"mlm": mlm_loss, "lm": lm_loss}
-
-
-# ---------------------------------------------------------------------------- steps
-
-
-def make_train_step(graphdef, tx, loss_fn):
-    def train_step(state: TrainState, batch):
-        rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-
-        def objective(params):
-            model = nnx.merge(graphdef, params)
-            return loss_fn(model, batch, deterministic=False,
-                           rngs=nnx.Rngs(dropout=dropout_key))
-
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               rng=jax.random.key_data(rng))
-        stats = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                 "param_norm": optax.global_norm(params), "dropped": aux["dropped"]}
-        return new_state, stats
-
-    return train_step
-
-
-def make_eval_step(graphdef, loss_fn):
-    def eval_step(params, batch):
-        _, aux = loss_fn(nnx.merge(graphdef, params), batch, deterministic=True, rngs=None)
-        return aux["loss_sum"], aux["weight_sum"]
-
-    return eval_step
-
-
 # ---------------------------------------------------------------------------- data
 
 
@@ -211,10 +126,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     t = config.train
     vocab_size = task_vocab_size(config.data.task)
     model_config = model_config_from(config, vocab_size)
-    if config.objective not in LOSSES:
+    if config.objective not in OBJECTIVES:
         raise ConfigError(f"unknown config.objective {config.objective!r}; choose one of "
-                          f"{sorted(LOSSES)}")
-    loss_fn = functools.partial(LOSSES[config.objective],
+                          f"{sorted(OBJECTIVES)}")
+    loss_fn = functools.partial(OBJECTIVES[config.objective],
                                 max_predictions=t.get("max_predictions", 0))
 
     mesh = partitioning.make_mesh(config.mesh.shape)
@@ -246,7 +161,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                               rng=jax.random.key_data(jax.random.key(t.seed + 1)))
 
         data_sharding = partitioning.batch_sharding(mesh, rules)
-        train_step = jax.jit(make_train_step(graphdef, tx, loss_fn),
+        train_step = jax.jit(make_train_step(graphdef, tx, loss_fn,
+                                             grad_accum_steps=t.get("grad_accum_steps", 1),
+                                             nan_at_step=t.get("debug_nan_at_step", 0)),
                              in_shardings=(state_shardings, data_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=0)
         eval_step = jax.jit(make_eval_step(graphdef, loss_fn),
