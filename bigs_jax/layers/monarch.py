@@ -1,0 +1,487 @@
+"""Block-diagonal and Monarch matrices, and the Monarch-factored DFT.
+
+Monarch Mixer: Fu et al., "Monarch Mixer: A Simple Sub-Quadratic GEMM-Based Architecture",
+NeurIPS 2023, https://arxiv.org/abs/2310.12109. Monarch matrices: Dao et al., "Monarch:
+Expressive Structured Matrices for Efficient and Accurate Training", ICML 2022,
+https://arxiv.org/abs/2204.00595.
+
+A Monarch matrix is a product of block-diagonal matrices and fixed "reshape-transpose"
+permutations, M = P L Pᵀ R, so multiplying by it is a few batched GEMMs on reshaped blocks and
+costs O(n^1.5) instead of O(n^2). M2-BERT uses a single block-diagonal factor (4 blocks) as its
+MLP projections (`BlockdiagLinear`); the two-factor form (`MonarchLinear`) follows the
+`blockdiag_butterfly_multiply` convention of the official code. The DFT is itself a Monarch
+matrix (the Cooley-Tukey four-step algorithm): `monarch_fft` computes it as two dense DFT GEMMs
+of size ~√N with a twiddle multiply and transposes between them, and `fft_conv` uses it (or
+`jnp.fft`) for the FFT long convolutions of the M2 sequence mixer. Weights are stored
+(block, in, out), like Flax kernels; the PyTorch checkpoints store (block, out, in).
+
+Dimension key:
+  T: flattened leading batch dims (any `...` in the public functions)
+  I, O: input and output features
+  K, P, Q: blocks of a block-diagonal factor, input and output size of each block (I = K·P)
+  J, R, S: the same for the second Monarch factor (J·R = K·Q, O = J·S)
+  B: batch dims of a transform; N: transform length, N = U·V with U ≥ V ≈ √N
+  L: sequence length of a convolution
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+Dtype = Any
+PrecisionLike = Any
+
+# GEMMs of the DFT run at full fp32: TF32/bf16 passes would cost ~1e-3 relative error at
+# N = 65536, far outside the 1e-4 we promise against jnp.fft.
+_DFT_PRECISION = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-diagonal matmul
+# ----------------------------------------------------------------------------------------------
+
+
+def _blockdiag_einsum(x_TI: Array, w_KPQ: Array, precision: PrecisionLike) -> Array:
+    K, P, Q = w_KPQ.shape
+    x_TKP = x_TI.reshape(-1, K, P)
+    y_TKQ = jnp.einsum("tkp,kpq->tkq", x_TKP, w_KPQ, precision=precision)
+    return y_TKQ.reshape(-1, K * Q)
+
+
+def _grouped_conv(x_TI: Array, w_KPQ: Array, precision: PrecisionLike) -> Array:
+    # A 1x1 convolution with K feature groups is exactly x @ blockdiag(w) and reads and writes
+    # the (T, features) layout directly; the einsum form lowers on XLA:CPU to a transpose into
+    # block-major order, a slow batched dot and a transpose back (see bench/monarch.py).
+    K, P, Q = w_KPQ.shape
+    w_1PO = w_KPQ.transpose(1, 0, 2).reshape(1, P, K * Q)
+    y_T1O = jax.lax.conv_general_dilated(
+        x_TI[:, None, :], w_1PO, window_strides=(1,), padding="VALID",
+        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=K, precision=precision)
+    return y_T1O[:, 0, :]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _blockdiag_conv(x_TI: Array, w_KPQ: Array, precision: PrecisionLike) -> Array:
+    return _grouped_conv(x_TI, w_KPQ, precision)
+
+
+@_blockdiag_conv.defjvp
+def _blockdiag_conv_jvp(precision, primals, tangents):
+    # Reverse mode transposes this linear rule: the conv's transpose gives dx as a grouped conv,
+    # the einsum's gives dw as a batched outer product, ~2x faster on CPU than JAX's transpose
+    # of the conv w.r.t. its kernel (a batch-grouped conv). A JVP rule, unlike a custom VJP,
+    # keeps forward mode (jvp, jacfwd, linearize) working.
+    x_TI, w_KPQ = primals
+    dx_TI, dw_KPQ = tangents
+    y_TO = _grouped_conv(x_TI, w_KPQ, precision)
+    dy_TO = _grouped_conv(dx_TI, w_KPQ, precision) + _blockdiag_einsum(x_TI, dw_KPQ, precision)
+    return y_TO, dy_TO
+
+
+def blockdiag_matmul(x: Array, w_KPQ: Array, *, precision: PrecisionLike = None) -> Array:
+    """y = x @ blockdiag(w_0, ..., w_{K-1}), without materializing the dense matrix.
+
+    The last axis of `x` is split into K consecutive blocks of P features; block k is multiplied
+    by `w_KPQ[k]` (P in, Q out) and the K results are concatenated. This equals the M2/fly
+    `blockdiag_multiply(x, weight)` with `weight = w_KPQ.transpose(0, 2, 1)`.
+
+    Args:
+      x: (..., K·P) input; any leading dims.
+      w_KPQ: (K, P, Q) blocks, stored (in, out) like Flax kernels.
+      precision: `jax.lax.Precision` of the matmul (None: the backend default).
+
+    Returns:
+      (..., K·Q) output in the common dtype of `x` and `w_KPQ`.
+    """
+    K, P, Q = w_KPQ.shape
+    if x.shape[-1] != K * P:
+        raise ValueError(f"blockdiag_matmul: x has {x.shape[-1]} features but the {K} blocks of "
+                         f"shape {(P, Q)} need {K * P}; pad or crop x to K*P features.")
+    dtype = jnp.result_type(x, w_KPQ)
+    x_TI = x.reshape(-1, K * P).astype(dtype)
+    w_KPQ = w_KPQ.astype(dtype)
+    y_TO = jax.lax.platform_dependent(
+        x_TI, w_KPQ,
+        cpu=lambda a, b: _blockdiag_conv(a, b, precision),
+        default=lambda a, b: _blockdiag_einsum(a, b, precision))
+    return y_TO.reshape(*x.shape[:-1], K * Q)
+
+
+def blockdiag_to_dense(w_KPQ: Array) -> Array:
+    """The dense (K·P, K·Q) matrix W with `blockdiag_matmul(x, w) == x @ W` (tests, benchmarks)."""
+    return jax.scipy.linalg.block_diag(*w_KPQ)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two-factor Monarch matrices
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_monarch(r_KPQ: Array, l_JRS: Array) -> None:
+    K, _, Q = r_KPQ.shape
+    J, R, _ = l_JRS.shape
+    if K * Q != J * R:
+        raise ValueError(f"monarch: the first factor outputs K*Q = {K}*{Q} = {K * Q} features "
+                         f"but the second takes J*R = {J}*{R} = {J * R}; they must be equal.")
+
+
+def monarch_matmul(x: Array, r_KPQ: Array, l_JRS: Array, *,
+                   precision: PrecisionLike = None) -> Array:
+    """y = x @ Mᵀ for the Monarch matrix M = P₂ L P₁ R (fly/M2 `blockdiag_butterfly_multiply`).
+
+    Steps, on the feature axis of `x` (features in row-major block order):
+      1. R: `blockdiag_matmul(x, r_KPQ)` gives K·Q features.
+      2. P₁: view them as (R, J) (R major), transpose to (J, R) and flatten.
+      3. L: `blockdiag_matmul(., l_JRS)` gives J blocks of S, laid out (J, S).
+      4. P₂: transpose (J, S) to (S, J) and flatten: output feature s·J + j.
+    For square blocks (K = J = P = Q = R = S = b, n = b²) P₁ = P₂ = P is the reshape-transpose
+    permutation (P = Pᵀ) and M = P L Pᵀ R, the order-2 Monarch matrix of the papers. Weights of
+    the official code (`w1_bfly` (K, Q, P), `w2_bfly` (J, S, R), torch (out, in) blocks) load as
+    `r_KPQ = w1_bfly.transpose(0, 2, 1)`, `l_JRS = w2_bfly.transpose(0, 2, 1)`.
+
+    Args:
+      x: (..., K·P) input.
+      r_KPQ: (K, P, Q) first (right-most) block-diagonal factor.
+      l_JRS: (J, R, S) second block-diagonal factor, with J·R = K·Q.
+      precision: `jax.lax.Precision` of the matmuls.
+
+    Returns:
+      (..., S·J) output.
+    """
+    _check_monarch(r_KPQ, l_JRS)
+    J, R, S = l_JRS.shape
+    lead = x.shape[:-1]
+    y = blockdiag_matmul(x, r_KPQ, precision=precision)
+    y = jnp.swapaxes(y.reshape(*lead, R, J), -1, -2).reshape(*lead, J * R)
+    z = blockdiag_matmul(y, l_JRS, precision=precision)
+    return jnp.swapaxes(z.reshape(*lead, J, S), -1, -2).reshape(*lead, S * J)
+
+
+def monarch_to_dense(r_KPQ: Array, l_JRS: Array) -> Array:
+    """Dense (K·P, S·J) W with `monarch_matmul(x, r, l) == x @ W`, built from explicit
+    permutation indices rather than reshapes (tests, benchmarks)."""
+    _check_monarch(r_KPQ, l_JRS)
+    J, R, S = l_JRS.shape
+    # Column c of a permuted matrix takes column src[c] of the unpermuted one.
+    src_p1 = np.arange(J * R).reshape(R, J).T.reshape(-1)
+    src_p2 = np.arange(J * S).reshape(J, S).T.reshape(-1)
+    w_IO = blockdiag_to_dense(r_KPQ)[:, src_p1] @ blockdiag_to_dense(l_JRS)
+    return w_IO[:, src_p2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Drop-in linear layers
+# ----------------------------------------------------------------------------------------------
+
+
+def _uniform(key: Array, shape: Sequence[int], bound: float, dtype: Dtype) -> Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _param(value: Array, axes: Sequence[str | None]) -> nnx.Param:
+    # Eager sharding off: the trainer places params (abstract init -> shardings -> jitted init),
+    # and layers can be built outside any mesh (tests, notebooks).
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _fit_features(x: Array, n: int) -> Array:
+    """Zero-pad or crop the last axis to n (the official StructuredLinear pre/postprocess)."""
+    if x.shape[-1] < n:
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+    return x[..., :n]
+
+
+class BlockdiagLinear(nnx.Module):
+    """Linear layer with a block-diagonal kernel (the M2-BERT MLP projections).
+
+    y = x @ blockdiag(kernel) + bias. When a feature count does not divide by `nblocks`, the
+    input is zero-padded to nblocks·⌈in/nblocks⌉ and the output cropped, like the official
+    `BlockdiagLinear`.
+
+    Official checkpoint keys (H=768, I=3072): `mlp.gated_layers.weight (4, 1536, 192)` (no bias)
+    and `mlp.wo.weight (4, 192, 768)` + `mlp.wo.bias (768,)`; each torch weight is
+    (block, out, in), so `kernel = weight.transpose(0, 2, 1)`; `bias` loads as-is.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        nblocks: int = 4,
+        use_bias: bool = True,
+        axes: tuple[str | None, str | None] = ("embed", "mlp"),
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        """Builds the layer.
+
+        Args:
+          in_features, out_features: feature counts of the input and output.
+          nblocks: number of diagonal blocks K.
+          use_bias: add a learned bias of shape (out_features,).
+          axes: logical axis names of (input, output) features; the block axis is unsharded.
+          dtype: compute dtype (None: promote input and params).
+          param_dtype: dtype of the params.
+          precision: `jax.lax.Precision` of the matmul.
+          rngs: random streams; `rngs.params()` draws the init.
+        """
+        P = math.ceil(in_features / nblocks)
+        Q = math.ceil(out_features / nblocks)
+        self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
+        self.dtype, self.precision = dtype, precision
+        # The official init draws a Kaiming-uniform (a=√5) dense (K·Q, K·P) matrix, scales it by
+        # √(dense/blockdiag numel) = √K and keeps the diagonal blocks: U(±1/√P) per entry.
+        self.kernel = _param(
+            _uniform(rngs.params(), (nblocks, P, Q), 1 / math.sqrt(P), param_dtype),
+            (None, axes[0], axes[1]))
+        # The official bias bound uses fan_in = bias length = out_features (StructuredLinear).
+        self.bias = (_param(_uniform(rngs.params(), (out_features,),
+                                     1 / math.sqrt(out_features), param_dtype), (axes[1],))
+                     if use_bias else None)
+
+    def __call__(self, x: Array) -> Array:
+        """Applies the layer to x of shape (..., in_features); returns (..., out_features)."""
+        K, P, _ = self.kernel.shape
+        kernel = self.kernel[...]
+        dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
+        y = blockdiag_matmul(_fit_features(x, K * P).astype(dtype), kernel.astype(dtype),
+                             precision=self.precision)
+        y = _fit_features(y, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class MonarchLinear(nnx.Module):
+    """Linear layer whose kernel is a two-factor Monarch matrix (see `monarch_matmul`).
+
+    Shapes follow fly's `MonarchLinear` (both factors have `nblocks` blocks): with
+    P = ⌈in/nblocks⌉ and Q = ⌈out/nblocks⌉, `kernel1` is (nblocks, P, P) and `kernel2`
+    (nblocks, P, Q) when in < out, else (nblocks, P, Q) and (nblocks, Q, Q). Features are
+    zero-padded/cropped like `BlockdiagLinear`. Torch keys `blkdiag1`, `blkdiag2` (block, out, in)
+    load as `kernel1`/`kernel2` = `blkdiagN.transpose(0, 2, 1)`; `bias` as-is.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        nblocks: int = 4,
+        use_bias: bool = True,
+        axes: tuple[str | None, str | None] = ("embed", "mlp"),
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        """Builds the layer.
+
+        Args:
+          in_features, out_features: feature counts of the input and output.
+          nblocks: number of blocks of each factor (√features gives the O(n^1.5) Monarch).
+          use_bias: add a learned bias of shape (out_features,).
+          axes: logical axis names of (input, output) features; block axes are unsharded.
+          dtype: compute dtype (None: promote input and params).
+          param_dtype: dtype of the params.
+          precision: `jax.lax.Precision` of the matmuls.
+          rngs: random streams; `rngs.params()` draws the init.
+        """
+        P = math.ceil(in_features / nblocks)
+        Q = math.ceil(out_features / nblocks)
+        self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
+        self.dtype, self.precision = dtype, precision
+        mid = min(P, Q)  # the middle size: fly keeps the smaller of the two block sizes
+        # fly init: U(±1/√fan_in) per factor with fan_in = its block input size.
+        self.kernel1 = _param(
+            _uniform(rngs.params(), (nblocks, P, mid), 1 / math.sqrt(P), param_dtype),
+            (None, axes[0], None))
+        self.kernel2 = _param(
+            _uniform(rngs.params(), (nblocks, mid, Q), 1 / math.sqrt(mid), param_dtype),
+            (None, None, axes[1]))
+        self.bias = (_param(_uniform(rngs.params(), (out_features,),
+                                     1 / math.sqrt(out_features), param_dtype), (axes[1],))
+                     if use_bias else None)
+
+    def __call__(self, x: Array) -> Array:
+        """Applies the layer to x of shape (..., in_features); returns (..., out_features)."""
+        K, P, _ = self.kernel1.shape
+        k1, k2 = self.kernel1[...], self.kernel2[...]
+        dtype = jnp.result_type(x, k1, k2) if self.dtype is None else self.dtype
+        y = monarch_matmul(_fit_features(x, K * P).astype(dtype), k1.astype(dtype),
+                           k2.astype(dtype), precision=self.precision)
+        y = _fit_features(y, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Monarch-factored DFT
+# ----------------------------------------------------------------------------------------------
+
+
+def dft_factors(n: int) -> tuple[int, int]:
+    """(U, V) with U·V = n and U the smallest divisor of n with U² ≥ n (256×256 for 65536,
+    64×32 for 2048, n×1 for a prime)."""
+    u = next(d for d in range(math.isqrt(n - 1) + 1, n + 1) if n % d == 0)  # ⌈√n⌉ first
+    return u, n // u
+
+
+@functools.lru_cache(maxsize=64)
+def _dft_plan(n: int, inverse: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """complex64 F_V, twiddles ω_N^(n1·k2) and F_U (with 1/N if inverse) for length n."""
+    u, v = dft_factors(n)
+    sign = 1.0 if inverse else -1.0
+
+    def phase(j: np.ndarray, k: np.ndarray, m: int) -> np.ndarray:
+        # Reduce j·k mod m in integers, then take the angle in float64: exact to ~1e-16 before
+        # the cast, where accumulating phases in float32 would drift by ~N·1e-7.
+        return np.exp(sign * 2j * np.pi * (np.outer(j, k) % m) / m)
+
+    f_VV = phase(np.arange(v), np.arange(v), v)
+    tw_UV = phase(np.arange(u), np.arange(v), n)
+    f_UU = phase(np.arange(u), np.arange(u), u) / (n if inverse else 1)
+    return tuple(a.astype(np.complex64) for a in (f_VV, tw_UV, f_UU))
+
+
+def _dft_last(x: Array, inverse: bool) -> Array:
+    """complex64 DFT (or inverse DFT with 1/N) along the last axis.
+
+    Four-step with n = n1 + U·n2 and k = V·k1 + k2:
+      X[k1, k2] = Σ_n1 F_U[k1, n1] · ω_N^(n1·k2) · Σ_n2 x[n2, n1] F_V[n2, k2].
+    As a Monarch matrix: permutation, block-diagonal (U copies of F_V), diagonal twiddle,
+    block-diagonal (V copies of F_U), permutation; the einsums carry the permutations.
+    """
+    x = x.astype(jnp.complex64)
+    *lead, N = x.shape
+    U, V = dft_factors(N)
+    f_VV, tw_UV, f_UU = _dft_plan(N, inverse)
+    x_BVU = x.reshape(*lead, V, U)
+    y_BUV = jnp.einsum("...vu,vw->...uw", x_BVU, f_VV, precision=_DFT_PRECISION) * tw_UV
+    z_BUV = jnp.einsum("ku,...uw->...kw", f_UU, y_BUV, precision=_DFT_PRECISION)
+    return z_BUV.reshape(*lead, N)
+
+
+def _fit_length(x: Array, n: int) -> Array:
+    """Crop or zero-pad the last axis to n (numpy's `n=` semantics)."""
+    if x.shape[-1] >= n:
+        return x[..., :n]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+
+
+def _on_last_axis(x: Array, axis: int, fn: Callable[[Array], Array]) -> Array:
+    x = jnp.moveaxis(x, axis, -1)
+    return jnp.moveaxis(fn(x), -1, axis)
+
+
+def _complex_transform(x: Array, n: int | None, axis: int, inverse: bool) -> Array:
+    def last(x: Array) -> Array:
+        return _dft_last(_fit_length(x, n or x.shape[-1]), inverse)
+    return _on_last_axis(jnp.asarray(x), axis, last)
+
+
+def monarch_fft(x: Array, n: int | None = None, axis: int = -1) -> Array:
+    """DFT along `axis` as two dense DFT GEMMs of size ~√N (same contract as `jnp.fft.fft`).
+
+    Args:
+      x: real or complex input; computed in float32/complex64.
+      n: transform length; the axis is cropped or zero-padded to it (default: its size).
+      axis: the transformed axis.
+
+    Returns:
+      complex64 array, X[k] = Σ_n x[n] exp(-2πi·nk/N).
+    """
+    return _complex_transform(x, n, axis, inverse=False)
+
+
+def monarch_ifft(x: Array, n: int | None = None, axis: int = -1) -> Array:
+    """Inverse DFT (with 1/N) along `axis`; same contract as `jnp.fft.ifft`."""
+    return _complex_transform(x, n, axis, inverse=True)
+
+
+def _half_twiddle(n: int, inverse: bool) -> np.ndarray:
+    k = np.arange(n // 2 + 1)
+    return np.exp((1 if inverse else -1) * 2j * np.pi * k / n).astype(np.complex64)
+
+
+def monarch_rfft(x: Array, n: int | None = None, axis: int = -1) -> Array:
+    """DFT of a real signal, bins 0..n//2 (same contract as `jnp.fft.rfft`).
+
+    For even n the signal is packed as z[m] = x[2m] + i·x[2m+1] and transformed with one complex
+    DFT of length n/2, then split into the even/odd spectra: half the GEMM work of `monarch_fft`.
+    """
+    def last(x: Array) -> Array:
+        x = _fit_length(x.astype(jnp.float32), n or x.shape[-1])
+        N = x.shape[-1]
+        if N % 2:
+            return _dft_last(x, inverse=False)[..., : N // 2 + 1]
+        z = _dft_last(jax.lax.complex(x[..., 0::2], x[..., 1::2]), inverse=False)
+        z = jnp.concatenate([z, z[..., :1]], axis=-1)  # Z[n/2] = Z[0]
+        zc_rev = jnp.conj(z[..., ::-1])  # conj(Z[n/2 - k])
+        even, odd = 0.5 * (z + zc_rev), -0.5j * (z - zc_rev)
+        return even + _half_twiddle(N, inverse=False) * odd
+    return _on_last_axis(jnp.asarray(x), axis, last)
+
+
+def monarch_irfft(x: Array, n: int | None = None, axis: int = -1) -> Array:
+    """Inverse of `monarch_rfft` (same contract as `jnp.fft.irfft`).
+
+    Like numpy, the imaginary parts of bin 0 (and of bin n/2 for even n) are ignored.
+    """
+    def last(x: Array) -> Array:
+        N = n or 2 * (x.shape[-1] - 1)
+        x = _fit_length(x.astype(jnp.complex64), N // 2 + 1)
+        x = x.at[..., 0].set(x[..., 0].real)
+        if N % 2:
+            full = jnp.concatenate([x, jnp.conj(x[..., 1:][..., ::-1])], axis=-1)
+            return _dft_last(full, inverse=True).real
+        x = x.at[..., -1].set(x[..., -1].real)
+        xc_rev = jnp.conj(x[..., ::-1])  # conj(X[n/2 - k])
+        even = 0.5 * (x + xc_rev)
+        odd = 0.5 * (x - xc_rev) * _half_twiddle(N, inverse=True)
+        zf = (even + 1j * odd)[..., : N // 2]
+        z = _dft_last(zf, inverse=True)
+        return jnp.stack([z.real, z.imag], axis=-1).reshape(*z.shape[:-1], N)
+    return _on_last_axis(jnp.asarray(x), axis, last)
+
+
+def fft_conv(u: Array, k: Array, n_fft: int, use_monarch: bool = False) -> Array:
+    """Causal convolution of `u` with `k` along the last axis by an FFT of length n_fft.
+
+    Computes y[..., t] = Σ_{s<L} k[..., (t - s) mod n_fft] · u[..., s] for t < L, with k
+    zero-padded to n_fft: the circular convolution of the zero-padded signals, first L outputs.
+    With n_fft ≥ L + Lk - 1 (e.g. n_fft = 2L for Lk = L) nothing wraps and this is the causal
+    linear convolution y[t] = Σ_{s≤t} k[t-s] u[s]. The M2 bidirectional conv relies on the wrap
+    on purpose: a length-2L kernel [k_fwd, 0] + [0, flip(k_rev)] with n_fft = 2L. The reference
+    `rfft(k)/n · irfft(·, norm="forward")` is the same computation as here.
+
+    Args:
+      u: (..., L) real signal.
+      k: (..., Lk) real kernel, Lk ≤ n_fft; leading dims broadcast against u's.
+      n_fft: FFT length, ≥ L and ≥ Lk.
+      use_monarch: use the Monarch (GEMM) DFT instead of `jnp.fft`.
+
+    Returns:
+      (..., L) float32, leading dims broadcast from u and k.
+    """
+    L, Lk = u.shape[-1], k.shape[-1]
+    if n_fft < L or n_fft < Lk:
+        raise ValueError(f"fft_conv: n_fft={n_fft} is shorter than the signal (L={L}) or the "
+                         f"kernel (Lk={Lk}); use n_fft >= L + Lk - 1 for a linear convolution.")
+    rfft, irfft = (monarch_rfft, monarch_irfft) if use_monarch else (jnp.fft.rfft, jnp.fft.irfft)
+    u_f = rfft(u.astype(jnp.float32), n=n_fft)
+    k_f = rfft(k.astype(jnp.float32), n=n_fft)
+    return irfft(u_f * k_f, n=n_fft)[..., :L]
