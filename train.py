@@ -46,6 +46,13 @@ except (KeyError, AttributeError) as _e:
 except (TypeError, ValueError, OSError, flags.Error) as _e:
     fail(f"bad --config or --config.* flag: {_one_line(_e)}")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: workdirs/<config>)")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run (not needed on "
+    "TPU pods or SLURM, where JAX finds its peers)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in a multi-process run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..n-1")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300,
+                                     "seconds to wait for all processes to join")
 
 
 def parse_flags(argv):
@@ -68,7 +75,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE")
-    from bigs_jax.train import loop
+    from bigs_jax.train import loop, partitioning
+
+    try:
+        partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                            _PROCESS_ID.value, _INIT_TIMEOUT.value)
+    except RuntimeError as e:
+        fail(str(e), 1)
 
     config = _CONFIG.value
     try:
@@ -78,7 +91,7 @@ def main(argv):
         fail(f"could not load --config {path}: {str(e).strip().splitlines()[-1].strip()}")
     try:
         loop.train_and_evaluate(config, _WORKDIR.value or default_workdir())
-    except (loop.ConfigError, FileNotFoundError, FloatingPointError) as e:
+    except (loop.ConfigError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
         fail(str(e), 1)
 
 

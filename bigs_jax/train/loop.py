@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import time
@@ -72,9 +73,10 @@ def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
             raise ConfigError(f"workdir {workdir} holds a run of a different model (differs in "
                               f"{changed}); use a new --workdir or the original config")
     os.makedirs(workdir, exist_ok=True)
-    checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.CONFIG_JSON),
-                                    config.to_dict())
-    checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
+    if jax.process_index() == 0:
+        checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.CONFIG_JSON),
+                                        config.to_dict())
+        checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
 
 
 # ---------------------------------------------------------------------------- data
@@ -175,6 +177,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             os.path.join(workdir, checkpointing.CHECKPOINTS)) else None
         start = ckpt.latest_step() if ckpt else None
         train_iter, eval_batches = make_data(config, start_step=start or 0)
+        first = next(train_iter)
+        train_iter = itertools.chain([first], train_iter)
+        abstract_state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+            params=abstract_params, opt_state=abstract_opt,
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+        abstract_batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),)
+                                                  + v.shape[1:], v.dtype, sharding=data_sharding)
+                          for k, v in first.items()}
+        # Compile ahead of time: the FLOP count and memory of the real step, before training.
+        compiled = train_step.lower(abstract_state, abstract_batch).compile()
+        cost = metrics.step_cost(compiled)
+        if t.get("dry_run"):
+            return _dry_run(config, model_config, abstract_params, mesh, first, cost)
         prepare_workdir(workdir, config, model_config)
         if ckpt is None:
             ckpt = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
@@ -188,8 +204,28 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         else:
             state = init_state()
 
-        return _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches,
-                    data_sharding, ckpt, lr_schedule, model_config, start)
+        return _run(config, workdir, state, compiled, eval_step, train_iter, eval_batches,
+                    data_sharding, ckpt, lr_schedule, cost, start)
+
+
+def _dry_run(config, model_config, abstract_params, mesh, batch, cost) -> dict:
+    """Print what one step needs per device, then stop without training or writing."""
+    n_params = checkpointing.param_count(abstract_params)
+    tokens = int(np.prod(batch["input_ids"].shape)) * jax.process_count()
+    lines = [
+        f"dry run: {config.model.name} ({n_params:,} params), mesh "
+        f"{dict(zip(mesh.axis_names, mesh.devices.shape))} on {jax.device_count()} "
+        f"{jax.devices()[0].device_kind} device(s), global batch {tokens:,} tokens",
+        f"  FLOPs per step per device: {cost['flops']:.4g}"
+        f" ({cost['flops'] * jax.device_count() / tokens:.4g} per token, all devices)",
+    ]
+    for key in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes"):
+        if key in cost:
+            lines.append(f"  {key.replace('_', ' ')} per device: {cost[key] / 2**30:.3f} GiB")
+    if "peak_bytes" in cost:
+        lines.append(f"  estimated peak memory per device: {cost['peak_bytes'] / 2**30:.3f} GiB")
+    print("\n".join(lines), flush=True)
+    return {"dry_run": True, "params": n_params, "tokens_per_step": tokens, **cost}
 
 
 def _opt_shardings(tx, abstract_params):
@@ -202,7 +238,7 @@ def _opt_shardings(tx, abstract_params):
 
 
 def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches,
-         data_sharding, ckpt, lr_schedule, model_config, start):
+         data_sharding, ckpt, lr_schedule, cost, start):
     t = config.train
     step = int(state.step)
     writer = metrics.writer(os.path.join(workdir, "tb"))
@@ -223,6 +259,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
         history[0] = evaluate()
         writer.write_scalars(0, {"eval/loss": history[0]})
         print(f"step 0: eval loss {history[0]:.4f}", flush=True)
+    peak = metrics.peak_flops(t.get("peak_flops_per_device", 0.0))
     bar = metrics.Progress(step, t.steps)
     meter = metrics.Throughput()
     t_start = time.perf_counter()
@@ -253,7 +290,11 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
                 rate = meter.read()
                 if rate:
                     scalars.update({"perf/tokens_per_sec": rate["tokens_per_sec"],
-                                    "perf/step_time": rate["step_time"]})
+                                    "perf/step_time": rate["step_time"],
+                                    "perf/tflops_per_device":
+                                        cost["flops"] / rate["step_time"] / 1e12})
+                    if peak:
+                        scalars["perf/mfu"] = cost["flops"] / rate["step_time"] / peak
                 writer.write_scalars(step, scalars)
                 bar.update(step, tokens, {"loss": loss, "tok/s": round(
                     scalars.get("perf/tokens_per_sec", 0.0))})

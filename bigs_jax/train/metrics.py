@@ -61,6 +61,42 @@ class Throughput:
         return out
 
 
+# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix (vendor data sheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def peak_flops(override: float = 0.0) -> float:
+    """Peak FLOP/s of one device: the config's value, else the table, else 0 (unknown)."""
+    if override:
+        return float(override)
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
+
+
+def step_cost(compiled) -> dict:
+    """FLOPs and memory of one compiled step, per device, from XLA's own analyses."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    out = {"flops": float((analysis or {}).get("flops", 0.0))}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        out.update({
+            "argument_bytes": memory.argument_size_in_bytes,
+            "output_bytes": memory.output_size_in_bytes,
+            "temp_bytes": memory.temp_size_in_bytes,
+            "generated_code_bytes": memory.generated_code_size_in_bytes,
+        })
+        # Donated inputs alias outputs, so they are not counted twice.
+        out["peak_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    return out
+
+
 class StopSignal:
     """Catches SIGTERM/SIGINT so the loop can checkpoint the current step and exit cleanly.
 

@@ -6,7 +6,8 @@ in the config map them onto mesh axes here.
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -65,3 +66,69 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of (B, ...) batch arrays: B over the mesh axes the `batch` rule names."""
     axes = dict(rules).get("batch")
     return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def _cluster_detected() -> bool:
+    """True on a TPU pod slice or inside a multi-task SLURM job, where JAX finds its peers."""
+    env = os.environ
+    return bool(env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+                or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None,
+                           timeout_s: int = 300) -> bool:
+    """Join a multi-process JAX runtime; returns whether one was joined.
+
+    With a coordinator address the three values are explicit (local multi-process runs, GPU
+    clusters without SLURM); without one, JAX's own cluster detection is used on TPU pods and
+    SLURM jobs, and a single-process run does nothing. CPU processes use gloo collectives.
+    """
+    if coordinator_address is None and not _cluster_detected():
+        return False
+    if coordinator_address and process_id:
+        # JAX's client aborts the process (no Python exception) when the coordinator never
+        # answers, so check reachability first and fail with a message instead.
+        _wait_for(coordinator_address, timeout_s)
+    if _cpu_only():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=timeout_s)
+    except Exception as e:  # the runtime raises XlaRuntimeError/RuntimeError/ValueError
+        raise RuntimeError(
+            f"could not join the JAX runtime at {coordinator_address or 'the detected cluster'} "
+            f"within {timeout_s}s ({' '.join(str(e).split())[:300]}); check that every "
+            "process was started with the same --coordinator_address and --num_processes and "
+            "that the address is reachable") from None
+    return True
+
+
+def _wait_for(address: str, timeout_s: int) -> None:
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"--coordinator_address {address!r} must be HOST:PORT")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"coordinator {address} unreachable after {timeout_s}s ({e}); start process "
+                    "0 first with the same --coordinator_address, or fix the address") from None
+            time.sleep(1)
+
+
+def _cpu_only() -> bool:
+    """No accelerator plugin is installed (checked without initializing a backend)."""
+    import importlib.util
+
+    return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "libtpu",
+                                                            "jax_cuda13_plugin"))

@@ -1,8 +1,8 @@
 """Helper run in a subprocess by test_sharding.py: per-step losses of a smoke run on a mesh.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.train.mesh_losses \
-        MODEL DATA,FSDP,TENSOR STEPS WORKDIR
-prints one JSON line {"losses": [...], "devices": n}.
+        MODEL DATA,FSDP,TENSOR STEPS WORKDIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
+prints one JSON line {"losses": [...], "devices": n, "first_batch_rows": [...]}.
 """
 
 import json
@@ -14,7 +14,13 @@ from bigs_jax.train import loop
 from configs import quickstart
 
 
-def main(model: str, mesh: str, steps: str, workdir: str) -> None:
+def main(model: str, mesh: str, steps: str, workdir: str, coordinator: str = "",
+         num_processes: str = "1", process_id: str = "0") -> None:
+    if coordinator:
+        from bigs_jax.train import partitioning
+
+        partitioning.initialize_distributed(coordinator, int(num_processes), int(process_id),
+                                            timeout_s=120)
     config = quickstart.get_config("smoke")
     config.model.name = model
     config.model.num_heads = 4
@@ -25,8 +31,10 @@ def main(model: str, mesh: str, steps: str, workdir: str) -> None:
     config.train.checkpoint_every = int(steps)
     summary = loop.train_and_evaluate(config, workdir)
     losses = [summary["train_loss"][s] for s in sorted(summary["train_loss"])]
+    first = next(loop.make_data(config, start_step=0)[0])["input_ids"]
     print(json.dumps({"losses": losses, "devices": jax.device_count(),
-                      "eval": summary["eval_loss"][int(steps)]}))
+                      "eval": summary["eval_loss"][int(steps)],
+                      "first_batch_rows": first[:, :4].tolist()}))
 
 
 if __name__ == "__main__":

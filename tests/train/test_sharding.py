@@ -39,3 +39,36 @@ def test_bigs_losses_match_across_meshes(tmp_path):
 @pytest.mark.parametrize("model", ["bigs-tiny", "bert-tiny"])
 def test_losses_match_across_meshes_20_steps(model, tmp_path):
     check_meshes(model, ["8,1,1", "1,8,1", "2,2,2"], 20, tmp_path)
+
+
+def run_two_processes(model, mesh, steps, workdir):
+    """Two processes × 4 CPU devices on 127.0.0.1, gloo collectives."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=ROOT)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.train.mesh_losses", model, mesh, str(steps),
+         str(workdir), f"127.0.0.1:{port}", "2", str(i)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 4 devices == 1 process x 8 devices; each process reads its own half."""
+    reference = losses("bigs-tiny", "8,1,1", 20, tmp_path / "one")
+    results = run_two_processes("bigs-tiny", "8,1,1", 20, tmp_path / "two")
+    for r in results:
+        assert r["devices"] == 8
+        np.testing.assert_allclose(r["losses"], reference, rtol=1e-5)
+    rows = [set(map(tuple, r["first_batch_rows"])) for r in results]
+    assert len(rows[0]) == len(rows[1]) == 4 and not rows[0] & rows[1]
