@@ -104,6 +104,10 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
         return out.params, out.opt_state, out.meta
 
+    def reached_preemption(self, step: int) -> bool:
+        """Orbax's multi-host preemption sync point (False when the service is not running)."""
+        return self.manager.reached_preemption(step)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -274,7 +274,8 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
             step += 1
             meter.add(tokens)
             tokens_seen += tokens
-            preempted = stop.received
+            preempted = stop.received or (
+                jax.process_count() > 1 and ckpt.reached_preemption(step) and "preemption")
             saving = step % t.checkpoint_every == 0 or step == t.steps or preempted
             if step % t.log_every == 0 or saving:
                 # Checked before every save, so a checkpoint never holds non-finite params.

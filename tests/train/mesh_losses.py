@@ -27,6 +27,11 @@ def main(model: str, mesh: str, steps: str, workdir: str, coordinator: str = "",
     config.mesh.shape = tuple(int(x) for x in mesh.split(","))
     config.train.steps = int(steps)
     config.train.log_every = 1
+    # A schedule that does not depend on the run length, so a run continued to more steps
+    # takes the same updates as one planned that long.
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 0
+    config.optim.lr = 1e-3
     config.train.eval_every = int(steps)
     config.train.checkpoint_every = int(steps)
     summary = loop.train_and_evaluate(config, workdir)

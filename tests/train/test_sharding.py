@@ -72,3 +72,26 @@ def test_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(r["losses"], reference, rtol=1e-5)
     rows = [set(map(tuple, r["first_batch_rows"])) for r in results]
     assert len(rows[0]) == len(rows[1]) == 4 and not rows[0] & rows[1]
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_onto_other_meshes(tmp_path):
+    """Saved on (8,1,1); resumed on (2,2,2) and on one device: the same next step and eval."""
+    import shutil
+
+    def run(mesh, steps, workdir, devices=8):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   PYTHONPATH=ROOT)
+        out = subprocess.run([sys.executable, "-m", "tests.train.mesh_losses", "bigs-tiny",
+                              mesh, str(steps), str(workdir)], capture_output=True, text=True,
+                             cwd=ROOT, env=env, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    straight = run("8,1,1", 5, tmp_path / "straight")
+    run("8,1,1", 4, tmp_path / "saved")
+    shutil.copytree(tmp_path / "saved", tmp_path / "saved_copy")
+    for mesh, devices, workdir in (("2,2,2", 8, "saved"), ("1,1,1", 1, "saved_copy")):
+        resumed = run(mesh, 5, tmp_path / workdir, devices)
+        np.testing.assert_allclose(resumed["losses"], straight["losses"][-1:], rtol=1e-5)
+        np.testing.assert_allclose(resumed["eval"], straight["eval"], rtol=1e-5)

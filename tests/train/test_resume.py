@@ -1,0 +1,51 @@
+"""Exact resume: SIGKILL at several points (async saves in flight), rerun, same parameters."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bigs_jax.train.checkpointing import Checkpointer
+from tests.train.test_loop import ROOT, params_of
+
+STEPS = 24
+ARGS = ["--config=configs/quickstart.py:smoke", f"--config.train.steps={STEPS}",
+        "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
+        "--config.train.log_every=1", "--config.train.eval_every=1000"]
+
+
+def start(workdir):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *ARGS,
+                             f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def run_until_killed(workdir, steps_past: int):
+    """Start (or resume) a run and SIGKILL it `steps_past` logged steps later."""
+    proc = start(workdir)
+    seen = b""
+    while seen.count(b"loss=") < steps_past and proc.poll() is None:
+        seen += proc.stdout.read1(4096)
+    proc.send_signal(signal.SIGKILL)  # checkpoint_every=1: an async save is almost surely open
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_points_then_resume_is_bitwise_exact(tmp_path):
+    straight = tmp_path / "straight"
+    assert subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *ARGS,
+                           f"--workdir={straight}"], cwd=ROOT, capture_output=True).returncode == 0
+    killed = tmp_path / "killed"
+    for k in (2, 3, 4):
+        run_until_killed(killed, k)
+        steps = Checkpointer(str(killed)).all_steps()
+        assert steps and max(steps) < STEPS, steps  # only finished saves are visible
+    assert subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *ARGS,
+                           f"--workdir={killed}"], cwd=ROOT, capture_output=True).returncode == 0
+    for a, b in zip(params_of(str(straight)), params_of(str(killed))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
