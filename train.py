@@ -51,6 +51,8 @@ _COORDINATOR = flags.DEFINE_string(
     "TPU pods or SLURM, where JAX finds its peers)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in a multi-process run")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..n-1")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "join a multi-host run by JAX's cluster "
+                                "detection (TPU pods, SLURM) even if it is not auto-detected")
 _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300,
                                      "seconds to wait for all processes to join")
 
@@ -79,7 +81,8 @@ def main(argv):
 
     try:
         partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                            _PROCESS_ID.value, _INIT_TIMEOUT.value)
+                                            _PROCESS_ID.value, _INIT_TIMEOUT.value,
+                                            force=_MULTIHOST.value)
     except RuntimeError as e:
         fail(str(e), 1)
 

@@ -78,14 +78,15 @@ def _cluster_detected() -> bool:
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None,
-                           timeout_s: int = 300) -> bool:
+                           timeout_s: int = 300, force: bool = False) -> bool:
     """Join a multi-process JAX runtime; returns whether one was joined.
 
     With a coordinator address the three values are explicit (local multi-process runs, GPU
-    clusters without SLURM); without one, JAX's own cluster detection is used on TPU pods and
-    SLURM jobs, and a single-process run does nothing. CPU processes use gloo collectives.
+    clusters without SLURM); without one, JAX's own cluster detection is used when `force` is
+    set or a TPU pod / multi-task SLURM job is detected, and a single-process run does nothing.
+    CPU processes use gloo collectives.
     """
-    if coordinator_address is None and not _cluster_detected():
+    if coordinator_address is None and not (force or _cluster_detected()):
         return False
     if coordinator_address and process_id:
         # JAX's client aborts the process (no Python exception) when the coordinator never
