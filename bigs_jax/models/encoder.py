@@ -44,6 +44,13 @@ from bigs_jax.layers.ssm import S4D, reverse_padded
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead
 from bigs_jax.models.outputs import ModelOutput
 
+# Rematerialization policies by name: what each layer keeps for the backward pass.
+REMAT = {
+    "none": None,                                                   # keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,               # recompute the layer
+    "dots": jax.checkpoint_policies.dots_saveable,                  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 BLOCKS = ("stack", "gated")
 MIXERS = ("attention", "ssm")
 HEADS = ("mlm", "classification", "none")
@@ -83,6 +90,7 @@ class EncoderConfig:
     pooler: str = "cls"                      # cls | mean | non_padding_mean
     official_padding: bool = False           # reproduce the official BiGS padding behaviour
     dtype: str = "float32"                   # compute dtype; params are always fp32
+    remat: str = "none"                      # per-layer rematerialization policy, see REMAT
 
     def __post_init__(self):
         for name, value, valid in (("block", self.block, BLOCKS), ("mixer", self.mixer, MIXERS),
@@ -90,6 +98,8 @@ class EncoderConfig:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
         activation(self.hidden_act)
+        if self.remat not in REMAT:
+            raise ValueError(f"unknown remat {self.remat!r}; choose one of {tuple(REMAT)}")
 
     @property
     def uses_pre_norm(self) -> bool:
@@ -208,6 +218,17 @@ class GatedBlock(nnx.Module):
         return x_BLD + o_BLD if self.pre_norm else self.norm(x_BLD + o_BLD)
 
 
+def _layer_call(remat: str, deterministic: bool):
+    """layer(x, mask, attn_mask, rngs), rematerialized per `REMAT[remat]` when not 'none'."""
+
+    def call(layer, x_BLD, mask_BL, attn_mask, rngs):
+        return layer(x_BLD, mask_BL, attn_mask, deterministic=deterministic, rngs=rngs)
+
+    if remat == "none":
+        return call
+    return nnx.remat(call, policy=REMAT[remat], prevent_cse=True)
+
+
 class Encoder(nnx.Module):
     """Embeddings → `num_layers` blocks → optional head. See the module docstring."""
 
@@ -253,8 +274,9 @@ class Encoder(nnx.Module):
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None
                                 else jnp.asarray(token_type_ids), **kw)
         attn_mask = make_attention_mask(mask_BL, ids_BL.shape[1])
+        apply = _layer_call(self.config.remat, deterministic)
         for layer in self.layers:
-            x_BLD = layer(x_BLD, mask_BL, attn_mask, **kw)
+            x_BLD = apply(layer, x_BLD, mask_BL, attn_mask, rngs)
         if self.mlm_head is not None:
             h_BPD = x_BLD if mlm_positions is None else jnp.take_along_axis(
                 x_BLD, jnp.asarray(mlm_positions)[..., None], axis=1)

@@ -157,3 +157,23 @@ def test_registry_errors_list_valid_names():
         bigs_jax.create("bigs-huge")
     with pytest.raises(ValueError, match=re.escape("unknown option(s) ['hiden_size']")):
         bigs_jax.create("bigs-tiny", hiden_size=3)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_identical_loss_and_gradients(policy):
+    ids = np.random.default_rng(3).integers(1, 97, (2, 40))
+    mask = np.ones_like(ids)
+    mask[0, 30:] = 0
+    results = []
+    for remat in ("none", policy):
+        model = tiny("gated", "ssm", remat=remat)
+        graphdef, state = nnx.split(model)
+
+        def loss(state):
+            return (nnx.merge(graphdef, state)(ids, mask).logits ** 2).mean()
+
+        results.append(jax.value_and_grad(loss)(state))
+    (l0, g0), (l1, g1) = results
+    assert float(l0) == float(l1)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
