@@ -63,9 +63,10 @@ def test_resume_equals_the_uninterrupted_stream(task):
 
 def test_shards_are_disjoint_and_concatenate_to_the_single_host_stream():
     kw = dict(split="train", batch_size=64, seq_len=L, seed=5)
-    single = _take(pipeline.make_iterator("embedded_mlm", **kw), 25)
+    steps = len(_rows("embedded_mlm", "train")) // 64 + 1  # a whole epoch
+    single = _take(pipeline.make_iterator("embedded_mlm", **kw), steps)
     shards = [
-        _take(pipeline.make_iterator("embedded_mlm", shard_index=i, num_shards=4, **kw), 25)
+        _take(pipeline.make_iterator("embedded_mlm", shard_index=i, num_shards=4, **kw), steps)
         for i in range(4)
     ]
     for step, batch in enumerate(single):

@@ -49,7 +49,7 @@ def test_train_writes_workdir_and_resumes_exactly(tmp_path):
     assert set(summary["eval_loss"]) == {0, 2, 4, 6}
     assert summary["eval_loss"][6] < summary["eval_loss"][0]
     assert os.path.exists(os.path.join(straight, "config.json"))
-    assert checkpointing.read_model_config(straight).vocab_size == 4096
+    assert checkpointing.read_model_config(straight).vocab_size == 8192
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{straight}/tb"))
 
     loop.train_and_evaluate(smoke(4), split)            # "interrupted" after step 4
