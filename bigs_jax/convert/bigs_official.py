@@ -1,60 +1,184 @@
-"""Key map between the official BiGS Flax checkpoints and our parameter tree.
+"""Official BiGS checkpoints (Flax msgpack and the PyTorch port) → our gated+ssm encoder.
 
-The official `flax_model.msgpack` files of JunxiongWang/BiGS_{128,512,1024,4096} (and the
-`*_MNLI` sequence-classification ones) name parameters as research/bigs.md §1.6 lists. Our
-gated+ssm encoder keeps the official layer-internal names (`dv`, `du_forward`, `fs4`, ...), so
-the map only renames the containers. One table, read in both directions.
+The JunxiongWang/BiGS_{128,512,1024,4096} checkpoints (and the `*_MNLI` sequence-classification
+ones) come as `flax_model.msgpack` (FlaxBiGSForMaskedLM / ...ForSequenceClassification) and,
+for some, a PyTorch port's `pytorch_model.bin`, each beside an HF-style config.json
+(research/bigs.md §1.3–1.6). Our gated+ssm encoder keeps the official layer-internal names
+(`dv`, `du_forward`, `fs4`, ...), so both tables only rename containers; the PyTorch port also
+stores Linear weights (out, in) and nests the SSM parameters under `fs4.kernel.*`.
+
+The model config comes from config.json: `max_position_embeddings` is the length the
+position table holds, `pooler_type` picks the pooler (BiGS_128 says "mean"; the others omit
+it, so BiGSConfig's default "non_padding_mean" applies), `pre_norm`, `num_ssm` and
+`layer_norm_eps` carry over. The head follows the tensors: `classifier` → classification,
+`cls/predictions` → MLM with the decoder tied to the word embeddings, neither → none.
+
+Padding: by default the converted model is padding-correct (the zoo's rule: pads never reach
+real tokens). The official code lets pads leak into the backward SSM; `official_padding=True`
+(`--official-padding`) reproduces that exactly, e.g. to match reported fine-tuning numbers.
+Unpadded inputs give identical outputs either way.
+
+Numerics note: the official Flax blocks use tanh GELU; the PyTorch port's blocks use erf
+GELU. Our model computes what the Flax code computes, whichever file the weights came from.
 """
 
 from __future__ import annotations
 
-import re
+import os
+from typing import Any, Mapping, Optional
 
-# (official path regex, our path template). `{i}` is the layer index.
-FLAX_KEY_MAP: tuple[tuple[str, str], ...] = (
-    (r"s4_bert/embeddings/word_embeddings/embedding", "embeddings/word/embedding"),
-    (r"s4_bert/embeddings/position_embeddings/embedding", "embeddings/position/embedding"),
-    (r"s4_bert/embeddings/token_type_embeddings/embedding", "embeddings/token_type/embedding"),
-    (r"s4_bert/embeddings/LayerNorm/(?P<p>scale|bias)", "embeddings/norm/{p}"),
-    (r"s4_bert/encoder/layer/(?P<i>\d+)/LayerNorm/(?P<p>scale|bias)", "layers/{i}/norm/{p}"),
-    (r"s4_bert/encoder/layer/(?P<i>\d+)/(?P<d>fs4|bs4)/(?P<p>A_re|A_im|C|D|log_step)",
-     "layers/{i}/{d}/{p}"),
-    (r"s4_bert/encoder/layer/(?P<i>\d+)/(?P<d>dv|du_forward|du_backward|duc_forward"
-     r"|duc_backward|dol|do)/(?P<p>kernel|bias)", "layers/{i}/{d}/{p}"),
-    (r"cls/predictions/transform/dense/(?P<p>kernel|bias)", "mlm_head/transform/{p}"),
-    (r"cls/predictions/transform/LayerNorm/(?P<p>scale|bias)", "mlm_head/norm/{p}"),
-    (r"cls/predictions/bias", "mlm_head/bias"),
-    (r"s4_bert/pooler/dense/(?P<p>kernel|bias)", "classifier/pooler/{p}"),
-    (r"classifier/(?P<p>kernel|bias)", "classifier/classifier/{p}"),
+from bigs_jax.convert.common import (
+    ConversionError,
+    Imported,
+    KeyMap,
+    Rule,
+    abstract_params,
+    check_tied,
+    linear,
+    norm,
+    read_hf_weights,
+    read_json,
+    read_msgpack,
 )
+from bigs_jax.models.encoder import EncoderConfig
+
+FORMAT = "bigs-official"
+MSGPACK = "flax_model.msgpack"
+SSM_PARAMS = ("A_re", "A_im", "C", "D", "log_step")
+DENSES = ("dv", "du_forward", "du_backward", "duc_forward", "duc_backward", "dol", "do")
 
 
-def _template_regex(template: str) -> str:
-    return "".join(f"(?P<{m[1:-1]}>[^/]+)" if m.startswith("{") else re.escape(m)
-                   for m in re.split(r"(\{\w+\})", template) if m)
+def _flax_dense(foreign: str, ours: str) -> tuple[Rule, Rule]:
+    return Rule(f"{foreign}/kernel", f"{ours}/kernel"), Rule(f"{foreign}/bias", f"{ours}/bias")
 
 
-def _fill(pattern: str, groups: dict) -> str:
-    """Fill the named groups of an (official) regex with values to get a concrete path."""
-    out = re.sub(r"\(\?P<(\w+)>[^)]*\)", lambda m: groups[m[1]], pattern)
-    return out.replace("\\", "")
+def _flax_norm(foreign: str, ours: str) -> tuple[Rule, Rule]:
+    return Rule(f"{foreign}/scale", f"{ours}/scale"), Rule(f"{foreign}/bias", f"{ours}/bias")
 
 
-def official_to_ours(name: str) -> str | None:
-    """Our parameter path for an official checkpoint path, or None if unknown."""
-    for pattern, template in FLAX_KEY_MAP:
-        m = re.fullmatch(pattern, name)
-        if m:
-            return template.format(**m.groupdict())
-    return None
+_FLAX_LAYER = "s4_bert/encoder/layer/{i}"
+_TORCH_LAYER = "bigs.encoder.layer.{i}"
+_OURS = "layers/{i}"
+
+# The Flax tree, "/"-joined (research/bigs.md §1.6).
+FLAX_KEY_MAP = KeyMap((
+    Rule("s4_bert/embeddings/word_embeddings/embedding", "embeddings/word/embedding"),
+    Rule("s4_bert/embeddings/position_embeddings/embedding", "embeddings/position/embedding"),
+    Rule("s4_bert/embeddings/token_type_embeddings/embedding",
+         "embeddings/token_type/embedding"),
+    *_flax_norm("s4_bert/embeddings/LayerNorm", "embeddings/norm"),
+    *_flax_norm(f"{_FLAX_LAYER}/LayerNorm", f"{_OURS}/norm"),
+    *(Rule(f"{_FLAX_LAYER}/{d}/{p}", f"{_OURS}/{d}/{p}")
+      for d in ("fs4", "bs4") for p in SSM_PARAMS),
+    *(r for d in DENSES for r in _flax_dense(f"{_FLAX_LAYER}/{d}", f"{_OURS}/{d}")),
+    *_flax_dense("cls/predictions/transform/dense", "mlm_head/transform"),
+    *_flax_norm("cls/predictions/transform/LayerNorm", "mlm_head/norm"),
+    Rule("cls/predictions/bias", "mlm_head/bias"),
+    *_flax_dense("s4_bert/pooler/dense", "classifier/pooler"),
+    *_flax_dense("classifier", "classifier/classifier"),
+))
+
+# The PyTorch port's state dict (modeling_bigs.py): `bigs.` prefix, torch Linear/LayerNorm.
+TORCH_KEY_MAP = KeyMap((
+    Rule("bigs.embeddings.word_embeddings.weight", "embeddings/word/embedding"),
+    Rule("bigs.embeddings.position_embeddings.weight", "embeddings/position/embedding"),
+    Rule("bigs.embeddings.token_type_embeddings.weight", "embeddings/token_type/embedding"),
+    *norm("bigs.embeddings.LayerNorm", "embeddings/norm"),
+    *norm(f"{_TORCH_LAYER}.LayerNorm", f"{_OURS}/norm"),
+    *(Rule(f"{_TORCH_LAYER}.{d}.kernel.{p}", f"{_OURS}/{d}/{p}")
+      for d in ("fs4", "bs4") for p in ("A_re", "A_im", "C", "log_step")),
+    *(Rule(f"{_TORCH_LAYER}.{d}.D", f"{_OURS}/{d}/D") for d in ("fs4", "bs4")),
+    *(r for d in DENSES for r in linear(f"{_TORCH_LAYER}.{d}", f"{_OURS}/{d}")),
+    *linear("cls.predictions.transform.dense", "mlm_head/transform"),
+    *norm("cls.predictions.transform.LayerNorm", "mlm_head/norm"),
+    Rule("cls.predictions.bias", "mlm_head/bias"),
+    *linear("bigs.pooler.dense", "classifier/pooler"),
+    *linear("classifier", "classifier/classifier"),
+), ignore=(
+    r"bigs\.embeddings\.(position_ids|token_type_ids)",  # buffers
+    r"cls\.predictions\.decoder\.(weight|bias)",          # tied copies (checked equal first)
+))
 
 
-def ours_to_official(path: str) -> str | None:
-    """The official checkpoint path for one of our parameter paths, or None if unmapped."""
-    for pattern, template in FLAX_KEY_MAP:
-        m = re.fullmatch(_template_regex(template), path)
-        if m:
-            candidate = _fill(pattern, m.groupdict())
-            if re.fullmatch(pattern, candidate):
-                return candidate
-    return None
+def official_to_ours(name: str) -> Optional[str]:
+    """Our parameter path for an official Flax checkpoint path, or None if unknown."""
+    found = FLAX_KEY_MAP.ours_of(name)
+    return None if found is None else found[0].our_paths[0].format(**found[1])
+
+
+def ours_to_official(path: str) -> Optional[str]:
+    """The official Flax checkpoint path of one of our parameter paths, or None if unmapped."""
+    found = FLAX_KEY_MAP.foreign_of(path)
+    return None if found is None else found[0].foreign.format(**found[1])
+
+
+def detect(src: str) -> bool:
+    """config.json says BiGS, or the msgpack's first bytes name the `s4_bert` tree."""
+    config = os.path.join(src, "config.json")
+    if os.path.exists(config) and str(read_json(config).get("model_type", "")).lower() == "bigs":
+        return True
+    path = os.path.join(src, MSGPACK)
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        # Top-level keys come first; the `cls` subtree before `s4_bert` is a few MB at most.
+        return b"s4_bert" in f.read(32 << 20)
+
+
+def config_from_official(hf: Mapping[str, Any], head: str, num_labels: int,
+                         official_padding: bool, config_path: str) -> EncoderConfig:
+    """Our gated+ssm encoder config for an official BiGSConfig dict (its defaults if absent)."""
+    model_type = str(hf.get("model_type", "BiGS"))
+    if model_type.lower() != "bigs":
+        raise ConversionError(f"{config_path} has model_type {model_type!r}, not 'BiGS'; use "
+                              "--from auto for this checkpoint")
+    init = hf.get("initializer_range", 0.02)
+    return EncoderConfig(
+        block="gated", mixer="ssm", ssm_shared=True,
+        vocab_size=hf.get("vocab_size", 30522),
+        max_len=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        hidden_size=hf.get("hidden_size", 768),
+        num_layers=hf.get("num_hidden_layers", 24),
+        intermediate_size=hf.get("intermediate_size", 3072),
+        num_heads=hf.get("num_attention_heads", EncoderConfig.num_heads),
+        ssm_state=hf.get("num_ssm", 64),
+        pre_norm=hf.get("pre_norm", True),
+        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        classifier_dropout=hf.get("classifier_dropout"),
+        init_std=init, mlm_head_init_std=None,
+        head=head, num_labels=num_labels,
+        pooler=hf.get("pooler_type", "non_padding_mean"),
+        official_padding=official_padding)
+
+
+def import_checkpoint(src: str, options: Mapping[str, Any]) -> Imported:
+    """Read an official BiGS directory (msgpack preferred, else the PyTorch port)."""
+    config_path = os.path.join(src, "config.json")
+    hf = read_json(config_path)
+    if os.path.exists(os.path.join(src, MSGPACK)):
+        filename = MSGPACK
+        tensors = read_msgpack(os.path.join(src, MSGPACK))
+        key_map, cls_key, mlm_key = FLAX_KEY_MAP, "classifier/kernel", "cls/predictions/bias"
+    else:
+        tensors, filename = read_hf_weights(src)
+        key_map, cls_key, mlm_key = TORCH_KEY_MAP, "classifier.weight", "cls.predictions.bias"
+        check_tied(tensors, "cls.predictions.decoder.weight",
+                   "bigs.embeddings.word_embeddings.weight", "MLM decoder")
+        check_tied(tensors, "cls.predictions.decoder.bias", "cls.predictions.bias", "MLM bias")
+    head = "classification" if cls_key in tensors else "mlm" if mlm_key in tensors else "none"
+    num_labels = (tensors[cls_key].shape[1 if key_map is FLAX_KEY_MAP else 0]
+                  if head == "classification" else 2)
+    padding = bool(options.get("official_padding"))
+    config = config_from_official(hf, head, int(num_labels), padding, config_path)
+    notes = []
+    if head != "classification":
+        # The PyTorch port builds a (random, unused) pooler into every model.
+        key_map = key_map.with_ignored(r"bigs\.pooler\.dense\.(weight|bias)")
+    if padding:
+        notes.append("official_padding=True: pads leak into the backward SSM as in the "
+                     "official code")
+    _, target = abstract_params(config)
+    params = key_map.to_ours(tensors, target, source=os.path.join(src, filename))
+    return Imported(config, params, FORMAT, notes)

@@ -30,7 +30,7 @@ class ModelSpec:
 
 # One module per family; each exposes FAMILY (its name), Config, Model and SIZES
 # (registry name -> config overrides).
-FAMILY_MODULES = ("encoder",)
+FAMILY_MODULES = ("encoder", "gpt2", "m2")
 
 FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, ModelSpec] = {}

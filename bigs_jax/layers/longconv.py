@@ -1,0 +1,232 @@
+"""Monarch Mixer sequence-mixer pieces: implicit long filters, long convolutions, short conv.
+
+Monarch Mixer: Fu et al., "Monarch Mixer: A Simple Sub-Quadratic GEMM-Based Architecture",
+NeurIPS 2023, https://arxiv.org/abs/2310.12109. The implicit filter is Hyena's (Poli et al.,
+arXiv 2302.10866) as the official M2-BERT code uses it (research/m2.md §2.1–2.2).
+
+`ImplicitFilter` turns fixed positional features into a length-L kernel per channel: a small
+MLP with sine activations (one learned frequency vector shared by all three sines and by both
+directions) maps learned features z[t] (initialized to [t/(l_max-1), cos(f·ω_t), -sin(f·ω_t)])
+to H channels, and an exponential decay exp(-t·|δ_h|) with fixed per-channel rates shapes it.
+The fixed time grid t and the rates δ are buffers in the official code; here they are numpy
+constants recomputed from (l_max, H), so they are not parameters. A bidirectional filter has
+a second MLP for the backward kernel; both share z and the frequency.
+
+`long_conv` applies the kernels. Bidirectionally,
+
+    y[t] = Σ_{s≤t} k_fwd[t-s]·u[s] + Σ_{s>t} k_rev[s-t-1]·u[s]
+
+which the official code computes as one circular FFT convolution of length 2L with the kernel
+[k_fwd, 0] + [0, flip(k_rev)] (the wrap-around places k_rev on the future); the D skip
+(`bias`) is added by the filter. Causally only the first sum remains. Modes: `fft` (jnp.fft),
+`monarch` (the same FFT as Monarch GEMMs, `bigs_jax.layers.monarch`), `toeplitz` (the dense
+L×L matrix; O(L²), but a future input has an exactly-zero weight, so causality is exact rather
+than exact up to FFT round-off).
+
+Padding: the kernel depends only on the offset t-s (z and t are sliced, not resampled, for a
+shorter L), so zeroing the inputs at right-padded positions makes every real output equal to
+that of the unpadded sequence; no reversal is needed, unlike a recurrence. `ShortConv` is
+causal, so right pads never reach real tokens through it.
+
+Dimension key: B batch, L length, D channels (model width), C channels of the short conv,
+E positional-feature size, O filter-MLP width (order), K short-conv taps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigs_jax.layers.linear import sharded
+from bigs_jax.layers.monarch import fft_conv
+
+CONV_MODES = ("fft", "monarch", "toeplitz")
+# The official ExponentialModulation defaults: the fastest channel decays to `target` within
+# 30% of l_max, the slowest within 150%.
+_DECAY_TARGET, _FAST_DECAY_PCT, _SLOW_DECAY_PCT = 1e-2, 0.3, 1.5
+
+
+def filter_time(l_max: int) -> np.ndarray:
+    """(l_max, 1) time grid t = linspace(0, 1, l_max) (the official `pos_emb.t` buffer)."""
+    return np.linspace(0.0, 1.0, l_max, dtype=np.float64)[:, None].astype(np.float32)
+
+
+def positional_features(l_max: int, emb_dim: int = 5) -> np.ndarray:
+    """(l_max, emb_dim) initial value of z: [t, cos(f·w), -sin(f·w)].
+
+    With bands = (emb_dim - 1) // 2, f = linspace(1e-4, bands - 1, bands) and
+    w = 2π·arange(l_max)/l_max, as the official `PositionalEmbedding`.
+    """
+    bands = (emb_dim - 1) // 2
+    w_L1 = 2 * np.pi * np.arange(l_max, dtype=np.float64)[:, None] / l_max
+    f_1F = np.linspace(1e-4, bands - 1, bands)[None, :]
+    t_L1 = np.linspace(0.0, 1.0, l_max)[:, None]
+    z = np.concatenate([t_L1, np.cos(f_1F * w_L1), -np.sin(f_1F * w_L1)], axis=-1)
+    return z.astype(np.float32)
+
+
+def modulation_deltas(features: int) -> np.ndarray:
+    """(features,) decay rates δ = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, features)."""
+    return np.linspace(math.log(_DECAY_TARGET) / _SLOW_DECAY_PCT,
+                       math.log(_DECAY_TARGET) / _FAST_DECAY_PCT, features).astype(np.float32)
+
+
+def _torch_linear(in_features: int, out_features: int, axes, *, use_bias: bool,
+                  rngs: nnx.Rngs) -> nnx.Linear:
+    # torch.nn.Linear's default init, U(±1/√fan_in) for weight and bias, which sets the scale of
+    # the sine MLP's inputs (the official filter MLPs keep it).
+    bound = 1 / math.sqrt(in_features)
+    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=init,
+                      bias_init=init, precision=jax.lax.Precision.HIGHEST, rngs=rngs,
+                      kernel_metadata=sharded(axes), bias_metadata=sharded((axes[1],)))
+
+
+def _filter_mlp(emb_dim: int, order: int, features: int, rngs: nnx.Rngs) -> nnx.List:
+    return nnx.List([
+        _torch_linear(emb_dim, order, (None, None), use_bias=True, rngs=rngs),
+        _torch_linear(order, order, (None, None), use_bias=True, rngs=rngs),
+        _torch_linear(order, order, (None, None), use_bias=True, rngs=rngs),
+        _torch_linear(order, features, (None, "embed"), use_bias=False, rngs=rngs),
+    ])
+
+
+class ImplicitFilter(nnx.Module):
+    """Hyena implicit long filter plus the per-channel skip D (official `HyenaFilter`).
+
+    Params: `z` (l_max, E) positional features, `freq` (O,) sine frequency, `bias` (D,) the
+    skip D, `implicit_filter` (4 Linears: E→O→O→O→D, the last without bias) and, when
+    bidirectional, `implicit_filter_rev` (the same for the backward kernel).
+    """
+
+    def __init__(self, features: int, *, l_max: int, order: int = 128, emb_dim: int = 5,
+                 w: float = 10.0, w_mod: float = 1.0, bidirectional: bool = True,
+                 rngs: nnx.Rngs):
+        """Builds the filter.
+
+        Args:
+          features: channels D.
+          l_max: longest sequence; z has this many rows and t, δ are laid out on it.
+          order: width O of the filter MLP (128 in every released config).
+          emb_dim: positional-feature size E (odd; 5 in the official configs).
+          w: initial sine frequency (`hyena_w`).
+          w_mod: fixed multiplier of the frequency (`hyena_w_mod`).
+          bidirectional: also build the backward-kernel MLP.
+          rngs: random streams.
+        """
+        if emb_dim < 3 or emb_dim % 2 == 0:
+            raise ValueError(f"ImplicitFilter: emb_dim must be odd and >= 3, got {emb_dim}")
+        self.features, self.l_max, self.w_mod = features, l_max, float(w_mod)
+        self.bidirectional = bidirectional
+        self.z = nnx.Param(jnp.asarray(positional_features(l_max, emb_dim)),
+                           **sharded((None, None)))
+        self.freq = nnx.Param(jnp.full((order,), w, jnp.float32), **sharded((None,)))
+        # Official init: D ~ N(0, 1).
+        self.bias = nnx.Param(jax.random.normal(rngs.params(), (features,), jnp.float32),
+                              **sharded(("embed",)))
+        self.implicit_filter = _filter_mlp(emb_dim, order, features, rngs)
+        self.implicit_filter_rev = nnx.data(
+            _filter_mlp(emb_dim, order, features, rngs) if bidirectional else None)
+
+    def _mlp(self, layers: nnx.List, z_LE: jax.Array) -> jax.Array:
+        freq_O = self.w_mod * self.freq[...]
+        h = z_LE
+        for layer in layers[:-1]:
+            h = jnp.sin(freq_O * layer(h))
+        return layers[-1](h)
+
+    def kernels(self, length: int) -> tuple[jax.Array, Optional[jax.Array]]:
+        """(k_fwd, k_rev), each (L, D) float32 (k_rev None when causal), for length L ≤ l_max."""
+        if length > self.l_max:
+            raise ValueError(f"sequence length {length} exceeds the filter's l_max {self.l_max}; "
+                             "build the model with a larger max_len")
+        z_LE = self.z[...][:length].astype(jnp.float32)
+        decay_LD = np.exp(-filter_time(self.l_max)[:length] * np.abs(
+            modulation_deltas(self.features))[None, :])
+        k_fwd_LD = self._mlp(self.implicit_filter, z_LE) * decay_LD
+        if not self.bidirectional:
+            return k_fwd_LD, None
+        return k_fwd_LD, self._mlp(self.implicit_filter_rev, z_LE) * decay_LD
+
+    def __call__(self, u_BLD: jax.Array, *, mode: str = "fft") -> jax.Array:
+        """y = long_conv(u, k_fwd, k_rev) + D ⊙ u, in float32."""
+        k_fwd_LD, k_rev_LD = self.kernels(u_BLD.shape[1])
+        u_BLD = u_BLD.astype(jnp.float32)
+        return long_conv(u_BLD, k_fwd_LD, k_rev_LD, mode=mode) + self.bias[...] * u_BLD
+
+
+def long_conv(u_BLD: jax.Array, k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Array] = None, *,
+              mode: str = "fft") -> jax.Array:
+    """Per-channel long convolution along L (module docstring), without the D skip.
+
+    Args:
+      u_BLD: (B, L, D) input.
+      k_fwd_LD: (L, D) kernel on the present and past: k_fwd[j] weights u[t-j].
+      k_rev_LD: (L, D) kernel on the future: k_rev[j] weights u[t+j+1]; None for causal.
+      mode: `fft`, `monarch` or `toeplitz`.
+
+    Returns:
+      (B, L, D) float32.
+    """
+    if mode not in CONV_MODES:
+        raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
+    L = u_BLD.shape[1]
+    u_BLD = u_BLD.astype(jnp.float32)
+    if mode == "toeplitz":
+        t_L1, s_1L = np.arange(L)[:, None], np.arange(L)[None, :]
+        w_LLD = jnp.where((s_1L <= t_L1)[..., None], k_fwd_LD[np.clip(t_L1 - s_1L, 0, L - 1)],
+                          0.0)
+        if k_rev_LD is not None:
+            w_LLD = w_LLD + jnp.where((s_1L > t_L1)[..., None],
+                                      k_rev_LD[np.clip(s_1L - t_L1 - 1, 0, L - 1)], 0.0)
+        return jnp.einsum("tsd,bsd->btd", w_LLD, u_BLD, precision=jax.lax.Precision.HIGHEST)
+    k_DL = k_fwd_LD.T
+    if k_rev_LD is None:
+        k_DN = k_DL  # causal: zero padding to 2L in fft_conv keeps the future out
+    else:
+        zeros_DL = jnp.zeros_like(k_DL)
+        k_DN = (jnp.concatenate([k_DL, zeros_DL], axis=-1)
+                + jnp.concatenate([zeros_DL, k_rev_LD.T[:, ::-1]], axis=-1))
+    y_BDL = fft_conv(jnp.swapaxes(u_BLD, 1, 2), k_DN, 2 * L, use_monarch=mode == "monarch")
+    return jnp.swapaxes(y_BDL, 1, 2)
+
+
+class ShortConv(nnx.Module):
+    """Depthwise causal convolution: y[t] = Σ_j kernel[j]·x[t-K+1+j] + bias.
+
+    The official `short_filter` is `Conv1d(C, C, K, groups=C, padding=K-1)` cropped to the
+    first L outputs, i.e. causal even in the bidirectional model; its weight (C, 1, K) loads as
+    `kernel = weight[:, 0, :].T`.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, *, axis: Optional[str] = "mlp",
+                 rngs: nnx.Rngs):
+        """Builds the conv.
+
+        Args:
+          channels: C, one filter per channel.
+          kernel_size: K taps.
+          axis: logical axis name of the channels.
+          rngs: random streams.
+        """
+        # torch Conv1d default init: U(±1/√fan_in) with fan_in = K for a depthwise conv.
+        bound = 1 / math.sqrt(kernel_size)
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (kernel_size, channels),
+                                                   jnp.float32, -bound, bound),
+                                **sharded((None, axis)))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (channels,), jnp.float32,
+                                                 -bound, bound), **sharded((axis,)))
+
+    def __call__(self, x_BLC: jax.Array) -> jax.Array:
+        """(B, L, C) → (B, L, C) in the dtype of x."""
+        kernel_KC = self.kernel[...].astype(x_BLC.dtype)
+        K, L = kernel_KC.shape[0], x_BLC.shape[1]
+        # Explicit shifted sums: future taps are structurally absent, so causality is exact.
+        xp_BLC = jnp.pad(x_BLC, ((0, 0), (K - 1, 0), (0, 0)))
+        y_BLC = sum(kernel_KC[j] * xp_BLC[:, j:j + L] for j in range(K))
+        return y_BLC + self.bias[...].astype(x_BLC.dtype)

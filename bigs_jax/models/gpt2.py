@@ -1,0 +1,188 @@
+"""GPT-2: a decoder-only causal language model.
+
+Radford et al., "Language Models are Unsupervised Multitask Learners" (OpenAI, 2019).
+
+The layout is HF `GPT2LMHeadModel`'s, so converted checkpoints give the same logits: learned
+absolute positions added to the token embeddings, `num_layers` pre-LayerNorm blocks
+(x + Attn(LN(x)), then x + MLP(LN(x))) with causal self-attention scaled by 1/sqrt(head dim)
+and a tanh-GELU ("gelu_new") feed-forward of width 4·D unless set, a final LayerNorm, and an
+LM head tied to the token embeddings (or an untied bias-free projection). The residual output
+projections start from normal(init_std / sqrt(2·num_layers)), the paper's scaled init.
+
+Parameter paths match the encoder's stack block where the pieces are the same
+(`embeddings/word`, `layers/<i>/mixer/{query,key,value,out}`, `layers/<i>/mlp/{up,down}`), so
+freeze specs and growth transforms written for BERT read GPT-2 too.
+
+Dimension key: B batch, L length, D model, F mlp, C vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigs_jax.layers.attention import SelfAttention, make_attention_mask
+from bigs_jax.layers.embeddings import embed
+from bigs_jax.layers.linear import activation, dense, layer_norm
+from bigs_jax.layers.mlp import MLP
+from bigs_jax.models.outputs import ModelOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hyperparameters of GPT-2. HF `GPT2Config` names in comments."""
+
+    vocab_size: int = 50257
+    max_len: int = 1024                      # n_positions
+    hidden_size: int = 768                   # n_embd
+    num_layers: int = 12                     # n_layer
+    num_heads: int = 12                      # n_head
+    intermediate_size: Optional[int] = None  # n_inner; None means 4 * hidden_size
+    hidden_act: str = "gelu_new"             # activation_function (tanh GELU)
+    norm_eps: float = 1e-5                   # layer_norm_epsilon
+    dropout: float = 0.1                     # embd_pdrop and resid_pdrop
+    attention_dropout: float = 0.1           # attn_pdrop
+    init_std: float = 0.02                   # initializer_range
+    tie_word_embeddings: bool = True
+    dtype: str = "float32"                   # compute dtype; params are always fp32
+
+    def __post_init__(self):
+        activation(self.hidden_act)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}; pick sizes with hidden_size % num_heads == 0")
+
+    @property
+    def mlp_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+
+class Embeddings(nnx.Module):
+    """E = Dropout(word[ids] + position[t]); GPT-2 has no LayerNorm here."""
+
+    def __init__(self, c: GPT2Config, *, rngs: nnx.Rngs):
+        kw = dict(init_std=c.init_std, rngs=rngs, dtype=jnp.dtype(c.dtype))
+        self.word = embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), **kw)
+        self.position = embed(c.max_len, c.hidden_size, (None, "embed"), **kw)
+        self.dropout = nnx.Dropout(c.dropout)
+        self.max_len = c.max_len
+
+    def __call__(self, x_BLD: jax.Array, *, deterministic: bool = True,
+                 rngs: Optional[nnx.Rngs] = None) -> jax.Array:
+        """Add positions to already looked-up token embeddings `x_BLD`."""
+        L = x_BLD.shape[1]
+        if L > self.max_len:
+            raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "
+                             "truncate the input or build the model with a larger max_len")
+        x_BLD = x_BLD + self.position(jnp.arange(L)[None, :])
+        return self.dropout(x_BLD, deterministic=deterministic, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Pre-LN transformer decoder layer: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, c: GPT2Config, *, rngs: nnx.Rngs):
+        d, dt = c.hidden_size, jnp.dtype(c.dtype)
+        residual_std = c.init_std / math.sqrt(2 * c.num_layers)
+        self.mixer_norm = layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
+        self.mixer = SelfAttention(d, c.num_heads, dropout=c.attention_dropout,
+                                   init_std=c.init_std, dtype=dt, rngs=rngs)
+        self.mixer.out = dense(d, d, ("heads", "embed"), rngs=rngs, init_std=residual_std,
+                               dtype=dt)
+        self.mlp_norm = layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
+        self.mlp = MLP(d, c.mlp_size, act=c.hidden_act, dropout=c.dropout,
+                       init_std=c.init_std, dtype=dt, rngs=rngs)
+        self.mlp.down = dense(c.mlp_size, d, ("mlp", "embed"), rngs=rngs,
+                              init_std=residual_std, dtype=dt)
+        self.dropout = nnx.Dropout(c.dropout)
+
+    def __call__(self, x_BLD, attn_mask, *, deterministic=True, rngs=None):
+        kw = dict(deterministic=deterministic, rngs=rngs)
+        h_BLD = self.mixer(self.mixer_norm(x_BLD), attn_mask, **kw)
+        x_BLD = x_BLD + self.dropout(h_BLD, **kw)
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD), **kw)
+
+
+class GPT2(nnx.Module):
+    """Embeddings → `num_layers` pre-LN blocks → final LayerNorm → LM head."""
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        c = self.config = config
+        dt = jnp.dtype(c.dtype)
+        self.embeddings = Embeddings(c, rngs=rngs)
+        self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+        self.final_norm = layer_norm(c.hidden_size, eps=c.norm_eps, rngs=rngs, dtype=dt)
+        self.lm_head = nnx.data(None if c.tie_word_embeddings else dense(
+            c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, init_std=c.init_std,
+            use_bias=False, dtype=dt))
+
+    def __call__(
+        self,
+        input_ids: Optional[jax.Array] = None,
+        attention_mask: Optional[jax.Array] = None,
+        *,
+        inputs_embeds: Optional[jax.Array] = None,
+        deterministic: bool = True,
+        rngs: Optional[nnx.Rngs] = None,
+    ) -> ModelOutput:
+        """Next-token logits of a right-padded batch.
+
+        Args:
+          input_ids: (B, L) int token ids.
+          attention_mask: (B, L), 1 for real tokens and 0 for pads; positions stay 0..L-1.
+          inputs_embeds: (B, L, D) token embeddings to use instead of `input_ids` (frozen
+            backbones with input adapters; gradient tests).
+          deterministic: disable dropout.
+          rngs: dropout randomness when not deterministic.
+
+        Returns:
+          ModelOutput with hidden_states (B, L, D) after the final LayerNorm and fp32
+          logits (B, L, C).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        kw = dict(deterministic=deterministic, rngs=rngs)
+        if inputs_embeds is None:
+            x_BLD = self.embeddings.word(jnp.asarray(input_ids))
+        else:
+            x_BLD = jnp.asarray(inputs_embeds)
+        x_BLD = self.embeddings(x_BLD, **kw)
+        mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
+        attn_mask = make_attention_mask(mask_BL, x_BLD.shape[1], causal=True)
+        for layer in self.layers:
+            x_BLD = layer(x_BLD, attn_mask, **kw)
+        h_BLD = self.final_norm(x_BLD)
+        return ModelOutput(hidden_states=h_BLD, logits=self.logits(h_BLD))
+
+    def logits(self, h_BLD: jax.Array) -> jax.Array:
+        """fp32 LM logits (B, L, C) of final hidden states, whatever the compute dtype."""
+        if self.lm_head is None:
+            w_CD = self.embeddings.word.embedding[...]
+            return jnp.einsum("BLD,CD->BLC", h_BLD, w_CD.astype(h_BLD.dtype),
+                              preferred_element_type=jnp.float32)
+        w_DC = self.lm_head.kernel[...]
+        return jnp.einsum("BLD,DC->BLC", h_BLD, w_DC.astype(h_BLD.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------- registry
+
+FAMILY = "gpt2"
+Config = GPT2Config
+Model = GPT2
+
+# The four OpenAI sizes (HF hub gpt2, gpt2-medium, gpt2-large, gpt2-xl), and two CPU sizes
+# for tests, smoke configs and laptops.
+SIZES: dict[str, dict] = {
+    "gpt2": dict(hidden_size=768, num_layers=12, num_heads=12),
+    "gpt2-medium": dict(hidden_size=1024, num_layers=24, num_heads=16),
+    "gpt2-large": dict(hidden_size=1280, num_layers=36, num_heads=20),
+    "gpt2-xl": dict(hidden_size=1600, num_layers=48, num_heads=25),
+    "gpt2-tiny": dict(hidden_size=64, num_layers=2, num_heads=2, max_len=128),
+    "gpt2-mini": dict(hidden_size=256, num_layers=4, num_heads=4, max_len=256),
+}

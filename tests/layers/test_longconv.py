@@ -1,0 +1,99 @@
+"""Long convolutions, implicit filter and short conv of M2 against direct numpy formulas."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bigs_jax.layers.longconv import (
+    ImplicitFilter,
+    ShortConv,
+    long_conv,
+    modulation_deltas,
+    positional_features,
+)
+
+
+def direct_conv(u_BLD, kf_LD, kr_LD=None):
+    """y[t] = Σ_{s≤t} kf[t-s] u[s] + Σ_{s>t} kr[s-t-1] u[s] (research/m2.md §2.1)."""
+    B, L, D = u_BLD.shape
+    y = np.zeros((B, L, D))
+    for t in range(L):
+        for s in range(L):
+            if s <= t:
+                y[:, t] += kf_LD[t - s] * u_BLD[:, s]
+            elif kr_LD is not None:
+                y[:, t] += kr_LD[s - t - 1] * u_BLD[:, s]
+    return y
+
+
+@pytest.mark.parametrize("mode", ["fft", "monarch", "toeplitz"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_long_conv_matches_direct_sum(mode, bidirectional):
+    rng = np.random.default_rng(0)
+    u, kf, kr = rng.normal(size=(2, 12, 3)), rng.normal(size=(12, 3)), rng.normal(size=(12, 3))
+    kr = kr if bidirectional else None
+    y = long_conv(jnp.asarray(u, jnp.float32), jnp.asarray(kf, jnp.float32),
+                  None if kr is None else jnp.asarray(kr, jnp.float32), mode=mode)
+    np.testing.assert_allclose(np.asarray(y), direct_conv(u, kf, kr), atol=2e-5)
+
+
+def test_official_2l_kernel_trick_equals_direct_sum():
+    """The official rfft(k=[kf,0]+[0,flip(kr)], 2L) form (numpy) is our direct formula."""
+    rng = np.random.default_rng(1)
+    L = 10
+    u, kf, kr = rng.normal(size=(1, L, 2)), rng.normal(size=(L, 2)), rng.normal(size=(L, 2))
+    k = np.concatenate([kf, 0 * kf]) + np.concatenate([0 * kr, kr[::-1]])
+    k_f = np.fft.rfft(k, n=2 * L, axis=0) / (2 * L)
+    y = np.fft.irfft(np.fft.rfft(u, n=2 * L, axis=1) * k_f, n=2 * L, axis=1, norm="forward")
+    np.testing.assert_allclose(y[:, :L], direct_conv(u, kf, kr), atol=1e-12)
+
+
+def test_positional_features_and_deltas():
+    z = positional_features(8, 5)
+    w = 2 * np.pi * np.arange(8) / 8
+    np.testing.assert_allclose(z[:, 0], np.linspace(0, 1, 8), atol=1e-7)
+    np.testing.assert_allclose(z[:, 1:3], np.cos(np.outer(w, [1e-4, 1.0])), atol=1e-6)
+    np.testing.assert_allclose(z[:, 3:5], -np.sin(np.outer(w, [1e-4, 1.0])), atol=1e-6)
+    d = modulation_deltas(4)
+    np.testing.assert_allclose(d[[0, -1]], [math.log(1e-2) / 1.5, math.log(1e-2) / 0.3],
+                               rtol=1e-6)
+
+
+def test_implicit_filter_matches_numpy_reference():
+    f = ImplicitFilter(6, l_max=16, order=8, emb_dim=5, w=10.0, rngs=nnx.Rngs(0))
+    p = lambda x: np.asarray(x[...], np.float64)
+    L = 11
+    z, t = positional_features(16)[:L].astype(np.float64), np.linspace(0, 1, 16)[:L, None]
+    decay = np.exp(-t * np.abs(modulation_deltas(6).astype(np.float64)))
+
+    def mlp(layers):
+        h = z
+        for i, layer in enumerate(layers):
+            h = h @ p(layer.kernel) + (p(layer.bias) if layer.bias is not None else 0)
+            if i < 3:
+                h = np.sin(p(f.freq) * h)
+        return h * decay
+
+    kf, kr = f.kernels(L)
+    # atol 1e-5: fp32 round-off is amplified by the sin(10x) activations.
+    np.testing.assert_allclose(np.asarray(kf), mlp(f.implicit_filter), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kr), mlp(f.implicit_filter_rev), rtol=1e-5, atol=1e-5)
+    u = np.random.default_rng(0).normal(size=(2, L, 6))
+    y = f(jnp.asarray(u, jnp.float32))
+    ref = direct_conv(u, mlp(f.implicit_filter), mlp(f.implicit_filter_rev)) + p(f.bias) * u
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_short_conv_is_torch_conv1d_padding_k_minus_1_cropped():
+    conv = ShortConv(4, 3, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(2, 7, 4))
+    w, b = np.asarray(conv.kernel[...]), np.asarray(conv.bias[...])  # w[j] = torch weight[:,0,j]
+    xp = np.pad(x, ((0, 0), (2, 2), (0, 0)))
+    ref = np.stack([sum(w[j] * xp[:, t + j] for j in range(3)) + b for t in range(7)], axis=1)
+    np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x, jnp.float32))), ref, atol=1e-5)
+    g = jax.grad(lambda x: conv(x)[0, 3].sum())(jnp.asarray(x, jnp.float32))
+    assert np.all(np.asarray(g)[0, 4:] == 0) and np.all(np.asarray(g)[0, 1:4] != 0)
