@@ -14,7 +14,7 @@ warmup then cosine decay.
 `get_config("smoke")` (tiny, 6 steps) is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg
+from bigs_jax.train.config import base_config, parse_arg, smoke
 
 SIZES = ("tiny", "small", "base", "large")
 LR = {"tiny": 2e-3, "small": 1e-3, "base": 1e-3, "large": 6e-4}
@@ -43,10 +43,5 @@ def get_config(arg=None):
         c.train.eval_every = 50
         c.train.checkpoint_every = 100
     if args.get("smoke"):
-        c.data.batch_size = 8
-        c.data.eval_batches = 2
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        smoke(c)
     return c

@@ -15,7 +15,7 @@ Sizes tiny and small run on a CPU on the embedded corpus (300 steps of 32 x 128 
 configs/quickstart.py is the smaller, faster README run. `get_config("smoke")` is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg
+from bigs_jax.train.config import base_config, parse_arg, smoke
 
 SIZES = ("tiny", "small", "base", "large")
 MAX_PREDICTIONS_PER_128 = 20
@@ -48,10 +48,5 @@ def get_config(arg=None):
         c.train.eval_every = 50
         c.train.checkpoint_every = 100
     if args.get("smoke"):
-        c.data.batch_size = 8
-        c.data.eval_batches = 2
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        smoke(c)
     return c

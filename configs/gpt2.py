@@ -15,7 +15,7 @@ Optimizer: AdamW, β = (0.9, 0.95), weight decay 0.1 on matrices only, cosine de
 a linear warmup, gradient clipping at 1.0 (the nanoGPT / GPT-3 recipe for these sizes).
 """
 
-from bigs_jax.train.config import base_config, parse_arg
+from bigs_jax.train.config import base_config, parse_arg, smoke
 
 SIZES = {"tiny": "gpt2-tiny", "mini": "gpt2-mini", "small": "gpt2", "medium": "gpt2-medium",
          "large": "gpt2-large", "xl": "gpt2-xl"}
@@ -50,10 +50,5 @@ def get_config(arg=None):
         c.train.eval_every = 50
         c.train.checkpoint_every = 100
     if args.get("smoke"):
-        c.data.batch_size = 8
-        c.data.eval_batches = 2
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        smoke(c)
     return c

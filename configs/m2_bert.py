@@ -12,7 +12,7 @@ official recipe (research/m2.md §2.5): MLM rate 0.30, decoupled AdamW lr 8e-4,
 embedded corpus. `get_config("smoke")` (tiny, 6 steps) is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg
+from bigs_jax.train.config import base_config, parse_arg, smoke
 
 SIZES = ("tiny", "small", "80m", "110m", "260m", "341m")
 BASE_LR = 8e-4
@@ -54,10 +54,5 @@ def get_config(arg=None):
         c.train.eval_every = 2000
         c.train.checkpoint_every = 2000
     if args.get("smoke"):
-        c.data.batch_size = 8
-        c.data.eval_batches = 2
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        smoke(c)
     return c

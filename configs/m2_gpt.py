@@ -11,7 +11,7 @@ follow GPT-2's widths and depths: tiny and mini (CPU), small (D=768, 12 layers),
 filter groups of configs/m2_bert.py. `get_config("smoke")` (tiny, 6 steps) is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg
+from bigs_jax.train.config import base_config, parse_arg, smoke
 
 SIZES = ("tiny", "mini", "small", "medium")
 LR = {"tiny": 3e-3, "mini": 1.5e-3, "small": 6e-4, "medium": 3e-4}
@@ -47,10 +47,5 @@ def get_config(arg=None):
         c.train.eval_every = 50
         c.train.checkpoint_every = 100
     if args.get("smoke"):
-        c.data.batch_size = 8
-        c.data.eval_batches = 2
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        smoke(c)
     return c

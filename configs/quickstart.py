@@ -7,7 +7,7 @@ minutes on a 2-core CPU; checkpoints and TensorBoard events land in the workdir.
 same command again resumes from the latest checkpoint. `get_config("smoke")` is the CI size.
 """
 
-from bigs_jax.train.config import base_config, parse_arg
+from bigs_jax.train.config import base_config, parse_arg, smoke
 
 
 def get_config(arg=None):
@@ -28,10 +28,5 @@ def get_config(arg=None):
         c.model.hidden_size = 64
         c.model.intermediate_size = 128
         c.model.ssm_state = 16
-        c.data.batch_size = 8
-        c.data.eval_batches = 2
-        c.train.steps = 6
-        c.train.log_every = 2
-        c.train.eval_every = 3
-        c.train.checkpoint_every = 3
+        smoke(c)
     return c

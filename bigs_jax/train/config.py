@@ -71,3 +71,14 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
     })
     c.mesh = ConfigDict({"shape": (-1, 1, 1), "rules": [list(r) for r in DEFAULT_RULES]})
     return c
+
+
+def smoke(c: ConfigDict) -> ConfigDict:
+    """Shrink a run to the CI size: 6 steps of batch 8, evaluated and checkpointed twice."""
+    c.data.batch_size = 8
+    c.data.eval_batches = 2
+    c.train.steps = 6
+    c.train.log_every = 2
+    c.train.eval_every = 3
+    c.train.checkpoint_every = 3
+    return c
