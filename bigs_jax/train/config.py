@@ -68,8 +68,10 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
         "steps": 1000, "log_every": 10, "eval_every": 100, "checkpoint_every": 100,
         "keep_checkpoints": 3, "seed": 0, "max_predictions": 0, "grad_accum_steps": 1,
         "debug_nan_at_step": 0, "dry_run": False, "peak_flops_per_device": 0.0,
+        "profile_start_step": 0, "profile_num_steps": 5,
     })
-    c.mesh = ConfigDict({"shape": (-1, 1, 1), "rules": [list(r) for r in DEFAULT_RULES]})
+    c.mesh = ConfigDict({"shape": (-1, 1, 1), "dcn_shape": (1, 1, 1),
+                         "rules": [list(r) for r in DEFAULT_RULES]})
     return c
 
 

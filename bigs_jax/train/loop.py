@@ -134,7 +134,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     loss_fn = functools.partial(OBJECTIVES[config.objective],
                                 max_predictions=t.get("max_predictions", 0))
 
-    mesh = partitioning.make_mesh(config.mesh.shape)
+    mesh = partitioning.make_mesh(config.mesh.shape,
+                                  dcn_shape=config.mesh.get("dcn_shape", (1, 1, 1)))
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         from bigs_jax import build
@@ -260,6 +261,8 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
         writer.write_scalars(0, {"eval/loss": history[0]})
         print(f"step 0: eval loss {history[0]:.4f}", flush=True)
     peak = metrics.peak_flops(t.get("peak_flops_per_device", 0.0))
+    profiler = metrics.Profiler(os.path.join(workdir, "profile"), t.get("profile_start_step", 0),
+                                t.get("profile_num_steps", 5))
     bar = metrics.Progress(step, t.steps)
     meter = metrics.Throughput()
     t_start = time.perf_counter()
@@ -268,12 +271,14 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
     stop = metrics.StopSignal()
     try:
         while step < t.steps:
+            profiler.before(step)
             batch = next(train_iter)
             tokens = int(batch["attention_mask"].sum())
             state, stats = train_step(state, to_global(batch, data_sharding))
             step += 1
             meter.add(tokens)
             tokens_seen += tokens
+            profiler.after(step, stats)
             preempted = stop.received or (
                 jax.process_count() > 1 and ckpt.reached_preemption(step) and "preemption")
             saving = step % t.checkpoint_every == 0 or step == t.steps or preempted
@@ -315,6 +320,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
                           "rerun the same command to resume")
                 break
     finally:
+        profiler.close()
         stop.restore()
         bar.close()
         ckpt.wait()

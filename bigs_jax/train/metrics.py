@@ -122,3 +122,30 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class Profiler:
+    """A jax.profiler trace of steps [start, start + num) into `logdir` (start 0: off).
+
+    Open it with TensorBoard's profile plugin or Perfetto.
+    """
+
+    def __init__(self, logdir: str, start: int, num: int):
+        self.logdir, self.start, self.stop = logdir, int(start), int(start) + int(num)
+        self.active = False
+
+    def before(self, step: int) -> None:
+        """Called before running step `step + 1`."""
+        if self.start and step + 1 == self.start and jax.process_index() == 0:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step + 1 >= self.stop:
+            jax.block_until_ready(outputs)  # the trace must hold the last step's device work
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

@@ -47,14 +47,25 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None,
+              dcn_shape: Sequence[int] = (1, 1, 1)) -> Mesh:
     """A mesh over all (or the given) devices with axes (data, fsdp, tensor).
 
+    `shape` is the whole mesh; `dcn_shape` (multi-slice TPU, multi-node GPU) says how many
+    slices each axis spans, so that axis's collectives cross the slower data-center network
+    while the rest stay on the fast interconnect within a slice (JAX's hybrid device mesh).
     Axis types are Auto: with Explicit axes a matmul over a sharded contraction dim needs an
     explicit out_sharding, which model code must not know about.
     """
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(shape, len(devices))
+    dcn = tuple(int(d) for d in dcn_shape)
+    if any(s % d for s, d in zip(shape, dcn)):
+        raise ValueError(f"mesh.dcn_shape {dcn} must divide mesh.shape {shape} axis by axis")
+    if int(np.prod(dcn)) > 1:
+        ici = tuple(s // d for s, d in zip(shape, dcn))
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+        return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
     try:
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except (AssertionError, NotImplementedError, ValueError):

@@ -61,3 +61,15 @@ def test_groups_scale_lr_and_freeze_masks_updates():
     assert np.allclose(u["layers/0/fs4/A_re"], -0.1, rtol=1e-4)   # 0.1x group
     assert np.allclose(u["layers/0/fs4/C"], -1.0, rtol=1e-4)      # C is not in the group
     assert np.allclose(u["layers/0/norm/scale"], 0.0)             # frozen
+
+
+def test_mesh_shapes_resolve_and_bad_ones_fail_clearly():
+    from bigs_jax.train import partitioning
+
+    assert partitioning.mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+    with pytest.raises(ValueError, match="needs 6 devices but 8 are available"):
+        partitioning.mesh_shape((3, 2, 1), 8)
+    with pytest.raises(ValueError, match="more than one -1"):
+        partitioning.mesh_shape((-1, -1, 1), 8)
+    with pytest.raises(ValueError, match="dcn_shape .* must divide"):
+        partitioning.make_mesh((1, 1, 1), dcn_shape=(2, 1, 1))
