@@ -1,6 +1,6 @@
 """The README's default run: a small BiGS masked LM on the embedded corpus, on CPU.
 
-    python train.py                      # = --config=configs/quickstart.py --workdir=workdirs/quickstart
+    python train.py        # = --config=configs/quickstart.py --workdir=workdirs/quickstart
 
 Expect the held-out MLM loss to fall by well over 30% from its step-0 value within a few
 minutes on a 2-core CPU; checkpoints and TensorBoard events land in the workdir. Running the

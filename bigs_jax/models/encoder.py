@@ -77,10 +77,10 @@ class EncoderConfig:
     ssm_dt_min: float = 0.01
     ssm_dt_max: float = 1.0
     ssm_mode: str = "fft"                    # fft | scan | toeplitz
-    pre_norm: Optional[bool] = None          # default: True for gated (BiGS), False for stack (BERT)
+    pre_norm: Optional[bool] = None          # None: True for gated (BiGS), False for stack (BERT)
     hidden_act: str = "gelu"                 # the stack block's feed-forward activation
     norm_eps: float = 1e-12
-    dropout: float = 0.1                     # embeddings and stack sublayers; gated blocks have none
+    dropout: float = 0.1                     # embeddings, stack sublayers (gated blocks: none)
     attention_dropout: float = 0.1
     classifier_dropout: Optional[float] = None
     init_std: float = 0.02

@@ -75,6 +75,7 @@ def bigs_mlm_forward(params, ids_BL, type_ids_BL=None):
         x = np.stack(outs)
     head = params["cls"]["predictions"]
     h = gelu_exact(dense(x, head["transform"]["dense"]))
-    h = layer_norm(h, head["transform"]["LayerNorm"]["scale"], head["transform"]["LayerNorm"]["bias"])
+    norm = head["transform"]["LayerNorm"]
+    h = layer_norm(h, norm["scale"], norm["bias"])
     logits = h @ emb["word_embeddings"]["embedding"].astype(np.float64).T + head["bias"]
     return x, logits

@@ -4,9 +4,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import jax
 import numpy as np
 import pytest
 
