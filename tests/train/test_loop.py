@@ -19,6 +19,10 @@ from configs import quickstart  # noqa: E402
 def smoke(steps: int):
     config = quickstart.get_config("smoke")
     config.train.steps = steps
+    # A schedule independent of the run length: "train to 4, then continue to 6" must take
+    # the same updates as "train to 6" (with warmup/decay the plan itself would differ).
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 0
     config.train.checkpoint_every = 2
     config.train.eval_every = 2
     return config
