@@ -9,11 +9,12 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import bigs_jax
-from bigs_jax.train import loop, optim, step
+from bigs_jax.train import loop, step
 from bigs_jax.train.objectives import mlm
 from tests.train.test_loop import ROOT, smoke
 
@@ -22,7 +23,9 @@ def test_grad_accumulation_equals_one_big_batch():
     model = bigs_jax.create("bigs-tiny", vocab_size=50, dropout=0.0, max_len=16)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    tx, _ = optim.make_optimizer(smoke(2).optim, params, total_steps=10)
+    # Plain SGD with lr 1: the update is the gradient itself, so this compares gradients.
+    # (Adam's first step divides by |g| and would amplify round-off of near-zero gradients.)
+    tx = optax.sgd(1.0)
     rng = np.random.default_rng(0)
     batch = {"input_ids": rng.integers(5, 50, (8, 16)), "attention_mask": np.ones((8, 16), int),
              "token_type_ids": np.zeros((8, 16), int), "labels": rng.integers(5, 50, (8, 16)),
@@ -37,8 +40,13 @@ def test_grad_accumulation_equals_one_big_batch():
         fn = jax.jit(step.make_train_step(graphdef, tx, loss_fn, grad_accum_steps=k))
         outs[k] = fn(init, batch)
     np.testing.assert_allclose(outs[4][1]["loss"], outs[1][1]["loss"], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(outs[4][0].params), jax.tree.leaves(outs[1][0].params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    grads = {k: jax.tree.map(lambda p, q: np.asarray(p) - np.asarray(q), params,
+                             outs[k][0].params) for k in (1, 4)}
+    scale = max(np.abs(g).max() for g in jax.tree.leaves(grads[1]))
+    assert scale > 1e-3  # not vacuous
+    err = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(grads[4]),
+                                                   jax.tree.leaves(grads[1])))
+    assert err <= 1e-5 * scale, (err, scale)
 
 
 def test_nan_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path):
