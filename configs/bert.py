@@ -14,7 +14,7 @@ warmup then cosine decay.
 `get_config("smoke")` (tiny, 6 steps) is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg, smoke
+from bigs_jax.train.config import base_config, parse_arg, pick_size, smoke
 
 SIZES = ("tiny", "small", "base", "large")
 LR = {"tiny": 2e-3, "small": 1e-3, "base": 1e-3, "large": 6e-4}
@@ -23,9 +23,7 @@ MAX_PREDICTIONS_PER_128 = 20
 
 def get_config(arg=None):
     args = parse_arg(arg)
-    size = "tiny" if args.get("smoke") else args.get("size", "base")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
+    size = pick_size(args, SIZES, "base")
     c = base_config(model=f"bert-{size}", task="embedded_mlm", objective="mlm")
     c.optim.lr = LR[size]
     c.data.seq_len = int(args.get("seq_len", 128))

@@ -15,7 +15,7 @@ Sizes tiny and small run on a CPU on the embedded corpus (300 steps of 32 x 128 
 configs/quickstart.py is the smaller, faster README run. `get_config("smoke")` is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg, smoke
+from bigs_jax.train.config import base_config, parse_arg, pick_size, smoke
 
 SIZES = ("tiny", "small", "base", "large")
 MAX_PREDICTIONS_PER_128 = 20
@@ -23,9 +23,7 @@ MAX_PREDICTIONS_PER_128 = 20
 
 def get_config(arg=None):
     args = parse_arg(arg)
-    size = "tiny" if args.get("smoke") else args.get("size", "large")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
+    size = pick_size(args, SIZES, "large")
     c = base_config(model=f"bigs-{size}", task="embedded_mlm", objective="mlm")
     c.data.seq_len = int(args.get("seq_len", 128))
     c.train.max_predictions = -(-MAX_PREDICTIONS_PER_128 * c.data.seq_len // 128)

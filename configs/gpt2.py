@@ -15,7 +15,7 @@ Optimizer: AdamW, β = (0.9, 0.95), weight decay 0.1 on matrices only, cosine de
 a linear warmup, gradient clipping at 1.0 (the nanoGPT / GPT-3 recipe for these sizes).
 """
 
-from bigs_jax.train.config import base_config, parse_arg, smoke
+from bigs_jax.train.config import base_config, parse_arg, pick_size, smoke
 
 SIZES = {"tiny": "gpt2-tiny", "mini": "gpt2-mini", "small": "gpt2", "medium": "gpt2-medium",
          "large": "gpt2-large", "xl": "gpt2-xl"}
@@ -25,9 +25,7 @@ LR = {"tiny": 3e-3, "mini": 1.5e-3, "small": 6e-4, "medium": 3e-4, "large": 2.5e
 
 def get_config(arg=None):
     args = parse_arg(arg)
-    size = "tiny" if args.get("smoke") else args.get("size", "small")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    size = pick_size(args, SIZES, "small")
     c = base_config(model=SIZES[size], task="embedded_lm", objective="lm")
     c.optim.lr = LR[size]
     c.optim.b2 = 0.95

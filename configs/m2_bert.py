@@ -12,7 +12,7 @@ official recipe (research/m2.md §2.5): MLM rate 0.30, decoupled AdamW lr 8e-4,
 embedded corpus. `get_config("smoke")` (tiny, 6 steps) is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg, smoke
+from bigs_jax.train.config import base_config, parse_arg, pick_size, smoke
 
 SIZES = ("tiny", "small", "80m", "110m", "260m", "341m")
 BASE_LR = 8e-4
@@ -23,9 +23,7 @@ FILTER_Z = r"/filter_fn2?/z$"
 
 def get_config(arg=None):
     args = parse_arg(arg)
-    size = "tiny" if args.get("smoke") else args.get("size", "80m")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
+    size = pick_size(args, SIZES, "80m")
     c = base_config(model=f"m2-bert-{size}", task="embedded_mlm", objective="mlm")
     c.data.mask_rate = 0.30
     c.data.seq_len = 128

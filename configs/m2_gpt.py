@@ -11,7 +11,7 @@ follow GPT-2's widths and depths: tiny and mini (CPU), small (D=768, 12 layers),
 filter groups of configs/m2_bert.py. `get_config("smoke")` (tiny, 6 steps) is what CI runs.
 """
 
-from bigs_jax.train.config import base_config, parse_arg, smoke
+from bigs_jax.train.config import base_config, parse_arg, pick_size, smoke
 
 SIZES = ("tiny", "mini", "small", "medium")
 LR = {"tiny": 3e-3, "mini": 1.5e-3, "small": 6e-4, "medium": 3e-4}
@@ -21,9 +21,7 @@ FILTER_Z = r"/filter_fn2?/z$"
 
 def get_config(arg=None):
     args = parse_arg(arg)
-    size = "tiny" if args.get("smoke") else args.get("size", "small")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
+    size = pick_size(args, SIZES, "small")
     c = base_config(model=f"m2-gpt-{size}" + ("-nomlp" if args.get("nomlp") else ""),
                     task="embedded_lm", objective="lm")
     c.optim.lr = LR[size]

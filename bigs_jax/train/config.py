@@ -27,6 +27,14 @@ def parse_arg(arg: Optional[str]) -> dict:
     return out
 
 
+def pick_size(args: dict, sizes, default: str, smoke_size: str = "tiny") -> str:
+    """The `size=` of a config argument (`smoke_size` under `smoke`), checked against `sizes`."""
+    size = smoke_size if args.get("smoke") else args.get("size", default)
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r}; choose one of {list(sizes)}")
+    return size
+
+
 def _field_type(hint) -> type:
     """int for `int` and `Optional[int]`; the type ml_collections parses a flag value as."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
