@@ -20,6 +20,9 @@ class Family:
     name: str
     config_cls: type
     model_cls: Callable[..., nnx.Module]
+    # Regexes of parameter paths ('layers/0/mixer/...') stored in float32 whatever
+    # `param_dtype` says: small generators whose rounding the outputs amplify.
+    fp32_params: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,14 +32,15 @@ class ModelSpec:
 
 
 # One module per family; each exposes FAMILY (its name), Config, Model and SIZES
-# (registry name -> config overrides).
+# (registry name -> config overrides), and may expose FP32_PARAMS (see Family).
 FAMILY_MODULES = ("encoder", "gpt2", "m2")
 
 FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, ModelSpec] = {}
 for _module in FAMILY_MODULES:
     _m = importlib.import_module(f"bigs_jax.models.{_module}")
-    FAMILIES[_m.FAMILY] = Family(_m.FAMILY, _m.Config, _m.Model)
+    FAMILIES[_m.FAMILY] = Family(_m.FAMILY, _m.Config, _m.Model,
+                                 tuple(getattr(_m, "FP32_PARAMS", ())))
     for _name, _overrides in _m.SIZES.items():
         if _name in MODELS:
             raise RuntimeError(f"registry name {_name!r} defined twice")

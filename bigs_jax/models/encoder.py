@@ -42,7 +42,7 @@ from bigs_jax.layers.linear import activation, dense, gelu_tanh, layer_norm
 from bigs_jax.layers.mlp import MLP
 from bigs_jax.layers.ssm import S4D, reverse_padded
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead
-from bigs_jax.models.outputs import ModelOutput
+from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 
 # Rematerialization policies by name: what each layer keeps for the backward pass.
 REMAT = {
@@ -89,10 +89,14 @@ class EncoderConfig:
     num_labels: int = 2
     pooler: str = "cls"                      # cls | mean | non_padding_mean
     official_padding: bool = False           # reproduce the official BiGS padding behaviour
-    dtype: str = "float32"                   # compute dtype; params are always fp32
+    # dtype policy (outputs.DTYPES): parameter storage, compute, logits
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    output_dtype: str = "float32"
     remat: str = "none"                      # per-layer rematerialization policy, see REMAT
 
     def __post_init__(self):
+        check_dtype_policy(self)
         for name, value, valid in (("block", self.block, BLOCKS), ("mixer", self.mixer, MIXERS),
                                    ("head", self.head, HEADS), ("pooler", self.pooler, POOLERS)):
             if value not in valid:
@@ -248,6 +252,7 @@ class Encoder(nnx.Module):
             c.hidden_size, c.num_labels, pooler=c.pooler, dropout=drop, init_std=c.init_std,
             dtype=dt, rngs=rngs) if c.head == "classification" else None)
 
+    @with_output_dtype
     def __call__(
         self,
         input_ids: jax.Array,
@@ -291,6 +296,8 @@ class Encoder(nnx.Module):
 # ---------------------------------------------------------------------------- registry
 
 FAMILY = "encoder"
+# The S4D parameters: the kernel is computed from them in float32 and is sensitive to Δ·A.
+FP32_PARAMS = (r"(^|/)(fs4|bs4)/",)
 Config = EncoderConfig
 Model = Encoder
 

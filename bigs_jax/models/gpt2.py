@@ -30,7 +30,7 @@ from bigs_jax.layers.attention import SelfAttention, make_attention_mask
 from bigs_jax.layers.embeddings import embed
 from bigs_jax.layers.linear import activation, dense, layer_norm
 from bigs_jax.layers.mlp import MLP
-from bigs_jax.models.outputs import ModelOutput
+from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +49,13 @@ class GPT2Config:
     attention_dropout: float = 0.1           # attn_pdrop
     init_std: float = 0.02                   # initializer_range
     tie_word_embeddings: bool = True
-    dtype: str = "float32"                   # compute dtype; params are always fp32
+    # dtype policy (outputs.DTYPES): parameter storage, compute, logits
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    output_dtype: str = "float32"
 
     def __post_init__(self):
+        check_dtype_policy(self)
         activation(self.hidden_act)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
@@ -121,6 +125,7 @@ class GPT2(nnx.Module):
             c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, init_std=c.init_std,
             use_bias=False, dtype=dt))
 
+    @with_output_dtype
     def __call__(
         self,
         input_ids: Optional[jax.Array] = None,
@@ -160,7 +165,8 @@ class GPT2(nnx.Module):
         return ModelOutput(hidden_states=h_BLD, logits=self.logits(h_BLD))
 
     def logits(self, h_BLD: jax.Array) -> jax.Array:
-        """fp32 LM logits (B, L, C) of final hidden states, whatever the compute dtype."""
+        """fp32 LM logits (B, L, C) of final hidden states, whatever the compute dtype
+        (the output dtype policy casts them afterwards)."""
         if self.lm_head is None:
             w_CD = self.embeddings.word.embedding[...]
             return jnp.einsum("BLD,CD->BLC", h_BLD, w_CD.astype(h_BLD.dtype),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.struct
@@ -22,3 +23,32 @@ class ModelOutput:
     hidden_states: jax.Array
     logits: Optional[jax.Array] = None
     pooled: Optional[jax.Array] = None
+
+
+# ---------------------------------------------------------------------------- dtype policy
+# Every family's config has three dtypes: `param_dtype` (storage of the parameters and so of
+# the optimizer moments), `dtype` (compute: matmul inputs, activations) and `output_dtype`
+# (the logits handed to the loss). Numerically delicate parts (softmax, LayerNorm statistics,
+# SSM kernels, FFT convolutions) run in float32 whatever the policy says.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype_policy(config) -> None:
+    """ValueError naming the field when a config's dtype policy holds an unknown dtype."""
+    for field in ("param_dtype", "dtype", "output_dtype"):
+        value = getattr(config, field)
+        if value not in DTYPES:
+            raise ValueError(f"unknown {field} {value!r}; choose one of {DTYPES}")
+
+
+def with_output_dtype(call):
+    """Decorates a model's `__call__`: logits come back in `self.config.output_dtype`."""
+
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        if out.logits is None:
+            return out
+        return out.replace(logits=out.logits.astype(self.config.output_dtype))
+
+    return wrapper
