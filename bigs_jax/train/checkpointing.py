@@ -127,7 +127,7 @@ def save_params_only(workdir: str, step: int, params, meta: Optional[dict] = Non
 # ---------------------------------------------------------------------------- loading
 
 
-def _resolve(path: str, step: Optional[int]) -> tuple[str, int]:
+def resolve(path: str, step: Optional[int] = None) -> tuple[str, int]:
     """(workdir, step) for a workdir or a `workdir/checkpoints/<step>` directory."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -167,7 +167,7 @@ def restore_params(workdir: str, step: int, abstract_params):
 
 def load_model(path: str, *, step: Optional[int] = None) -> nnx.Module:
     """The model of a workdir (latest step or `step`), or of one checkpoint step directory."""
-    workdir, step = _resolve(path, step)
+    workdir, step = resolve(path, step)
     config = read_model_config(workdir)
     graphdef, abstract_state = abstract_model(config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -175,6 +175,52 @@ def load_model(path: str, *, step: Optional[int] = None) -> nnx.Module:
                           nnx.to_pure_dict(abstract_state))
     params = restore_params(workdir, step, target)
     return nnx.merge(graphdef, params)
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): x
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restore_matching(path: str, params) -> tuple[Any, str]:
+    """`params` (a model's sharded pure dict) with what it shares with another checkpoint.
+
+    Fine-tuning starts here: every parameter the checkpoint shares with `params` (same path,
+    same shape) is restored onto that parameter's sharding and dtype; parameters the checkpoint
+    lacks (a new classifier) keep their value; checkpoint parameters `params` lacks (an MLM
+    head) are dropped. Returns (params, one-line report). Shared paths with different shapes
+    raise ValueError listing them.
+    """
+    workdir, step = resolve(path)
+    source = nnx.to_pure_dict(abstract_model(read_model_config(workdir))[1])
+    src, dst = _flat(source), _flat(params)
+    misshaped = sorted(f"{k} {tuple(src[k].shape)} vs {tuple(v.shape)}"
+                       for k, v in dst.items() if k in src and src[k].shape != v.shape)
+    if misshaped:
+        raise ValueError(f"config.init {path} does not fit this model: {'; '.join(misshaped)}; "
+                         "keep the checkpoint's architecture options (max_len, sizes)")
+    mesh = next(iter(dst.values())).sharding.mesh
+    fallback = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def abstract(path_, x):
+        key = "/".join(str(getattr(k, "key", k)) for k in path_)
+        like = dst.get(key)
+        sharding = like.sharding if like is not None else fallback
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    restored = _flat(restore_params(workdir, step, jax.tree_util.tree_map_with_path(
+        abstract, source)))
+    fresh = sorted(k for k in dst if k not in src)
+    unused = sorted(k for k in src if k not in dst)
+
+    def pick(path_, like):
+        key = "/".join(str(getattr(k, "key", k)) for k in path_)
+        return restored[key].astype(like.dtype) if key in dst and key in src else like
+
+    params = jax.tree_util.tree_map_with_path(pick, params)
+    report = (f"initialized from {workdir} step {step}: {len(dst) - len(fresh)} arrays loaded"
+              f"; new: {', '.join(fresh) or 'none'}; unused: {', '.join(unused) or 'none'}")
+    return params, report
 
 
 def param_count(params) -> int:

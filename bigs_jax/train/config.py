@@ -62,6 +62,9 @@ def model_config(name: str, **values) -> ConfigDict:
 def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
     c = ConfigDict()
     c.objective = objective
+    # A workdir (or workdir/checkpoints/<step>) to start from: its architecture and every
+    # parameter this run's model shares with it (fine-tuning; see checkpointing.restore_matching).
+    c.init = ""
     c.model = model_config(model)
     c.data = ConfigDict({
         "task": task, "seq_len": 128, "batch_size": 32, "eval_batch_size": 32,

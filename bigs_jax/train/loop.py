@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import importlib
 import math
 import os
+import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +51,30 @@ def check_workdir(workdir: str) -> str:
     return workdir
 
 
-def model_config_from(config: ConfigDict, vocab_size: Optional[int]):
-    """The frozen model config named by `config.model` (name + overrides)."""
+def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None):
+    """The frozen model config of a run.
+
+    `config.model` names a registry entry (name + overrides). With `config.init` the
+    architecture comes from that workdir's model.json instead, and `config.model` keys that are
+    set (head, num_labels, dropout, ...) override it. `data_overrides` are what the data fixes
+    (vocab_size, num_labels, image size): they win over the registry's values, and must agree
+    with an `init` checkpoint's vocabulary.
+    """
+    data_overrides = dict(data_overrides or {})
     overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
-    if vocab_size is not None:
-        overrides.setdefault("vocab_size", vocab_size)
+    if config.get("init"):
+        base = checkpointing.read_model_config(checkpointing.resolve(config.init)[0])
+        vocab = data_overrides.pop("vocab_size", None)
+        if vocab is not None and vocab != getattr(base, "vocab_size", vocab):
+            raise ConfigError(
+                f"config.init {config.init} has a vocabulary of {base.vocab_size} ids but the "
+                f"data's has {vocab}; use the checkpoint's vocabulary for config.data")
+        try:
+            return dataclasses.replace(base, **{**overrides, **data_overrides})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.model (over config.init {config.init}): {e}") from None
+    for key, value in data_overrides.items():
+        overrides.setdefault(key, value)
     if "max_len" not in overrides and "seq_len" in config.data:
         overrides["max_len"] = config.data.seq_len
     try:
@@ -82,20 +103,68 @@ def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
 # ---------------------------------------------------------------------------- data
 
 
+class DataSource(Protocol):
+    """What the loop needs from a dataset: `config.data.source` names a module whose
+    `data_source(config)` returns one (see DATA_SOURCES)."""
+
+    def model_overrides(self) -> dict:
+        """Model options the data fixes, e.g. {"vocab_size": 8192} or {"num_labels": 3}."""
+
+    def iterators(self, start_step: int) -> tuple[Iterator[dict], list[dict]]:
+        """(host-local train batches from batch `start_step` on, held-out eval batches)."""
+
+
+# config.data.source -> module with `data_source(config) -> DataSource`.
+DATA_SOURCES = {
+    "seqio": "bigs_jax.train.loop",
+    "images": "bigs_jax.data.images",
+    "glue": "bigs_jax.evals.glue",
+    "scrolls": "bigs_jax.evals.scrolls",
+}
+
+
+def make_data_source(config: ConfigDict) -> DataSource:
+    name = config.data.get("source", "seqio")
+    if name not in DATA_SOURCES:
+        raise ConfigError(f"unknown config.data.source {name!r}; choose one of "
+                          f"{sorted(DATA_SOURCES)}")
+    return importlib.import_module(DATA_SOURCES[name]).data_source(config)
+
+
 def task_vocab_size(task_name: str) -> int:
-    """Vocabulary size of a registered SeqIO task's `input_ids` feature."""
-    import seqio
+    """Vocabulary size of a SeqIO task's or mixture's `input_ids` feature.
 
-    from bigs_jax.data import pipeline  # noqa: F401  (registers the built-in tasks)
+    `task_name` is a registered name or a task spec (`bigs_jax.data.tasks.get_task`).
+    """
+    from bigs_jax.data import pipeline, tasks  # noqa: F401  (registers the built-in tasks)
 
-    if task_name not in seqio.TaskRegistry.names():
-        raise ConfigError(f"config.data.task {task_name!r} is not a registered task; known: "
-                          f"{', '.join(sorted(seqio.TaskRegistry.names()))}")
-    return seqio.TaskRegistry.get(task_name).output_features["input_ids"].vocabulary.vocab_size
+    try:
+        task = tasks.get_task(task_name)
+    except ValueError as e:
+        raise ConfigError(f"config.data.task: {e}") from None
+    features = task.tasks[0].output_features if hasattr(task, "tasks") else task.output_features
+    return features["input_ids"].vocabulary.vocab_size
+
+
+@dataclasses.dataclass
+class SeqioSource:
+    """A registered SeqIO task or mixture (`config.data.task`) through `data.pipeline`."""
+
+    config: ConfigDict
+
+    def model_overrides(self) -> dict:
+        return {"vocab_size": task_vocab_size(self.config.data.task)}
+
+    def iterators(self, start_step: int):
+        return make_data(self.config, start_step=start_step)
+
+
+def data_source(config: ConfigDict) -> SeqioSource:
+    return SeqioSource(config)
 
 
 def make_data(config: ConfigDict, *, start_step: int):
-    """(train iterator from `start_step`, list of eval batches)."""
+    """(train iterator from `start_step`, list of eval batches) of a SeqIO task."""
     from bigs_jax.data import pipeline
 
     d = config.data
@@ -103,12 +172,33 @@ def make_data(config: ConfigDict, *, start_step: int):
               shard_index=jax.process_index(), num_shards=jax.process_count())
     if "mask_rate" in d:
         kw["mask_rate"] = d.mask_rate
+    if d.get("whole_word"):
+        kw["whole_word"] = True
     train = pipeline.make_iterator(d.task, split="train", start_step=start_step, **kw)
     evals = list(pipeline.make_iterator(d.task, split=d.eval_split, num_epochs=1,
                                         **{**kw, "batch_size": d.eval_batch_size}))
     if d.eval_batches:
         evals = evals[: d.eval_batches]
     return train, evals
+
+
+def _refuse_unsupported_packing(batch: dict, model_config, config: ConfigDict) -> None:
+    """Packed batches for a model that cannot keep segments apart stop the run at start-up."""
+    if "segment_ids" not in batch:
+        return
+    from bigs_jax.models import family_of
+
+    module = sys.modules[family_of(model_config).model_cls.__module__]
+    if not getattr(module, "SUPPORTS_SEGMENTS", True):
+        raise ConfigError(f"config.data.task {config.data.task!r} packs examples, but "
+                          f"{module.SEGMENTS_REFUSAL}")
+
+
+def batch_units(batch: dict) -> int:
+    """What throughput counts in a host batch: real tokens, or examples when there is no mask."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(len(next(iter(batch.values()))))
 
 
 def to_global(batch: dict, sharding) -> dict:
@@ -126,8 +216,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     """
     workdir = check_workdir(workdir)
     t = config.train
-    vocab_size = task_vocab_size(config.data.task)
-    model_config = model_config_from(config, vocab_size)
+    source = make_data_source(config)
+    model_config = model_config_from(config, source.model_overrides())
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"unknown config.objective {config.objective!r}; choose one of "
                           f"{sorted(OBJECTIVES)}")
@@ -177,9 +267,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                                           save_every=t.checkpoint_every) if os.path.isdir(
             os.path.join(workdir, checkpointing.CHECKPOINTS)) else None
         start = ckpt.latest_step() if ckpt else None
-        train_iter, eval_batches = make_data(config, start_step=start or 0)
+        train_iter, eval_batches = source.iterators(start or 0)
         first = next(train_iter)
         train_iter = itertools.chain([first], train_iter)
+        _refuse_unsupported_packing(first, model_config, config)
         abstract_state = TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
             params=abstract_params, opt_state=abstract_opt,
@@ -204,6 +295,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             state = jax.device_put(state, state_shardings)
         else:
             state = init_state()
+            if config.get("init"):
+                try:
+                    params, report = checkpointing.restore_matching(config.init, state.params)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+                state = state.replace(params=params)
+                print(report, flush=True)
 
         return _run(config, workdir, state, compiled, eval_step, train_iter, eval_batches,
                     data_sharding, ckpt, lr_schedule, cost, start)
@@ -212,7 +310,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 def _dry_run(config, model_config, abstract_params, mesh, batch, cost) -> dict:
     """Print what one step needs per device, then stop without training or writing."""
     n_params = checkpointing.param_count(abstract_params)
-    tokens = int(np.prod(batch["input_ids"].shape)) * jax.process_count()
+    rows = next(iter(batch.values())).shape[0]
+    tokens = (batch["input_ids"].size if "input_ids" in batch else rows) * jax.process_count()
     lines = [
         f"dry run: {config.model.name} ({n_params:,} params), mesh "
         f"{dict(zip(mesh.axis_names, mesh.devices.shape))} on {jax.device_count()} "
@@ -248,22 +347,29 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
           f"{'resuming from step ' + str(step) if start is not None else 'fresh start'}, "
           f"training to step {t.steps}", flush=True)
 
-    def evaluate() -> float:
-        total = weight = 0.0
+    def evaluate() -> dict:
+        """{"loss": ..., and each sum the objective reports, per unit of loss weight}."""
+        sums, weight = {}, 0.0
         for b in eval_batches:
-            s, w = eval_step(state.params, to_global(b, data_sharding))
-            total, weight = total + float(s), weight + float(w)
-        return total / max(weight, 1.0)
+            s, w, extra = jax.device_get(eval_step(state.params, to_global(b, data_sharding)))
+            weight += float(w)
+            for key, value in {"loss": s, **extra}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        return {k: v / max(weight, 1.0) for k, v in sums.items()}
 
-    history, train_history = {}, {}
+    def log_eval(step: int) -> None:
+        results = evaluate()
+        history[step], eval_metrics[step] = results["loss"], results
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in results.items()))
+
+    history, train_history, eval_metrics = {}, {}, {}
+    bar = metrics.Progress(step, t.steps)
     if start is None:
-        history[0] = evaluate()
-        writer.write_scalars(0, {"eval/loss": history[0]})
-        print(f"step 0: eval loss {history[0]:.4f}", flush=True)
+        log_eval(0)
     peak = metrics.peak_flops(t.get("peak_flops_per_device", 0.0))
     profiler = metrics.Profiler(os.path.join(workdir, "profile"), t.get("profile_start_step", 0),
                                 t.get("profile_num_steps", 5))
-    bar = metrics.Progress(step, t.steps)
     meter = metrics.Throughput()
     t_start = time.perf_counter()
     tokens_seen = 0
@@ -273,7 +379,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
         while step < t.steps:
             profiler.before(step)
             batch = next(train_iter)
-            tokens = int(batch["attention_mask"].sum())
+            tokens = batch_units(batch)
             state, stats = train_step(state, to_global(batch, data_sharding))
             step += 1
             meter.add(tokens)
@@ -307,9 +413,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
             else:
                 bar.update(step, tokens, {})
             if step % t.eval_every == 0 or step == t.steps:
-                history[step] = evaluate()
-                writer.write_scalars(step, {"eval/loss": history[step]})
-                bar.write(f"step {step}: eval loss {history[step]:.4f}")
+                log_eval(step)
             if saving:
                 ckpt.save(step, state.params, state.opt_state,
                           {"rng": np.asarray(state.rng).tolist(), "step": step,
@@ -329,7 +433,8 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
     elapsed = time.perf_counter() - t_start
     summary = {"workdir": workdir, "steps": step, "preempted": bool(preempted),
                "elapsed_sec": round(elapsed, 1),
-               "tokens": tokens_seen, "eval_loss": history, "train_loss": train_history,
+               "tokens": tokens_seen, "eval_loss": history, "eval_metrics": eval_metrics,
+               "train_loss": train_history,
                "checkpoints": checkpointing.Checkpointer(workdir).all_steps()}
     first = history.get(0)
     last = history.get(step)

@@ -90,8 +90,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
 
 
 def make_eval_step(graphdef, loss_fn: Callable):
+    """(loss sum, weight sum, the objective's other sums) of one batch, without dropout."""
+
     def eval_step(params, batch):
-        s, w, _ = loss_fn(nnx.merge(graphdef, params), batch, deterministic=True, rngs=None)
-        return s, w
+        return loss_fn(nnx.merge(graphdef, params), batch, deterministic=True, rngs=None)
 
     return eval_step
