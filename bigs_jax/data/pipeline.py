@@ -17,6 +17,13 @@ Consequences:
 - With `num_epochs` set, the stream stops after `ceil(num_epochs * N / batch_size)` batches;
   positions past the end are all-zero rows (loss_weights 0, attention_mask 0).
 
+A mixture (`mixtures`) keeps every task's rows and draws position g as follows: each block
+of `MIXTURE_BLOCK` positions holds exactly its rates' share of each task (largest remainders),
+at places permuted per block by (seed, block); the k-th draw of task t is row k mod N_t of that
+task's permutation for its epoch k // N_t. Rates are thus exact per block, and every property
+above (O(1) resume, disjoint host shards that concatenate to the single-host stream) holds for
+mixtures too. Mixing packed and unpacked tasks gives unpacked rows one segment each.
+
 The split must fit in host memory (the embedded corpus is ~0.3 MB of ids at any length); a
 streaming path for web-scale corpora is future work and fails here with a clear error.
 """
@@ -41,6 +48,9 @@ from bigs_jax.data import (
 hide_accelerators_from_tensorflow()
 
 _MAX_TOKENS_IN_MEMORY = 1 << 28  # 1 GiB of int32 ids per host
+# A mixture assigns each block of this many consecutive positions exactly its rates' share.
+MIXTURE_BLOCK = 1000
+MAX_MIXTURE_TASKS = 256
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
@@ -71,11 +81,34 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return batch
 
 
-def _get_task(task_name: str) -> seqio.Task:
-    if task_name not in seqio.TaskRegistry.names():
-        known = ", ".join(sorted(seqio.TaskRegistry.names()))
-        raise ValueError(f"Unknown task {task_name!r}; registered tasks: {known}.")
-    return seqio.TaskRegistry.get(task_name)
+def _get_task(task_name: str) -> seqio.Task | seqio.Mixture:
+    return tasks.get_task(task_name)
+
+
+def _members(task: seqio.Task | seqio.Mixture) -> list[tuple[seqio.Task, float]]:
+    """(task, normalized rate) of a mixture, or [(task, 1.0)]."""
+    if isinstance(task, seqio.Task):
+        return [(task, 1.0)]
+    rates = [(t, task.get_rate(t)) for t in task.tasks]
+    total = sum(r for _, r in rates)
+    return [(t, r / total) for t, r in rates if r > 0]
+
+
+def _block_counts(rates: list[float]) -> np.ndarray:
+    """Examples per task in each block of `MIXTURE_BLOCK` positions (largest remainders)."""
+    exact = np.asarray(rates) * MIXTURE_BLOCK
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact, kind="stable")[: MIXTURE_BLOCK - counts.sum()]] += 1
+    return counts
+
+
+def _with_packing_features(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unpacked rows as packed ones of one segment each, so mixtures can mix both kinds."""
+    if "segment_ids" in rows:
+        return rows
+    real = (rows["input_ids"] != 0).astype(np.int32)
+    positions = np.broadcast_to(np.arange(real.shape[1], dtype=np.int32), real.shape) * real
+    return {**rows, "segment_ids": real, "positions": positions}
 
 
 @functools.lru_cache(maxsize=16)
@@ -114,8 +147,10 @@ def _rows(task: seqio.Task, split: str, seq_len: int) -> dict[str, np.ndarray]:
 
 
 def examples_per_epoch(task_name: str, *, split: str, seq_len: int) -> int:
-    """Number of rows (examples) in one epoch of a task's split at a given sequence length."""
-    return len(_rows(_get_task(task_name), split, seq_len)["input_ids"])
+    """Rows (examples) in one epoch of a task's split at a given length (a mixture: of all
+    its tasks)."""
+    return sum(len(_rows(t, split, seq_len)["input_ids"])
+               for t, _ in _members(_get_task(task_name)))
 
 
 def make_iterator(
@@ -131,6 +166,7 @@ def make_iterator(
     num_epochs: int | None = None,
     shuffle: bool | None = None,
     mask_rate: float = 0.15,
+    whole_word: bool = False,
 ) -> BatchIterator:
     """Numpy batches of a SeqIO task for this host (see the module docstring for the scheme).
 
@@ -150,10 +186,12 @@ def make_iterator(
         shuffle: permute rows anew each epoch; defaults to True for an infinite stream and
             False for a finite one.
         mask_rate: MLM selection probability (0.15 for BERT, 0.30 for M2).
+        whole_word: whole-word masking (all pieces of a selected word).
 
     Returns:
         A `BatchIterator` of dicts of [batch_size // num_shards, L] arrays: int32 `input_ids`,
-        `labels`, `attention_mask` (and `token_type_ids` for MLM), float32 `loss_weights`.
+        `labels`, `attention_mask` (and `token_type_ids` for MLM), float32 `loss_weights`;
+        packed tasks and mixtures with a packed task add int32 `segment_ids` and `positions`.
 
     Raises:
         ValueError: on an unknown task or split, or inconsistent sizes or shard arguments.
@@ -179,12 +217,22 @@ def make_iterator(
     if not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}.")
     task = _get_task(task_name)
-    is_mlm = "labels" not in task.output_features
+    members = _members(task)
+    is_mlm = "labels" not in members[0][0].output_features
     if is_mlm and not 0.0 < mask_rate < 1.0:
         raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
-    specials = vocab.special_ids(task.output_features["input_ids"].vocabulary)
-    rows = _rows(task, split, seq_len)
-    num_rows = len(rows["input_ids"])
+    vocabulary = members[0][0].output_features["input_ids"].vocabulary
+    specials = vocab.special_ids(vocabulary)
+    word_starts = preprocessors.word_start_table(vocabulary) if whole_word else None
+    parts = [_rows(t, split, seq_len) for t, _ in members]
+    if len(members) > MAX_MIXTURE_TASKS:
+        raise ValueError(f"Mixture {task_name!r} has {len(members)} tasks; at most "
+                         f"{MAX_MIXTURE_TASKS} are supported.")
+    if len(members) > 1:
+        if any(tasks.is_packed(t) for t, _ in members):
+            parts = [_with_packing_features(p) for p in parts]
+    sizes = np.array([len(p["input_ids"]) for p in parts])
+    num_rows = int(sizes.sum())
     shuffle = num_epochs is None if shuffle is None else shuffle
 
     per_host = batch_size // num_shards
@@ -192,27 +240,57 @@ def make_iterator(
     if num_epochs is not None:
         num_steps = math.ceil(num_epochs * num_rows / batch_size)
         start_step = min(start_step, num_steps)
-    table = {k: tf.constant(v) for k, v in rows.items()}
+    table = {k: tf.constant(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+    if len(members) > 1:
+        counts = _block_counts([r for _, r in members])
+        mix = {
+            "count": tf.constant(counts), "start": tf.constant(np.cumsum(counts) - counts),
+            "ends": tf.constant(np.cumsum(counts)), "size": tf.constant(sizes, tf.int64),
+            "offset": tf.constant(np.cumsum(sizes) - sizes, tf.int64),
+        }
+
+    def mixture_row(g):
+        # Block b of positions holds exactly count[t] examples of task t, at places drawn by
+        # a permutation of the block; the k-th example of task t is row k mod N_t of the
+        # task's permutation for epoch k // N_t. All of it is O(1) in g.
+        block, place = g // MIXTURE_BLOCK, g % MIXTURE_BLOCK
+        slot = tf.random.experimental.index_shuffle(
+            place, seed=tf.stack([tf.constant(seed, tf.int64), -1 - block]),
+            max_index=MIXTURE_BLOCK - 1)
+        t = tf.searchsorted(mix["ends"], tf.reshape(slot, [1]), side="right")[0]
+        k = block * mix["count"][t] + slot - mix["start"][t]
+        n = mix["size"][t]
+        row = tf.random.experimental.index_shuffle(
+            k % n, seed=tf.stack([tf.constant(seed, tf.int64),
+                                  k // n * MAX_MIXTURE_TASKS + tf.cast(t, tf.int64)]),
+            max_index=n - 1)
+        return mix["offset"][t] + row
 
     def example(local_index):
         step, offset = local_index // per_host, local_index % per_host
         g = step * batch_size + shard_index * per_host + offset
         epoch, position = g // num_rows, g % num_rows
-        row = position
-        if shuffle:
+        if len(members) > 1:
+            row = mixture_row(g)
+        elif shuffle:
             row = tf.random.experimental.index_shuffle(
                 position,
                 seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
                 max_index=num_rows - 1,
             )
+        else:
+            row = position
         ex = {k: tf.gather(v, row) for k, v in table.items()}
         if is_mlm:
+            packing = {k: ex[k] for k in preprocessors.PACKING_FEATURES if k in ex}
             ex = preprocessors.mask_tokens(
                 ex["input_ids"],
                 preprocessors.example_key(seed, g),
                 specials=specials,
                 mask_rate=mask_rate,
+                word_starts=word_starts,
             )
+            ex.update(packing)
         if num_epochs is not None:
             valid = g < num_epochs * num_rows
             ex = {k: tf.where(valid, v, tf.zeros_like(v)) for k, v in ex.items()}

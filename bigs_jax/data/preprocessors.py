@@ -7,10 +7,16 @@ Stages, in pipeline order:
   and pad the last piece with 0. MLM rows are `[CLS] <seq_len - 2 tokens> [SEP]` (RoBERTa's
   "full sentences", no next-sentence prediction); LM rows hold seq_len + 1 tokens.
 - `causal_lm` (task preprocessor): LM rows -> inputs and next-token labels.
+- Packed instead (`split_for_mlm` / `split_for_lm`, then `pack`): every document is cut into
+  pieces of at most one row, each piece its own example, and examples are packed into rows
+  with `segment_ids` (1, 2, ...; 0 on padding) and per-segment `positions`, so no example sees
+  another: the models take `segment_ids=` and `positions=`.
 - `bert_mlm` / `mask_tokens` (random, applied *after* the epoch repeat): BERT's masking with a
   loss on every selected position. Randomness is stateless and keyed on (seed, global example
   index), so a mask depends only on those two numbers: the same on every run and every host
   layout, and different each time the same row comes back in a later epoch (dynamic masking).
+  Whole-word masking selects words instead of pieces (`word_start_table`).
+- `bucket_by_length`: batches of variable-length examples padded to a bucket bound.
 
 SeqIO's own `EncoderFeatureConverter` puts the MLM loss only where the input is [MASK], which
 drops the 20% of selected positions that BERT leaves unchanged or randomizes; `mask_tokens`
@@ -28,6 +34,7 @@ from bigs_jax.data import hide_accelerators_from_tensorflow, vocab
 
 hide_accelerators_from_tensorflow()
 
+PACKING_FEATURES = ("segment_ids", "positions")
 MASK_FRACTION = 0.8  # of selected positions: replaced by [MASK]
 RANDOM_FRACTION = 0.1  # of selected positions: replaced by a random regular token; rest kept
 
@@ -138,11 +145,14 @@ def mask_tokens(
     *,
     specials: vocab.SpecialIds,
     mask_rate: float = 0.15,
+    word_starts: tf.Tensor | None = None,
 ) -> dict[str, tf.Tensor]:
     """BERT masking of one row of token ids.
 
     Every position that is not a special token ([PAD], [UNK], [CLS], [SEP], [MASK]) is selected
-    independently with probability `mask_rate`. A selected position becomes [MASK] with
+    independently with probability `mask_rate`; with `word_starts` (whole-word masking) every
+    *word* is selected with that probability and all its pieces with it, so the expected
+    fraction of selected tokens is still `mask_rate`. A selected position becomes [MASK] with
     probability 0.8, a uniformly drawn non-special id with probability 0.1 (which may equal the
     original, as in BERT), and stays unchanged otherwise. [UNK] is never selected: predicting it
     teaches nothing, and the embedded vocabulary never produces it (byte fallback).
@@ -152,6 +162,8 @@ def mask_tokens(
         key: int64 [2] stateless RNG key, e.g. `example_key(seed, index)`.
         specials: the vocabulary's special ids and size.
         mask_rate: selection probability, in (0, 1).
+        word_starts: bool [vocab_size] table, True for ids that begin a word (see
+            `word_start_table`); None masks pieces independently.
 
     Returns:
         `input_ids` (corrupted), `labels` (original id where selected, else 0), `loss_weights`
@@ -168,7 +180,12 @@ def mask_tokens(
     select_key, action_key, token_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
     shape = tf.shape(ids)
     selectable = tf.reduce_all(ids[:, None] != special[None, :], axis=-1)
-    selected = selectable & (tf.random.stateless_uniform(shape, select_key) < mask_rate)
+    draws = tf.random.stateless_uniform(shape, select_key)
+    if word_starts is not None:
+        # Word w of the row (counted from 0) uses draw w; specials start a word of their own.
+        starts = tf.gather(word_starts, ids) | ~selectable
+        draws = tf.gather(draws, tf.maximum(tf.cumsum(tf.cast(starts, tf.int32)) - 1, 0))
+    selected = selectable & (draws < mask_rate)
     action = tf.random.stateless_uniform(shape, action_key)
     random_ids = tf.gather(
         regular,
@@ -198,6 +215,7 @@ def bert_mlm(
     mask_rate: float = 0.15,
     key: str = "input_ids",
     index_key: str | None = None,
+    word_starts: tf.Tensor | None = None,
 ) -> tf.data.Dataset:
     """Applies `mask_tokens` to every example of a dataset.
 
@@ -213,16 +231,166 @@ def bert_mlm(
         index_key: feature holding each example's global index; None numbers the examples of
             `dataset` in order (0, 1, 2, ...), which is the global index when `dataset` is the
             whole repeated stream.
+        word_starts: whole-word masking table (`word_start_table`), or None.
 
     Returns:
-        The masked examples (see `mask_tokens`); other features are dropped.
+        The masked examples (see `mask_tokens`); `segment_ids` and `positions` of packed rows
+        are kept, other features dropped.
     """
     if index_key is None:
         dataset = dataset.enumerate().map(lambda i, ex: {**ex, "_index": i})
         index_key = "_index"
-    return dataset.map(
-        lambda ex: mask_tokens(
-            ex[key], example_key(seed, ex[index_key]), specials=specials, mask_rate=mask_rate
-        ),
-        num_parallel_calls=tf.data.AUTOTUNE,
+
+    def mask(ex):
+        out = mask_tokens(ex[key], example_key(seed, ex[index_key]), specials=specials,
+                          mask_rate=mask_rate, word_starts=word_starts)
+        return {**{k: ex[k] for k in PACKING_FEATURES if k in ex}, **out}
+
+    return dataset.map(mask, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def word_start_table(vocabulary: seqio.Vocabulary) -> tf.Tensor:
+    """bool [vocab_size]: which ids begin a word, for whole-word masking.
+
+    WordPiece: every piece but the '##' continuations. SentencePiece: pieces with the '▁'
+    word-boundary mark; byte pieces and other pieces continue the word before them. Special
+    ids count as word starts (they are never selected).
+    """
+    specials = vocab.special_ids(vocabulary)
+    pieces = getattr(vocabulary, "pieces", None)
+    if pieces is not None:  # WordPiece
+        starts = [not p.startswith("##") for p in pieces]
+    else:
+        sp = vocabulary.tokenizer
+        starts = [sp.id_to_piece(i).startswith("\u2581") for i in range(specials.vocab_size)]
+    for i in specials.all:
+        starts[i] = True
+    return tf.constant(starts, tf.bool)
+
+
+def _document_chunks(dataset: tf.data.Dataset, key: str, size: int, suffix: list[int]):
+    """Each document's ids (+ `suffix`) cut into pieces of at most `size`: one example each."""
+    end = tf.constant(suffix, tf.int32)
+
+    def chunks(ex):
+        ids = tf.concat([tf.cast(ex[key], tf.int32), end], axis=0)
+        return tf.data.Dataset.from_tensor_slices(ids).batch(size)
+
+    return dataset.flat_map(chunks)
+
+
+def split_for_mlm(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int],
+    output_features: Mapping[str, seqio.Feature],
+    key: str = "input_ids",
+) -> tf.data.Dataset:
+    """One `[CLS] piece [SEP]` example per document piece of at most L - 2 tokens (for `pack`).
+
+    Unlike `chunk_for_mlm`, no example spans two documents: packed rows keep documents apart
+    by segment ids instead of letting them share context.
+    """
+    length = sequence_length[key]
+    if length < 3:
+        raise ValueError(f"MLM rows need seq_len >= 3 ([CLS] x [SEP]), got {length}.")
+    ids = _specials(output_features, key)
+    cls = tf.constant([ids.cls_id], tf.int32)
+    sep = tf.constant([ids.sep_id], tf.int32)
+    return _document_chunks(dataset, key, length - 2, []).map(
+        lambda c: {key: tf.concat([cls, c, sep], 0)}
     )
+
+
+def split_for_lm(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int],
+    output_features: Mapping[str, seqio.Feature],
+    key: str = "input_ids",
+) -> tf.data.Dataset:
+    """Next-token examples of at most L tokens per document piece, [SEP] ending each document.
+
+    Returns:
+        Variable-length `input_ids` and `labels` (shifted by one) for `pack`; pieces of one
+        token, which have no target, are dropped.
+    """
+    length = sequence_length[key]
+    ids = _specials(output_features, key)
+    pieces = _document_chunks(dataset, key, length + 1, [ids.sep_id])
+    pieces = pieces.filter(lambda c: tf.shape(c)[0] > 1)
+    return pieces.map(lambda c: {"input_ids": c[:-1], "labels": c[1:]})
+
+
+def pack(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int],
+    key: str = "input_ids",
+) -> tf.data.Dataset:
+    """Packs variable-length examples into rows of L with `segment_ids` and `positions`.
+
+    SeqIO's `trim_and_pack_dataset` places examples greedily; segment ids count 1, 2, ... in
+    a row (0 on padding) and positions restart at 0 in each segment. Models must keep segments
+    apart (attention masks, SSM state resets); see `bigs_jax.models` (`segment_ids=`).
+
+    Returns:
+        Rows with `key` (and `labels` if present, packed alongside), `segment_ids`,
+        `positions`; LM rows also get `loss_weights` and `attention_mask` like `causal_lm`.
+    """
+    length = sequence_length[key]
+    keys = [k for k in (key, "labels") if k in dataset.element_spec]
+    packed = seqio.utils.trim_and_pack_dataset(dataset, {k: length for k in keys})
+
+    def rename(ex):
+        out = {k: ex[k] for k in keys}
+        out["segment_ids"] = ex[f"{key}_segment_ids"]
+        out["positions"] = ex[f"{key}_positions"]
+        if "labels" in keys:
+            out["loss_weights"] = tf.cast(ex["labels"] != 0, tf.float32)
+            out["attention_mask"] = tf.cast(out["segment_ids"] > 0, tf.int32)
+        return out
+
+    return packed.map(rename, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def bucket_by_length(
+    dataset: tf.data.Dataset,
+    *,
+    boundaries: list[int],
+    batch_size: int,
+    key: str = "input_ids",
+) -> tf.data.Dataset:
+    """Batches variable-length examples with others of similar length (fine-tuning, eval).
+
+    An example of length n goes to the first bucket whose bound is >= n and is padded (with 0)
+    to that bound, so a batch of short sentences costs a short row instead of the longest.
+
+    Args:
+        dataset: examples whose features are all [n] of the same n (e.g. ids, token types).
+        boundaries: increasing bucket bounds; the last must cover the longest example.
+        batch_size: examples per batch (the last batch of a bucket may be smaller).
+        key: the feature whose length picks the bucket.
+
+    Returns:
+        Batches [b, bound] of every feature.
+    """
+    if list(boundaries) != sorted(set(boundaries)) or not boundaries:
+        raise ValueError(f"boundaries must be increasing, got {boundaries}.")
+    too_long = f"an example is longer than the last bucket bound {boundaries[-1]}"
+
+    def checked(ex):
+        tf.debugging.assert_less_equal(tf.shape(ex[key])[0], boundaries[-1], message=too_long)
+        return ex
+
+    return dataset.map(checked).bucket_by_sequence_length(
+        lambda ex: tf.shape(ex[key])[0],
+        bucket_boundaries=[b + 1 for b in boundaries[:-1]],
+        bucket_batch_sizes=[batch_size] * len(boundaries),
+        padded_shapes={k: [None] for k in dataset.element_spec},
+        pad_to_bucket_boundary=False,
+    ).map(lambda batch: _pad_batch_to_bound(batch, key, boundaries))
+
+
+def _pad_batch_to_bound(batch, key, boundaries):
+    n = tf.shape(batch[key])[1]
+    bounds = tf.constant(boundaries, tf.int32)
+    bound = tf.gather(bounds, tf.argmax(tf.cast(bounds >= n, tf.int32)))
+    return {k: tf.pad(v, [[0, 0], [0, bound - n]]) for k, v in batch.items()}

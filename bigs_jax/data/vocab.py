@@ -102,12 +102,18 @@ def _special_ids_of(processor: spm.SentencePieceProcessor, where: str) -> Specia
     )
 
 
-def special_ids(vocabulary: seqio.SentencePieceVocabulary) -> SpecialIds:
-    """Returns the special ids of a SeqIO SentencePiece vocabulary.
+def special_ids(vocabulary: seqio.Vocabulary) -> SpecialIds:
+    """Returns the special ids of a SeqIO SentencePiece or WordPiece vocabulary.
+
+    A WordPiece vocabulary (`wordpiece.WordPieceVocabulary`) carries its own, looked up in its
+    vocab.txt; a SentencePiece one is read here.
 
     Raises:
         ValueError: if the model lacks [CLS], [SEP] or [MASK], or does not pad with id 0.
     """
+    own = getattr(vocabulary, "special_ids", None)
+    if isinstance(own, SpecialIds):
+        return own
     return _special_ids_of(vocabulary.tokenizer, vocabulary.sentencepiece_model_file)
 
 

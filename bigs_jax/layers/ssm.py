@@ -288,7 +288,7 @@ class S4D(nnx.Module):
         return s4d_kernel(*self._params_H(), L)
 
     def __call__(self, u_BLD: jax.Array, mask_BL: Optional[jax.Array] = None, *,
-                 mode: str = "fft") -> jax.Array:
+                 mode: str = "fft", segment_ids_BL: Optional[jax.Array] = None) -> jax.Array:
         """y = K * u + D u along L for every channel.
 
         Args:
@@ -300,6 +300,11 @@ class S4D(nnx.Module):
             `associative_scan` of the recurrence; holds a (B, L, D, N) complex state),
             'recurrent' (sequential `lax.scan`), 'toeplitz' (dense L x L matmul; reference
             for tests and short L).
+          segment_ids_BL: packed rows (int, 1, 2, ... per example, 0 on pads): no output
+            sees an input of another segment. The scans reset the state at each segment
+            start; 'fft' and 'toeplitz' use the Toeplitz matrix masked to same-segment pairs
+            (exact, O(L^2) per channel, which at pretraining lengths costs little next to
+            the dense layers).
 
         Returns:
           y (B, L, D).
@@ -312,6 +317,12 @@ class S4D(nnx.Module):
         u_BLD = u_BLD.astype(dtype)
         if mask_BL is not None:
             u_BLD = u_BLD * mask_BL[..., None].astype(dtype)
+        if segment_ids_BL is not None:
+            seg_BL = jnp.asarray(segment_ids_BL)
+            start_BL = jnp.concatenate(
+                [jnp.ones_like(seg_BL[:, :1], bool), seg_BL[:, 1:] != seg_BL[:, :-1]], axis=1)
+            if mode == "fft":
+                mode = "toeplitz"
         if mode == "fft":
             # Zero padding to 2L turns the FFT's circular convolution into the linear one.
             k_FH = jnp.fft.rfft(self.kernel(L), n=2 * L, axis=-1).T
@@ -321,24 +332,34 @@ class S4D(nnx.Module):
             K_HL = self.kernel(L)
             lag_LL = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
             T_HLL = jnp.where(lag_LL >= 0, K_HL[:, jnp.clip(lag_LL, 0)], 0)
-            if self.shared:
+            if segment_ids_BL is not None:
+                same_BLL = (seg_BL[:, :, None] == seg_BL[:, None, :]).astype(dtype)
+                sub = "ts" if self.shared else "dts"
+                y_BLD = jnp.einsum(f"bts,{sub},bsd->btd", same_BLL,
+                                   T_HLL[0] if self.shared else T_HLL, u_BLD,
+                                   precision="highest")
+            elif self.shared:
                 y_BLD = jnp.einsum("ts,bsd->btd", T_HLL[0], u_BLD, precision="highest")
             else:
                 y_BLD = jnp.einsum("dts,bsd->btd", T_HLL, u_BLD, precision="highest")
         else:
             a_bar_HN, b_bar_HN, c_HN = self._recurrence()
             u_LBD = jnp.swapaxes(u_BLD, 0, 1)
+            # A segment start multiplies the carried state by 0: a fresh state per segment.
+            keep_LB11 = (jnp.ones((L, 1, 1, 1), a_bar_HN.dtype) if segment_ids_BL is None else
+                         (~start_BL).T[..., None, None].astype(a_bar_HN.dtype))
             if mode == "scan":
-                a_L1HN = jnp.broadcast_to(a_bar_HN, (L, 1) + a_bar_HN.shape)
+                a_LBHN = keep_LB11 * a_bar_HN
                 _, x_LBDN = jax.lax.associative_scan(
                     lambda e1, e2: (e2[0] * e1[0], e2[0] * e1[1] + e2[1]),
-                    (a_L1HN, b_bar_HN * u_LBD[..., None]))
+                    (a_LBHN, b_bar_HN * u_LBD[..., None]))
             else:
-                def body(x_BDN, u_BD):
-                    x_BDN = a_bar_HN * x_BDN + b_bar_HN * u_BD[..., None]
+                def body(x_BDN, xs):
+                    u_BD, keep_B11 = xs
+                    x_BDN = keep_B11 * a_bar_HN * x_BDN + b_bar_HN * u_BD[..., None]
                     return x_BDN, x_BDN
                 x_BDN = jnp.zeros((B, D, self.state_size), a_bar_HN.dtype)
-                _, x_LBDN = jax.lax.scan(body, x_BDN, u_LBD)
+                _, x_LBDN = jax.lax.scan(body, x_BDN, (u_LBD, keep_LB11))
             y_BLD = jnp.swapaxes(jnp.sum((c_HN * x_LBDN).real, axis=-1), 0, 1)
         return (y_BLD + self.D[...].astype(dtype) * u_BLD).astype(out_dtype)
 

@@ -126,20 +126,28 @@ class BiSSM(nnx.Module):
         self.out = dense(2 * d, d, ("mlp", "embed"), rngs=rngs, init_std=c.init_std, dtype=dt)
         self.mode, self.official = c.ssm_mode, c.official_padding
 
-    def __call__(self, x_BLD, mask_BL, **_):
+    def __call__(self, x_BLD, mask_BL, segment_ids_BL=None, **_):
         f_BLD, b_BLD = _bidirectional(self.fs4, self.bs4, x_BLD, x_BLD, mask_BL,
-                                      self.official, self.mode)
+                                      self.official, self.mode, segment_ids_BL)
         return self.out(jnp.concatenate([f_BLD, b_BLD], axis=-1))
 
 
-def _bidirectional(fs4: S4D, bs4: S4D, f_BLD, b_BLD, mask_BL, official: bool, mode: str):
-    """Forward SSM on f; backward SSM on b reversed within each sequence's length."""
+def _bidirectional(fs4: S4D, bs4: S4D, f_BLD, b_BLD, mask_BL, official: bool, mode: str,
+                   segment_ids_BL=None):
+    """Forward SSM on f; backward SSM on b reversed within each sequence's length.
+
+    Packed rows (`segment_ids_BL`) reverse as a whole: each segment comes out reversed in
+    place of another, and the segment-aware SSM keeps it to itself either way.
+    """
     if mask_BL is None:
         official = True  # no pads: reversing the full length is reversing each sequence
     ssm_mask = None if official else mask_BL
-    f_BLD = fs4(f_BLD, ssm_mask, mode=mode)
+    seg_f = segment_ids_BL
+    seg_b = None if seg_f is None else reverse_padded(seg_f, mask_BL, official_padding=official)
+    f_BLD = fs4(f_BLD, ssm_mask, mode=mode, segment_ids_BL=seg_f)
     b_BLD = reverse_padded(b_BLD, mask_BL, official_padding=official)
-    b_BLD = reverse_padded(bs4(b_BLD, ssm_mask, mode=mode), mask_BL, official_padding=official)
+    b_BLD = reverse_padded(bs4(b_BLD, ssm_mask, mode=mode, segment_ids_BL=seg_b), mask_BL,
+                           official_padding=official)
     return f_BLD, b_BLD
 
 
@@ -161,12 +169,14 @@ class StackBlock(nnx.Module):
         self.dropout = nnx.Dropout(c.dropout)
         self.pre_norm, self.attention = c.uses_pre_norm, c.mixer == "attention"
 
-    def __call__(self, x_BLD, mask_BL, attn_mask, *, deterministic=True, rngs=None):
+    def __call__(self, x_BLD, mask_BL, attn_mask, *, deterministic=True, rngs=None,
+                 segment_ids_BL=None):
         kw = dict(deterministic=deterministic, rngs=rngs)
 
         def mix(h_BLD):
-            mask = attn_mask if self.attention else mask_BL
-            return self.dropout(self.mixer(h_BLD, mask, **kw), **kw)
+            if self.attention:
+                return self.dropout(self.mixer(h_BLD, attn_mask, **kw), **kw)
+            return self.dropout(self.mixer(h_BLD, mask_BL, segment_ids_BL, **kw), **kw)
 
         if self.pre_norm:
             x_BLD = x_BLD + mix(self.mixer_norm(x_BLD))
@@ -206,13 +216,15 @@ class GatedBlock(nnx.Module):
         self.mixer, self.mode = c.mixer, c.ssm_mode
         self.official, self.pre_norm = c.official_padding, c.uses_pre_norm
 
-    def __call__(self, x_BLD, mask_BL, attn_mask, *, deterministic=True, rngs=None):
+    def __call__(self, x_BLD, mask_BL, attn_mask, *, deterministic=True, rngs=None,
+                 segment_ids_BL=None):
         z_BLD = self.norm(x_BLD) if self.pre_norm else x_BLD
         v_BLF = gelu_tanh(self.dv(z_BLD))
         if self.mixer == "ssm":
             f_BLD, b_BLD = _bidirectional(
                 self.fs4, self.bs4, gelu_tanh(self.du_forward(z_BLD)),
-                gelu_tanh(self.du_backward(z_BLD)), mask_BL, self.official, self.mode)
+                gelu_tanh(self.du_backward(z_BLD)), mask_BL, self.official, self.mode,
+                segment_ids_BL)
             u_BLD = self.duc_forward(f_BLD) * self.duc_backward(b_BLD)
         else:
             u_BLD = self.attention(gelu_tanh(self.du_forward(z_BLD)), attn_mask,
@@ -223,10 +235,12 @@ class GatedBlock(nnx.Module):
 
 
 def _layer_call(remat: str, deterministic: bool):
-    """layer(x, mask, attn_mask, rngs), rematerialized per `REMAT[remat]` when not 'none'."""
+    """layer(x, mask, attn_mask, rngs, segment_ids), rematerialized per `REMAT[remat]` when
+    not 'none'."""
 
-    def call(layer, x_BLD, mask_BL, attn_mask, rngs):
-        return layer(x_BLD, mask_BL, attn_mask, deterministic=deterministic, rngs=rngs)
+    def call(layer, x_BLD, mask_BL, attn_mask, rngs, segment_ids_BL=None):
+        return layer(x_BLD, mask_BL, attn_mask, deterministic=deterministic, rngs=rngs,
+                     segment_ids_BL=segment_ids_BL)
 
     if remat == "none":
         return call
@@ -260,6 +274,8 @@ class Encoder(nnx.Module):
         token_type_ids: Optional[jax.Array] = None,
         *,
         mlm_positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
         deterministic: bool = True,
         rngs: Optional[nnx.Rngs] = None,
     ) -> ModelOutput:
@@ -270,18 +286,23 @@ class Encoder(nnx.Module):
           attention_mask: (B, L), 1 for real tokens and 0 for pads (right padding).
           token_type_ids: (B, L) segment ids of sentence pairs.
           mlm_positions: (B, P) positions at which to compute MLM logits; all L if None.
+          segment_ids: (B, L) packed rows: examples 1, 2, ... of a row (0 on pads) never
+            see each other (attention masks; SSMs reset at segment starts).
+          positions: (B, L) position ids restarting in each segment; 0..L-1 if None.
           deterministic: disable dropout.
           rngs: dropout randomness when not deterministic.
         """
         ids_BL = jnp.asarray(input_ids)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
         kw = dict(deterministic=deterministic, rngs=rngs)
+        seg_BL = None if segment_ids is None else jnp.asarray(segment_ids)
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None
-                                else jnp.asarray(token_type_ids), **kw)
-        attn_mask = make_attention_mask(mask_BL, ids_BL.shape[1])
+                                else jnp.asarray(token_type_ids),
+                                None if positions is None else jnp.asarray(positions), **kw)
+        attn_mask = make_attention_mask(mask_BL, ids_BL.shape[1], segment_ids_BL=seg_BL)
         apply = _layer_call(self.config.remat, deterministic)
         for layer in self.layers:
-            x_BLD = apply(layer, x_BLD, mask_BL, attn_mask, rngs)
+            x_BLD = apply(layer, x_BLD, mask_BL, attn_mask, rngs, seg_BL)
         if self.mlm_head is not None:
             h_BPD = x_BLD if mlm_positions is None else jnp.take_along_axis(
                 x_BLD, jnp.asarray(mlm_positions)[..., None], axis=1)

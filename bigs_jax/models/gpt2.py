@@ -77,13 +77,16 @@ class Embeddings(nnx.Module):
         self.max_len = c.max_len
 
     def __call__(self, x_BLD: jax.Array, *, deterministic: bool = True,
-                 rngs: Optional[nnx.Rngs] = None) -> jax.Array:
-        """Add positions to already looked-up token embeddings `x_BLD`."""
+                 rngs: Optional[nnx.Rngs] = None,
+                 positions_BL: Optional[jax.Array] = None) -> jax.Array:
+        """Add positions (0..L-1, or per-segment `positions_BL`) to token embeddings `x_BLD`."""
         L = x_BLD.shape[1]
         if L > self.max_len:
             raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "
                              "truncate the input or build the model with a larger max_len")
-        x_BLD = x_BLD + self.position(jnp.arange(L)[None, :])
+        if positions_BL is None:
+            positions_BL = jnp.arange(L)[None, :]
+        x_BLD = x_BLD + self.position(positions_BL)
         return self.dropout(x_BLD, deterministic=deterministic, rngs=rngs)
 
 
@@ -132,6 +135,8 @@ class GPT2(nnx.Module):
         attention_mask: Optional[jax.Array] = None,
         *,
         inputs_embeds: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
         deterministic: bool = True,
         rngs: Optional[nnx.Rngs] = None,
     ) -> ModelOutput:
@@ -142,6 +147,9 @@ class GPT2(nnx.Module):
           attention_mask: (B, L), 1 for real tokens and 0 for pads; positions stay 0..L-1.
           inputs_embeds: (B, L, D) token embeddings to use instead of `input_ids` (frozen
             backbones with input adapters; gradient tests).
+          segment_ids: (B, L) packed rows: tokens attend only within their segment (1, 2, ...;
+            0 on pads).
+          positions: (B, L) position ids restarting in each segment; 0..L-1 if None.
           deterministic: disable dropout.
           rngs: dropout randomness when not deterministic.
 
@@ -156,9 +164,12 @@ class GPT2(nnx.Module):
             x_BLD = self.embeddings.word(jnp.asarray(input_ids))
         else:
             x_BLD = jnp.asarray(inputs_embeds)
-        x_BLD = self.embeddings(x_BLD, **kw)
+        x_BLD = self.embeddings(x_BLD, positions_BL=None if positions is None
+                                else jnp.asarray(positions), **kw)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
-        attn_mask = make_attention_mask(mask_BL, x_BLD.shape[1], causal=True)
+        attn_mask = make_attention_mask(
+            mask_BL, x_BLD.shape[1], causal=True,
+            segment_ids_BL=None if segment_ids is None else jnp.asarray(segment_ids))
         for layer in self.layers:
             x_BLD = layer(x_BLD, attn_mask, **kw)
         h_BLD = self.final_norm(x_BLD)

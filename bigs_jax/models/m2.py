@@ -199,6 +199,8 @@ class M2(nnx.Module):
         token_type_ids: Optional[jax.Array] = None,
         *,
         mlm_positions: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
         deterministic: bool = True,
         rngs: Optional[nnx.Rngs] = None,
     ) -> ModelOutput:
@@ -209,6 +211,9 @@ class M2(nnx.Module):
           attention_mask: (B, L), 1 for real tokens and 0 for pads (right padding).
           token_type_ids: (B, L) segment ids (encoder only).
           mlm_positions: (B, P) positions at which to compute MLM logits; all L if None.
+          segment_ids, positions: packed rows are refused (`SEGMENTS_REFUSAL`): the long and
+            short convolutions and the Monarch mixing have no segment-aware path yet, and
+            ignoring the segments would let packed examples see each other.
           deterministic: disable dropout.
           rngs: dropout randomness when not deterministic.
 
@@ -216,6 +221,8 @@ class M2(nnx.Module):
           hidden_states (B, L, D); logits (B, L, C) for the LM head, (B, P, C) for the MLM
           head, (B, num_labels) for classification; pooled (B, D) for classification/pooler.
         """
+        if segment_ids is not None or positions is not None:
+            raise ValueError(SEGMENTS_REFUSAL)
         c = self.config
         ids_BL = jnp.asarray(input_ids)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
@@ -245,6 +252,9 @@ class M2(nnx.Module):
 # ---------------------------------------------------------------------------- registry
 
 FAMILY = "m2"
+SUPPORTS_SEGMENTS = False
+SEGMENTS_REFUSAL = ("M2 cannot keep packed examples apart (its long and short convolutions "
+                    "have no segment-aware path); use an unpacked task (drop pack=1) for M2")
 # The implicit long-convolution filters (sine MLPs of positions): bfloat16 rounding of
 # their weights moves the outputs by ~10% (measured on m2-bert-tiny).
 FP32_PARAMS = (r"(^|/)filter_fn2?/",)

@@ -69,6 +69,7 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
     c.data = ConfigDict({
         "task": task, "seq_len": 128, "batch_size": 32, "eval_batch_size": 32,
         "eval_split": "validation", "eval_batches": 0, "mask_rate": 0.15, "seed": 0,
+        "whole_word": False,
     })
     c.optim = ConfigDict({
         "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "end_lr_ratio": 0.1,
