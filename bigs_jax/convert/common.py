@@ -341,11 +341,13 @@ IMPORTERS: dict[str, Optional[str]] = {
     "hf-gpt2": "bigs_jax.convert.hf_gpt2",
     "bigs-official": "bigs_jax.convert.bigs_official",
     "m2-official": "bigs_jax.convert.m2_official",
+    "hf-vit": "bigs_jax.convert.hf_vit",
 }
 # `--from hf`: the HF model_type in config.json picks the importer.
-HF_MODEL_TYPES = {"bert": "hf-bert", "gpt2": "hf-gpt2"}
+HF_MODEL_TYPES = {"bert": "hf-bert", "gpt2": "hf-gpt2", "vit": "hf-vit"}
 # `--to hf`: the exporter of each model family.
-EXPORTERS = {"encoder": "bigs_jax.convert.hf_bert", "gpt2": "bigs_jax.convert.hf_gpt2"}
+EXPORTERS = {"encoder": "bigs_jax.convert.hf_bert", "gpt2": "bigs_jax.convert.hf_gpt2",
+             "vit": "bigs_jax.convert.hf_vit"}
 FROM_CHOICES = ("auto", "hf", *IMPORTERS)
 TO_CHOICES = ("bigs", "hf")
 

@@ -33,7 +33,7 @@ class ModelSpec:
 
 # One module per family; each exposes FAMILY (its name), Config, Model and SIZES
 # (registry name -> config overrides), and may expose FP32_PARAMS (see Family).
-FAMILY_MODULES = ("encoder", "gpt2", "m2")
+FAMILY_MODULES = ("encoder", "gpt2", "m2", "vit", "m2_vit")
 
 FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, ModelSpec] = {}

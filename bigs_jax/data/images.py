@@ -1,0 +1,292 @@
+"""Image-classification data read through tensorflow-datasets from a local `data_dir`.
+
+    config.data.source = "images"
+    config.data.tfds_name = "sklearn_digits"    # or mnist, cifar10, imagenet2012, ... prepared
+    config.data.data_dir = ""                   # "" = tfds' default (~/tensorflow_datasets)
+
+Any tfds image-classification dataset with `image` and `label` features works once prepared
+in `data_dir` (`tfds build NAME --data_dir=DIR`); nothing is downloaded at training time. The
+smoke configs use `sklearn_digits`: scikit-learn's bundled 8x8 digits (1797 images, 10
+classes) as a tfds builder, built into `data_dir` on first use with no network.
+
+Batches are host-local numpy dicts: `image` float32 (B, H, W, C) = (pixels/255 - mean) / std,
+`labels` int32 (B,), `example_weights` float32 (B,) (0 on the padding rows of the last eval
+batch). The training stream is a pure function of (seed, batch index): epoch e visits the
+split in the order `permutation(seed, e)`, the stream runs on across epochs, global batch k is
+positions [k·G, (k+1)·G) of it, and host h of n takes rows [h·G/n, (h+1)·G/n) of each global
+batch. So resuming at batch k needs no replay, and the hosts' parts are disjoint and add up to
+the single-host stream.
+
+Examples are read by index: datasets prepared as ArrayRecord (`tfds build
+--file_format=array_record`) are read lazily through `tfds.data_source` (ImageNet-sized sets);
+TFRecord-prepared ones are loaded into memory once (digits, MNIST, CIFAR). No augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from bigs_jax.data import hide_accelerators_from_tensorflow
+
+DIGITS_TEST_SIZE = 360  # ~20% of the 1797 images; the rest (1437) is the train split
+
+
+class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's 8x8 handwritten digits (UCI optdigits test set) as a tfds dataset.
+
+    Pixels 0..16 are scaled to 0..255. A fixed permutation (numpy seed 0) puts 360 images in
+    `test` and 1437 in `train`. The data ships inside scikit-learn: building needs no network.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "sklearn.datasets.load_digits, fixed 1437/360 train/test split."}
+    # Nothing is downloaded, so no checksums file: tfds would otherwise look for one next to
+    # this module (which needs the optional importlib_resources package).
+    url_infos = {}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            description="8x8 grayscale handwritten digits bundled with scikit-learn.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 1)),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }),
+            supervised_keys=("image", "label"),
+            homepage="https://scikit-learn.org/stable/modules/generated/"
+                     "sklearn.datasets.load_digits.html",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        return {"train": self._generate_examples("train"),
+                "test": self._generate_examples("test")}
+
+    def _generate_examples(self, split: str):
+        from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
+        digits = load_digits()
+        order = np.random.RandomState(0).permutation(len(digits.target))
+        keep = order[:DIGITS_TEST_SIZE] if split == "test" else order[DIGITS_TEST_SIZE:]
+        for i in sorted(keep):
+            pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+            yield int(i), {"image": pixels[..., None], "label": int(digits.target[i])}
+
+
+# Datasets built from data already on this machine: prepared on first use.
+LOCAL_BUILDERS = {"sklearn_digits"}
+
+
+def load_builder(name: str, data_dir: str = "") -> tfds.core.DatasetBuilder:
+    """The tfds builder of `name` in `data_dir` ("" = tfds' default); local builders
+    (`LOCAL_BUILDERS`) are prepared on first use.
+
+    Raises:
+      ValueError: unknown dataset name.
+    """
+    hide_accelerators_from_tensorflow()
+    try:
+        builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown tfds dataset {name!r} in config.data.tfds_name; use a "
+                         "registered tfds name (e.g. mnist, cifar10, imagenet2012) or "
+                         "sklearn_digits") from None
+    if name in LOCAL_BUILDERS and not builder.is_prepared():
+        builder.download_and_prepare()
+    return builder
+
+
+def not_prepared(name: str, data_dir: str) -> FileNotFoundError:
+    """The one-line error for a dataset missing from data_dir, with the command that builds it."""
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return FileNotFoundError(
+        f"tfds dataset {name!r} is not prepared in data_dir {where}; build it once with "
+        f"`tfds build {name} --data_dir={where}` (add --file_format=array_record for large "
+        "datasets), or set config.data.data_dir to where it is; nothing is downloaded at run "
+        "time")
+
+
+def _resize(images, size: int):
+    """uint8 (N, h, w, C) → uint8 (N, size, size, C), bilinear with antialiasing."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    out = tf.image.resize(images, (size, size), method="bilinear", antialias=True)
+    return np.asarray(tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8))
+
+
+class Examples:
+    """Random access to (image, label) pairs of one split, by example index."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_size: int):
+        self.image_size = image_size
+        self.source = None
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            self.source = builder.as_data_source(split=split)
+            self.size = len(self.source)
+            return
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+        ds = ds.map(lambda ex: (tf.image.resize(ex["image"], (image_size, image_size),
+                                                antialias=True)
+                                if ex["image"].shape[0] != image_size else ex["image"],
+                                ex["label"]))
+        images, labels = [], []
+        for x, y in tfds.as_numpy(ds.batch(1024)):
+            images.append(np.clip(np.round(x), 0, 255).astype(np.uint8))
+            labels.append(y)
+        self.images = np.concatenate(images) if images else np.zeros((0,), np.uint8)
+        self.labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros(
+            (0,), np.int32)
+        self.size = len(self.labels)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (n, S, S, C) and int32 labels (n,) of examples `index`."""
+        if self.source is None:
+            return self.images[index], self.labels[index]
+        examples = [self.source[int(i)] for i in index]
+        images = []
+        for ex in examples:
+            x = np.asarray(ex["image"])
+            images.append(x if x.shape[0] == self.image_size and x.shape[1] == self.image_size
+                          else _resize(x[None], self.image_size)[0])
+        return np.stack(images), np.asarray([ex["label"] for ex in examples], np.int32)
+
+
+def train_indices(n: int, global_batch: int, *, seed: int, start_step: int = 0,
+                  shard_index: int = 0, num_shards: int = 1) -> Iterator[np.ndarray]:
+    """Example indices of this host's part of global batches start_step, start_step + 1, ...
+
+    See the module docstring; every epoch is a fresh permutation drawn from (seed, epoch).
+    """
+    if global_batch % num_shards:
+        raise ValueError(f"config.data.batch_size {global_batch} is not divisible by the "
+                         f"{num_shards} hosts; pick a multiple of {num_shards}")
+    if n == 0:
+        raise ValueError("the train split is empty")
+    local = global_batch // num_shards
+    perms: dict[int, np.ndarray] = {}
+    step = start_step
+    while True:
+        pos = step * global_batch + shard_index * local + np.arange(local)
+        epoch, within = pos // n, pos % n
+        for e in np.unique(epoch):
+            if e not in perms:
+                perms[int(e)] = np.random.default_rng([seed, int(e)]).permutation(n)
+        for e in [e for e in perms if e < epoch.min()]:
+            del perms[e]
+        yield np.asarray([perms[int(e)][w] for e, w in zip(epoch, within)], np.int64)
+        step += 1
+
+
+@dataclasses.dataclass
+class ImageSource:
+    """`config.data.source = "images"`: a tfds image dataset (see the module docstring)."""
+
+    name: str
+    data_dir: str = ""
+    train_split: str = "train"
+    eval_split: str = "test"
+    image_size: int = 0                      # 0: the dataset's own (fixed, square) size
+    mean: float = 0.5
+    std: float = 0.5
+    batch_size: int = 32
+    eval_batch_size: int = 32
+    eval_batches: int = 0                    # 0: the whole eval split
+    seed: int = 0
+    shard_index: int = 0
+    num_shards: int = 1
+
+    def __post_init__(self):
+        self.builder = load_builder(self.name, self.data_dir)
+        features = self.builder.info.features
+        if "image" not in features or "label" not in features:
+            raise ValueError(f"tfds dataset {self.name!r} has features {list(features)}; an "
+                             "image-classification dataset needs `image` and `label`")
+        h, w, self.channels = features["image"].shape
+        if not self.image_size:
+            if h is None or h != w:
+                raise ValueError(f"tfds dataset {self.name!r} has images of shape "
+                                 f"{features['image'].shape}; set config.data.image_size to "
+                                 "resize them to a square size")
+            self.image_size = h
+        self.num_labels = features["label"].num_classes
+        self._splits: dict[str, Examples] = {}
+
+        self.examples(self.train_split)  # fail now, before any model is built
+
+    def examples(self, split: str) -> Examples:
+        if split not in self._splits:
+            try:
+                self._splits[split] = Examples(self.builder, split, self.image_size)
+            except AssertionError:  # tfds's "Dataset ... could not find data in DIR"
+                raise not_prepared(self.name, self.data_dir) from None
+            except ValueError as e:
+                if "split" not in str(e).lower():
+                    raise
+                raise ValueError(f"tfds dataset {self.name!r} has no split {split!r}: "
+                                 f"{' '.join(str(e).split())}") from None
+        return self._splits[split]
+
+    def model_overrides(self) -> dict:
+        return {"num_labels": self.num_labels, "image_size": self.image_size,
+                "num_channels": self.channels}
+
+    def _batch(self, examples: Examples, index: np.ndarray,
+               weights: Optional[np.ndarray] = None) -> dict:
+        images, labels = examples.take(index)
+        x = (images.astype(np.float32) / 255.0 - self.mean) / self.std
+        return {"image": x, "labels": labels,
+                "example_weights": (np.ones(len(index), np.float32) if weights is None
+                                    else weights)}
+
+    def train_batches(self, start_step: int = 0) -> Iterator[dict]:
+        examples = self.examples(self.train_split)
+        for index in train_indices(len(examples), self.batch_size, seed=self.seed,
+                                   start_step=start_step, shard_index=self.shard_index,
+                                   num_shards=self.num_shards):
+            yield self._batch(examples, index)
+
+    def eval_batches_list(self) -> list[dict]:
+        """The eval split in order, global batches of eval_batch_size (the last padded with
+        weight-0 rows), this host's rows of each."""
+        examples = self.examples(self.eval_split)
+        g, n = self.eval_batch_size, len(examples)
+        if g % self.num_shards:
+            raise ValueError(f"config.data.eval_batch_size {g} is not divisible by the "
+                             f"{self.num_shards} hosts; pick a multiple of {self.num_shards}")
+        local = g // self.num_shards
+        count = -(-n // g)
+        if self.eval_batches:
+            count = min(count, self.eval_batches)
+        out = []
+        for k in range(count):
+            pos = k * g + self.shard_index * local + np.arange(local)
+            weights = (pos < n).astype(np.float32)
+            out.append(self._batch(examples, np.minimum(pos, n - 1), weights))
+        return out
+
+    def iterators(self, start_step: int) -> tuple[Iterator[dict], list[dict]]:
+        return self.train_batches(start_step), self.eval_batches_list()
+
+
+def data_source(config) -> ImageSource:
+    """The `ImageSource` of `config.data` on this host (jax.process_index of process_count)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    d = config.data
+    return ImageSource(
+        name=d.tfds_name, data_dir=d.get("data_dir", ""), train_split=d.get("train_split",
+                                                                             "train"),
+        eval_split=d.get("eval_split", "test"), image_size=d.get("image_size", 0),
+        mean=d.get("mean", 0.5), std=d.get("std", 0.5), batch_size=d.batch_size,
+        eval_batch_size=d.get("eval_batch_size", d.batch_size),
+        eval_batches=d.get("eval_batches", 0), seed=d.get("seed", 0),
+        shard_index=jax.process_index(), num_shards=jax.process_count())
