@@ -36,11 +36,11 @@ def get_config(arg=None):
         {"pattern": FILTER_Z, "lr_scale": 1e-5 / BASE_LR, "weight_decay": 0.0},
     ]
     if size in ("tiny", "small"):
-        c.optim.lr = 2e-3
+        c.optim.lr = 4e-3
         c.optim.weight_decay = 0.01
         c.optim.warmup_steps = 30
         c.data.batch_size = 32
-        c.train.steps = 300
+        c.train.steps = 600
         c.train.eval_every = 50
         c.train.checkpoint_every = 100
     else:

@@ -201,7 +201,12 @@ def config_from_tensors(tensors: Mapping[str, np.ndarray], *, source: str,
     """Our M2Config for an official state dict (names normalized), from its shapes."""
     hf = hf or {}
     vocab, hidden = _shape(tensors, "bert.embeddings.word_embeddings.weight", source)
-    max_len = _shape(tensors, "bert.embeddings.position_embeddings.weight", source)[0]
+    positions = "bert.embeddings.position_embeddings.weight" in tensors
+    # Without learned positions (use_positional_encodings: False) the filters' positional
+    # features z (1, L, E) still fix the maximum length.
+    max_len = (_shape(tensors, "bert.embeddings.position_embeddings.weight", source)[0]
+               if positions else _shape(
+                   tensors, "bert.encoder.layer.0.attention.filter_fn.pos_emb.z", source)[1])
     type_vocab = _shape(tensors, "bert.embeddings.token_type_embeddings.weight", source)[0]
     layers = 1 + max(int(m.group(1)) for m in (re.match(r"bert\.encoder\.layer\.(\d+)\.", k)
                                                for k in tensors) if m)
@@ -219,7 +224,8 @@ def config_from_tensors(tensors: Mapping[str, np.ndarray], *, source: str,
     else:
         head, labels = "none", 2
     return M2Config(
-        causal=False, vocab_size=vocab, max_len=max_len, type_vocab_size=type_vocab,
+        causal=False, vocab_size=vocab, max_len=max_len, positions=positions,
+        type_vocab_size=type_vocab,
         hidden_size=hidden, num_layers=layers, intermediate_size=nblocks * inner_blk,
         mlp_nblocks=nblocks, filter_order=order, filter_emb_dim=emb_dim,
         filter_w_mod=float(hf.get("hyena_w_mod", 1.0)), short_conv_size=short,

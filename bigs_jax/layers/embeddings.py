@@ -39,11 +39,15 @@ class BertEmbeddings(nnx.Module):
         init_std: float = 0.02,
         dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32,
+        learned_positions: bool = True,
         rngs: nnx.Rngs,
     ):
+        """`learned_positions=False` drops the position table (models whose mixer carries
+        position, e.g. M2 with `use_positional_encodings: False`); max_len is still enforced."""
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.word = embed(vocab_size, features, ("vocab", "embed"), **kw)
-        self.position = embed(max_len, features, (None, "embed"), **kw)
+        self.position = nnx.data(embed(max_len, features, (None, "embed"), **kw)
+                                 if learned_positions else None)
         self.token_type = (embed(type_vocab_size, features, (None, "embed"), **kw)
                            if type_vocab_size else None)
         self.norm = layer_norm(features, eps=norm_eps, rngs=rngs, dtype=dtype,
@@ -64,9 +68,11 @@ class BertEmbeddings(nnx.Module):
         if L > self.max_len:
             raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "
                              "truncate the input or build the model with a larger max_len")
-        if position_ids_BL is None:
-            position_ids_BL = jnp.arange(L)[None, :]
-        x_BLD = self.word(ids_BL) + self.position(position_ids_BL)
+        x_BLD = self.word(ids_BL)
+        if self.position is not None:
+            if position_ids_BL is None:
+                position_ids_BL = jnp.arange(L)[None, :]
+            x_BLD = x_BLD + self.position(position_ids_BL)
         if self.token_type is not None:
             if token_type_ids_BL is None:
                 token_type_ids_BL = jnp.zeros_like(ids_BL)

@@ -56,6 +56,7 @@ class M2Config:
     causal: bool = False                     # M2-GPT; False is M2-BERT (`bidirectional`)
     vocab_size: int = 30528                  # bert-base-uncased padded to a multiple of 8
     max_len: int = 128                       # max_position_embeddings = long_conv_l_max
+    positions: bool = True                   # use_positional_encodings (learned, absolute)
     type_vocab_size: int = 2
     hidden_size: int = 768
     num_layers: int = 12
@@ -177,7 +178,8 @@ class M2(nnx.Module):
         dt = jnp.dtype(c.dtype)
         self.embeddings = BertEmbeddings(c.vocab_size, c.max_len, c.type_vocab_size,
                                          c.hidden_size, norm_eps=c.norm_eps, dropout=c.dropout,
-                                         init_std=c.init_std, dtype=dt, rngs=rngs)
+                                         init_std=c.init_std, dtype=dt,
+                                         learned_positions=c.positions, rngs=rngs)
         self.layers = nnx.List([M2Layer(c, rngs=rngs) for _ in range(c.num_layers)])
         drop = c.dropout if c.classifier_dropout is None else c.classifier_dropout
         self.mlm_head = nnx.data(MLMHead(c.hidden_size, c.vocab_size, norm_eps=c.norm_eps,

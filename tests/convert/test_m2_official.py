@@ -17,9 +17,10 @@ torch = pytest.importorskip("torch")
 H, I, LAYERS, V, L, ORDER = 16, 32, 2, 40, 12, 8
 
 
-def official_state(seed=0, legacy=True, head="mlm"):
+def official_state(seed=0, legacy=True, head="mlm", positions=True):
     rng = np.random.default_rng(seed)
-    shapes = official_shapes(H, I, LAYERS, V=V, L=L, order=ORDER, legacy=legacy)
+    shapes = official_shapes(H, I, LAYERS, V=V, L=L, order=ORDER, legacy=legacy,
+                             positions=positions)
     sd = {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in shapes.items()}
     sd["bert.embeddings.position_ids"] = np.arange(L)[None]
     sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
@@ -58,8 +59,9 @@ def official_forward(sd, ids, legacy=True):
     g = lambda k: sd[k].astype(np.float64)
     n = ids.shape[1]
     x = (g("bert.embeddings.word_embeddings.weight")[ids]
-         + g("bert.embeddings.position_embeddings.weight")[:n]
          + g("bert.embeddings.token_type_embeddings.weight")[0])
+    if "bert.embeddings.position_embeddings.weight" in sd:  # use_positional_encodings
+        x = x + g("bert.embeddings.position_embeddings.weight")[:n]
     x = _ln(x, g("bert.embeddings.LayerNorm.weight"), g("bert.embeddings.LayerNorm.bias"))
 
     def hyena(p, u):
@@ -110,9 +112,10 @@ def _save_bin(sd, path, prefix=""):
                path)
 
 
-@pytest.mark.parametrize("layout", ["bin", "composer"])
-def test_convert_matches_official_forward(tmp_path, layout):
-    sd = official_state()
+@pytest.mark.parametrize("layout,positions", [("bin", True), ("composer", True),
+                                              ("bin", False)])
+def test_convert_matches_official_forward(tmp_path, layout, positions):
+    sd = official_state(positions=positions)
     src = tmp_path / "src"
     src.mkdir()
     if layout == "bin":
@@ -123,6 +126,7 @@ def test_convert_matches_official_forward(tmp_path, layout):
     imported = convert(str(src), str(tmp_path / "wd"))
     assert imported.config.mixer_norm and imported.config.head == "mlm"
     assert imported.config.intermediate_size == I and imported.config.filter_order == ORDER
+    assert imported.config.positions == positions and imported.config.max_len == L
     model = bigs_jax.load(str(tmp_path / "wd"))
     ids = np.random.default_rng(1).integers(0, V, (2, L))
     ref = official_forward(sd, ids)
