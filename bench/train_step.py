@@ -15,10 +15,11 @@ Part 2, BERT-base forward latency (no head, batch 1, eval mode) against PyTorch 
 at each length (both built with max positions = the largest length).
 
 Every figure is the median of `repeats` timed calls after one warm-up call (which compiles the
-JAX functions). Ratios are ours / peer for tokens/s and peer / ours for latency, so > 1 means
-ours is faster. PyTorch is timed in a child process that never starts JAX: once XLA's CPU
-runtime is up in a process, PyTorch's OpenMP pool there slows down by up to ~20x on small
-models. `--smoke` shrinks the models to check the script itself in seconds.
+JAX functions); ours and HF Flax are timed in turns (ours, Flax, ours, ...), so a load that
+comes and goes on a shared machine affects both alike. Ratios are ours / peer for tokens/s
+and peer / ours for latency, so > 1 means ours is faster. PyTorch is timed in a child
+process that never starts JAX: once XLA's CPU runtime is up in a process, PyTorch's OpenMP
+pool there slows down by up to ~20x on small models. `--smoke` shrinks the models to check the script itself in seconds.
 """
 
 from __future__ import annotations
@@ -44,13 +45,21 @@ LR, WEIGHT_DECAY, MASK_RATE, MAX_PREDICTIONS = 1e-4, 0.01, 0.15, 20
 
 def median_seconds(step, repeats: int) -> float:
     """Median wall time of `step()` (which must block until its work is done)."""
-    step()  # compile / warm-up
-    times = []
+    return interleaved_medians([step], repeats)[0]
+
+
+def interleaved_medians(steps, repeats: int) -> list[float]:
+    """Median wall time of each of `steps`, timed in turns (a, b, a, b, ...) after one warm-up
+    call each, so a load that comes and goes on a shared machine hits them alike."""
+    for step in steps:
+        step()  # compile / warm-up
+    times = [[] for _ in steps]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for step, out in zip(steps, times):
+            t0 = time.perf_counter()
+            step()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 # ---------------------------------------------------------------------------- batches
@@ -241,10 +250,10 @@ def jax_times(args) -> dict:
         batch = batch_for(objective, args, bert_cfg, gpt2_cfg)
         model = ours[objective]()
         out["params"][name] = bigs_jax.count_params(model)
-        out["train"][name] = median_seconds(ours_step(model, batch, objective), args.repeats)
+        out["train"][name], out["flax"][name] = interleaved_medians(
+            [ours_step(model, batch, objective),
+             flax_step(flax_models[objective](), batch, objective)], args.repeats)
         del model
-        out["flax"][name] = median_seconds(flax_step(flax_models[objective](), batch,
-                                                     objective), args.repeats)
         print(f"  {name}: ours {out['train'][name]:.3f}s  HF Flax {out['flax'][name]:.3f}s",
               file=sys.stderr, flush=True)
     if not args.skip_latency:

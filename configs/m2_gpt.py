@@ -41,7 +41,7 @@ def get_config(arg=None):
         c.data.seq_len = 128
         c.data.batch_size = 16
         c.optim.warmup_steps = 20
-        c.train.steps = 200
+        c.train.steps = 500
         c.train.eval_every = 50
         c.train.checkpoint_every = 100
     if args.get("smoke"):
