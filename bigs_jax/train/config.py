@@ -81,6 +81,8 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
         "keep_checkpoints": 3, "seed": 0, "max_predictions": 0, "grad_accum_steps": 1,
         "debug_nan_at_step": 0, "dry_run": False, "peak_flops_per_device": 0.0,
         "profile_start_step": 0, "profile_num_steps": 5,
+        # The gradient norm in the logs costs ~7% of a small model's step on CPU.
+        "log_grad_norm": True,
     })
     c.mesh = ConfigDict({"shape": (-1, 1, 1), "dcn_shape": (1, 1, 1),
                          "rules": [list(r) for r in DEFAULT_RULES]})
