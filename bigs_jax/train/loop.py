@@ -256,12 +256,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         data_sharding = partitioning.batch_sharding(mesh, rules)
         train_step = jax.jit(make_train_step(graphdef, tx, loss_fn,
                                              grad_accum_steps=t.get("grad_accum_steps", 1),
-                                             nan_at_step=t.get("debug_nan_at_step", 0)),
+                                             nan_at_step=t.get("debug_nan_at_step", 0),
+                                             grad_norm=t.get("log_grad_norm", True)),
                              in_shardings=(state_shardings, data_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=0)
         eval_step = jax.jit(make_eval_step(graphdef, loss_fn),
                             in_shardings=(param_shardings, data_sharding),
                             out_shardings=replicated)
+        # Sources that score predictions (GLUE, SCROLLS: MCC, F1, correlations) get the
+        # model's logits on each of their eval batches at every evaluation.
+        scorer = None
+        if hasattr(source, "score"):
+            scorer = (source.score, jax.jit(_make_predict_step(graphdef),
+                                            in_shardings=(param_shardings, data_sharding),
+                                            out_shardings=replicated))
 
         ckpt = checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
                                           save_every=t.checkpoint_every) if os.path.isdir(
@@ -304,7 +312,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                 print(report, flush=True)
 
         return _run(config, workdir, state, compiled, eval_step, train_iter, eval_batches,
-                    data_sharding, ckpt, lr_schedule, cost, start)
+                    data_sharding, ckpt, lr_schedule, cost, start, scorer)
+
+
+def _make_predict_step(graphdef):
+    """(params, token batch) -> the model's logits, without dropout."""
+
+    def predict_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        return model(batch["input_ids"], batch.get("attention_mask"),
+                     batch.get("token_type_ids"), deterministic=True, rngs=None).logits
+
+    return predict_step
 
 
 def _dry_run(config, model_config, abstract_params, mesh, batch, cost) -> dict:
@@ -338,7 +357,7 @@ def _opt_shardings(tx, abstract_params):
 
 
 def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches,
-         data_sharding, ckpt, lr_schedule, cost, start):
+         data_sharding, ckpt, lr_schedule, cost, start, scorer=None):
     t = config.train
     step = int(state.step)
     writer = metrics.writer(os.path.join(workdir, "tb"))
@@ -359,13 +378,17 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
 
     def log_eval(step: int) -> None:
         results = evaluate()
+        if scorer is not None:
+            score, predict_step = scorer
+            results.update(score(step, lambda b: np.asarray(jax.device_get(
+                predict_step(state.params, to_global(b, data_sharding))))))
         history[step], eval_metrics[step] = results["loss"], results
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
         bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in results.items()))
 
     history, train_history, eval_metrics = {}, {}, {}
     bar = metrics.Progress(step, t.steps)
-    if start is None:
+    if start is None and t.get("eval_at_start", True):
         log_eval(0)
     peak = metrics.peak_flops(t.get("peak_flops_per_device", 0.0))
     profiler = metrics.Profiler(os.path.join(workdir, "profile"), t.get("profile_start_step", 0),
@@ -397,8 +420,9 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
                         f"loss became {loss} at step {step}; the last good checkpoint is step "
                         f"{ckpt.latest_step()}; lower optim.lr or raise optim.warmup_steps")
                 train_history[step] = loss
-                scalars = {"train/loss": loss, "train/grad_norm": float(stats["grad_norm"]),
-                           "train/lr": float(lr_schedule(step - 1))}
+                scalars = {"train/loss": loss, "train/lr": float(lr_schedule(step - 1))}
+                if "grad_norm" in stats:
+                    scalars["train/grad_norm"] = float(stats["grad_norm"])
                 rate = meter.read()
                 if rate:
                     scalars.update({"perf/tokens_per_sec": rate["tokens_per_sec"],

@@ -1,0 +1,79 @@
+"""SCROLLS fine-tuning and scoring: encoder heads for ContractNLI / QuALITY, causal models
+(GPT-2, M2-GPT, causal gated SSM) with greedy decoding for the five generation tasks.
+
+    # classification-style tasks with an encoder (BiGS at 4096 tokens, as the paper):
+    python eval.py --config=configs/scrolls.py --config.init=BIGS_WORKDIR --workdir=OUT \
+        --config.tasks=contract_nli,quality --config.max_len=4096
+    # generation tasks with a causal model:
+    python eval.py --config=configs/scrolls.py --config.init=GPT2_WORKDIR --workdir=OUT \
+        --config.tasks=gov_report,summ_screen_fd,qmsum,qasper,narrative_qa
+
+Data: the official files `<data_dir>/<task>/{train,validation}.jsonl` (format=jsonl, from the
+released zips) or the tfds `scrolls/<task>` builder (format=tfds, local tfds_data_dir). Scores
+are on validation (test labels are hidden); OUT/<task>/seed<k>/predictions.json holds the
+predictions in the official submission format ({id: prediction}). A model of the wrong kind
+for a task (an encoder for a generation task) stops with one line.
+`smoke` shrinks every run to a few steps on a few rows.
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+from bigs_jax.train.config import parse_arg
+from bigs_jax.train.partitioning import DEFAULT_RULES
+
+TASKS = ("gov_report", "summ_screen_fd", "qmsum", "qasper", "narrative_qa", "quality",
+         "contract_nli")
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    c = ConfigDict()
+    c.benchmark = "scrolls"
+    c.init = ""
+    c.tasks = "contract_nli,quality"
+    c.seeds = "0"
+    c.format = "jsonl"
+    c.data_dir = "scrolls"
+    c.tfds_data_dir = ""
+    c.vocab_file = ""                # default: <init>/tokenizer/ (vocab.txt or *.model)
+    c.lower_case = config_dict.placeholder(bool)
+    c.lr = 2e-5
+    c.epochs = 3.0
+    c.max_steps = 0
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.warmup_ratio = 0.1
+    c.weight_decay = 0.01
+    c.max_len = 4096                 # model input length (prompt + output for generation)
+    c.eval_max_len = 4096
+    c.max_target_len = 512           # generation: output tokens trained on and decoded
+    c.evals = 4
+    c.eval_at_start = False
+    c.eval_loss_batches = 0
+    c.select = "best"                # classification tasks; generation scores the last step
+    c.from_mnli = False
+    c.mnli_init = ""
+    c.max_train_examples = 0
+    c.max_eval_examples = 0
+    c.model = ConfigDict({
+        "pooler": config_dict.placeholder(str),
+        "classifier_dropout": config_dict.placeholder(float),
+        "dropout": config_dict.placeholder(float),
+    })
+    c.per_task = ConfigDict({t: {
+        "lr": config_dict.placeholder(float), "epochs": config_dict.placeholder(float),
+        "max_steps": config_dict.placeholder(int), "batch_size": config_dict.placeholder(int),
+        "max_len": config_dict.placeholder(int)} for t in TASKS})
+    c.mesh = ConfigDict({"shape": (-1, 1, 1), "dcn_shape": (1, 1, 1),
+                         "rules": [list(r) for r in DEFAULT_RULES]})
+    if args.get("smoke"):
+        c.max_steps = 4
+        c.evals = 2
+        c.batch_size = 2
+        c.eval_batch_size = 2
+        c.max_len = 256
+        c.eval_max_len = 256
+        c.max_target_len = 16
+        c.max_train_examples = 8
+        c.max_eval_examples = 4
+    return c
