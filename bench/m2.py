@@ -85,7 +85,7 @@ def jax_times(args) -> dict:
         out["latency"][name] = {}
         for L in lengths:
             ids = jnp.asarray(np.random.default_rng(L).integers(1000, 30000, (1, L)), jnp.int32)
-            seconds = median_seconds(lambda: jax.block_until_ready(forward(state, ids)),
+            seconds = median_seconds(lambda s=state: jax.block_until_ready(forward(s, ids)),
                                      args.repeats)
             out["latency"][name][str(L)] = seconds
             print(f"  L={L}: ours {name} {seconds:.3f}s", file=sys.stderr, flush=True)

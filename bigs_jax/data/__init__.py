@@ -7,8 +7,9 @@
 
 Modules: `corpus` (the default text, no download), `vocab` (SentencePiece vocabularies and their
 special ids), `preprocessors` (TF ops: chunking, BERT masking, causal-LM shift), `tasks` (SeqIO
-task registration), `pipeline` (deterministic, resumable, sharded numpy batches). Importing this
-package is cheap; TensorFlow loads only with the modules that need it.
+task registration), `pipeline` (deterministic, resumable, sharded numpy batches), `streaming`
+(the same batches streamed, for corpora larger than host memory). Importing this package is
+cheap; TensorFlow loads only with the modules that need it.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@
         --task='text_mlm:/data/wikitext-2/wiki.test.tokens,vocab=/path/vocab.txt,pack=1'
 
 Builds the config's training stream exactly as `train.py` does (`config.data`: task, seq_len,
-seed, mask_rate, whole_word), prints a few decoded rows (masked positions as [MASK]/{original},
-segments split by ' | ') and token statistics over `--batches` batches: row lengths, padding
-fraction, segments per row, and for MLM the selection rate and its 80/10/10 split.
+seed, mask_rate, whole_word, streaming, shuffle_buffer; `--streaming` sets streaming), prints
+a few decoded rows (masked positions as [MASK]/{original}, segments split by ' | ') and token
+statistics over `--batches` batches: row lengths, padding fraction, segments per row, and for
+MLM the selection rate and its 80/10/10 split.
 """
 
 from __future__ import annotations
@@ -58,17 +59,24 @@ def inspect(config, *, num_examples: int, num_batches: int) -> dict:
     vocabulary = first.output_features["input_ids"].vocabulary
     specials = vocab.special_ids(vocabulary)
     is_mlm = "labels" not in first.output_features
-    it = pipeline.make_iterator(d.task, split="train", batch_size=d.batch_size,
-                                seq_len=d.seq_len, seed=d.seed,
-                                mask_rate=d.get("mask_rate", 0.15),
-                                whole_word=bool(d.get("whole_word", False)))
+    kw = dict(split="train", batch_size=d.batch_size, seq_len=d.seq_len, seed=d.seed,
+              mask_rate=d.get("mask_rate", 0.15), whole_word=bool(d.get("whole_word", False)))
+    if d.get("streaming"):
+        from bigs_jax.data import streaming  # pylint: disable=import-outside-toplevel
+
+        it = streaming.make_stream_iterator(d.task, shuffle_buffer=d.get("shuffle_buffer",
+                                                                         10_000), **kw)
+    else:
+        it = pipeline.make_iterator(d.task, **kw)
     batches = [next(it) for _ in range(num_batches)]
     out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
     ids, weights = out["input_ids"], out["loss_weights"]
     segments = out.get("segment_ids", out["attention_mask"])
+    per_epoch = ("streamed, rows per epoch unknown" if it.examples_per_epoch is None
+                 else f"{it.examples_per_epoch} rows per epoch")
     print(f"task {d.task!r}: {'MLM' if is_mlm else 'causal LM'}, vocabulary "
           f"{type(vocabulary).__name__} ({specials.vocab_size} ids), seq_len {d.seq_len}, "
-          f"{it.examples_per_epoch} rows per epoch")
+          f"{per_epoch}")
     for i in range(min(num_examples, len(ids))):
         labels = out["labels"][i] if is_mlm else None
         print(f"--- row {i}")
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="print decoded examples and token statistics")
     p.add_argument("--config", required=True, help="configs/X.py[:arg]")
     p.add_argument("--task", help="override config.data.task (a name or a task spec)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the task (config.data.streaming=True), for large corpora")
     p.add_argument("--examples", type=int, default=3, help="rows to print")
     p.add_argument("--batches", type=int, default=4, help="batches for the statistics")
     args = parser.parse_args(argv)
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         config = _load_config(args.config)
         if args.task:
             config.data.task = args.task
+        if args.streaming:
+            config.data.streaming = True
         inspect(config, num_examples=args.examples, num_batches=args.batches)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

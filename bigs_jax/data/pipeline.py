@@ -25,7 +25,9 @@ above (O(1) resume, disjoint host shards that concatenate to the single-host str
 mixtures too. Mixing packed and unpacked tasks gives unpacked rows one segment each.
 
 The split must fit in host memory (the embedded corpus is ~0.3 MB of ids at any length); a
-streaming path for web-scale corpora is future work and fails here with a clear error.
+larger one fails here with a clear error. Web-scale corpora take the streaming path,
+`streaming.make_stream_iterator` (`config.data.streaming=True`): the same batches' layout,
+read as a stream, resumed by replaying it.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
     Attributes:
         step: index of the batch the next `next()` returns (save it to resume).
-        num_steps: total number of batches of a finite stream, None if infinite.
-        examples_per_epoch: rows in one epoch of the split.
+        num_steps: total number of batches of a finite stream, None if infinite (or, for a
+            `streaming` iterator, unknown).
+        examples_per_epoch: rows in one epoch of the split (None for a `streaming` iterator).
     """
 
     def __init__(
@@ -68,7 +71,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         *,
         start_step: int,
         num_steps: int | None,
-        examples_per_epoch: int,
+        examples_per_epoch: int | None,
     ):
         self._batches = dataset.as_numpy_iterator()
         self.step = start_step
@@ -132,8 +135,9 @@ def _rows(task: seqio.Task, split: str, seq_len: int) -> dict[str, np.ndarray]:
         num_tokens += batch["input_ids"].size
         if num_tokens > _MAX_TOKENS_IN_MEMORY:
             raise ValueError(
-                f"Task {task.name!r} split {split!r} exceeds {_MAX_TOKENS_IN_MEMORY} tokens; "
-                "make_iterator keeps a split in host memory, so use a smaller corpus or split."
+                f"Task {task.name!r} split {split!r} exceeds {_MAX_TOKENS_IN_MEMORY} tokens, "
+                "too many to keep in host memory; set config.data.streaming=True (or call "
+                "streaming.make_stream_iterator) to stream it instead."
             )
     if not parts:
         raise ValueError(f"Task {task.name!r} split {split!r} is empty.")
@@ -151,6 +155,31 @@ def examples_per_epoch(task_name: str, *, split: str, seq_len: int) -> int:
     its tasks)."""
     return sum(len(_rows(t, split, seq_len)["input_ids"])
                for t, _ in _members(_get_task(task_name)))
+
+
+def check_arguments(*, batch_size: int, seq_len: int, shard_index: int, num_shards: int,
+                    start_step: int, num_epochs: int | None, seed: int) -> None:
+    """Raises ValueError on sizes or shard arguments no iterator can serve."""
+    checks = {
+        "batch_size": (batch_size, 1),
+        "seq_len": (seq_len, 1),
+        "num_shards": (num_shards, 1),
+        "start_step": (start_step, 0),
+    }
+    for name, (value, low) in checks.items():
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}.")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
+    if batch_size % num_shards:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by num_shards {num_shards}; "
+            "use a global batch size that is a multiple of the number of hosts."
+        )
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (infinite) or >= 1, got {num_epochs}.")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}.")
 
 
 def make_iterator(
@@ -196,26 +225,9 @@ def make_iterator(
     Raises:
         ValueError: on an unknown task or split, or inconsistent sizes or shard arguments.
     """
-    checks = {
-        "batch_size": (batch_size, 1),
-        "seq_len": (seq_len, 1),
-        "num_shards": (num_shards, 1),
-        "start_step": (start_step, 0),
-    }
-    for name, (value, low) in checks.items():
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}.")
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
-    if batch_size % num_shards:
-        raise ValueError(
-            f"batch_size {batch_size} is not divisible by num_shards {num_shards}; "
-            "use a global batch size that is a multiple of the number of hosts."
-        )
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be None (infinite) or >= 1, got {num_epochs}.")
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}.")
+    check_arguments(batch_size=batch_size, seq_len=seq_len, shard_index=shard_index,
+                    num_shards=num_shards, start_step=start_step, num_epochs=num_epochs,
+                    seed=seed)
     task = _get_task(task_name)
     members = _members(task)
     is_mlm = "labels" not in members[0][0].output_features

@@ -31,8 +31,10 @@ EMBEDDED_LM = "embedded_lm"
 OBJECTIVES = ("mlm", "lm")
 
 
-def _embedded_dataset_fn(split: str, shuffle_files: bool) -> tf.data.Dataset:
-    del shuffle_files  # document order is fixed: row boundaries depend on it
+def _embedded_dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
+    # Document order is fixed (row boundaries depend on it); a seeded stream still shuffles
+    # rows (`streaming`).
+    del shuffle_files, seed
     texts = [doc.text for doc in corpus.documents(split)]
     return tf.data.Dataset.from_tensor_slices({"text": tf.constant(texts, tf.string)})
 

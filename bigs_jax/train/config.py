@@ -70,6 +70,9 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
         "task": task, "seq_len": 128, "batch_size": 32, "eval_batch_size": 32,
         "eval_split": "validation", "eval_batches": 0, "mask_rate": 0.15, "seed": 0,
         "whole_word": False,
+        # Stream the task (data.streaming) instead of holding its split in host memory:
+        # for corpora larger than data.pipeline._MAX_TOKENS_IN_MEMORY.
+        "streaming": False, "shuffle_buffer": 10_000,
     })
     c.optim = ConfigDict({
         "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "end_lr_ratio": 0.1,

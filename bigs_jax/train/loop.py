@@ -164,8 +164,13 @@ def data_source(config: ConfigDict) -> SeqioSource:
 
 
 def make_data(config: ConfigDict, *, start_step: int):
-    """(train iterator from `start_step`, list of eval batches) of a SeqIO task."""
-    from bigs_jax.data import pipeline
+    """(train iterator from `start_step`, list of eval batches) of a SeqIO task.
+
+    With `config.data.streaming`, both are streamed (`data.streaming`): the eval split is read
+    only as far as its first `eval_batches` batches (all of it when 0), and hosts whose eval
+    streams end early get all-zero batches, so every host runs as many eval steps.
+    """
+    from bigs_jax.data import pipeline, streaming
 
     d = config.data
     kw = dict(batch_size=d.batch_size, seq_len=d.seq_len, seed=d.seed,
@@ -174,6 +179,25 @@ def make_data(config: ConfigDict, *, start_step: int):
         kw["mask_rate"] = d.mask_rate
     if d.get("whole_word"):
         kw["whole_word"] = True
+    if d.get("streaming"):
+        train = streaming.make_stream_iterator(
+            d.task, split="train", start_step=start_step,
+            shuffle_buffer=d.get("shuffle_buffer", 10_000), **kw)
+        stream = streaming.make_stream_iterator(
+            d.task, split=d.eval_split, num_epochs=1, **{**kw, "batch_size": d.eval_batch_size})
+        evals = list(itertools.islice(stream, d.eval_batches or None))
+        counts = np.array([len(evals)])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            counts = np.asarray(multihost_utils.process_allgather(np.int32(len(evals))))
+        if counts.min() == 0:  # raised on every host, so none waits for the others
+            raise ConfigError(
+                f"config.data.eval_split {d.eval_split!r} of {d.task!r} has no rows for host "
+                f"{int(counts.argmin())} of {jax.process_count()}; use a larger split")
+        evals += [{k: np.zeros_like(v) for k, v in evals[0].items()}] * (
+            int(counts.max()) - len(evals))
+        return train, evals
     train = pipeline.make_iterator(d.task, split="train", start_step=start_step, **kw)
     evals = list(pipeline.make_iterator(d.task, split=d.eval_split, num_epochs=1,
                                         **{**kw, "batch_size": d.eval_batch_size}))
