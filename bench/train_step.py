@@ -12,6 +12,12 @@ the update and nothing else (ours: `make_train_step(..., grad_norm=False)`):
     their training scripts do.
   - GPT-2 small (124M, vocab 50257) causal LM against HF `FlaxGPT2LMHeadModel` and PyTorch
     `GPT2LMHeadModel`.
+Attention-probability dropout differs between the peers: PyTorch (and our default) draws a
+mask per element; HF's Flax models use Flax's `broadcast_dropout`, one (L, L) mask shared by
+all examples and heads, B*H times fewer random bits. Ours is therefore timed twice: with its
+default (the PyTorch peer's computation) and with `attention_dropout_broadcast=True` (the Flax
+peer's computation); each ratio compares the same computation, and "ours/Flax (default)" is
+shown too.
 Part 2, BERT-base forward latency (no head, batch 1, eval mode) against PyTorch `BertModel`
 at each length (both built with max positions = the largest length).
 
@@ -239,25 +245,31 @@ def jax_times(args) -> dict:
 
     bert_cfg, gpt2_cfg, long_cfg, lengths = hf_configs(args)
     ours = {
-        "mlm": lambda: bigs_jax.create(
+        "mlm": lambda **kw: bigs_jax.create(
             "bert-base", max_len=bert_cfg.max_position_embeddings,
             hidden_size=bert_cfg.hidden_size, num_layers=bert_cfg.num_hidden_layers,
-            num_heads=bert_cfg.num_attention_heads, intermediate_size=bert_cfg.intermediate_size),
-        "lm": lambda: bigs_jax.create("gpt2", hidden_size=gpt2_cfg.n_embd,
-                                      num_layers=gpt2_cfg.n_layer, num_heads=gpt2_cfg.n_head),
+            num_heads=bert_cfg.num_attention_heads, intermediate_size=bert_cfg.intermediate_size,
+            **kw),
+        "lm": lambda **kw: bigs_jax.create("gpt2", hidden_size=gpt2_cfg.n_embd,
+                                           num_layers=gpt2_cfg.n_layer, num_heads=gpt2_cfg.n_head,
+                                           **kw),
     }
     flax_models = {"mlm": lambda: tr.FlaxBertForMaskedLM(bert_cfg, seed=0),
                    "lm": lambda: tr.FlaxGPT2LMHeadModel(gpt2_cfg, seed=0)}
-    out = {"train": {}, "flax": {}, "params": {}, "latency": {}}
+    out = {"train": {}, "train_broadcast": {}, "flax": {}, "params": {}, "latency": {}}
     for name, objective in CASES:
         batch = batch_for(objective, args, bert_cfg, gpt2_cfg)
         model = ours[objective]()
         out["params"][name] = bigs_jax.count_params(model)
-        out["train"][name], out["flax"][name] = interleaved_medians(
-            [ours_step(model, batch, objective),
-             flax_step(flax_models[objective](), batch, objective)], args.repeats)
-        del model
-        print(f"  {name}: ours {out['train'][name]:.3f}s  HF Flax {out['flax'][name]:.3f}s",
+        broadcast = ours[objective](attention_dropout_broadcast=True)
+        out["train"][name], out["train_broadcast"][name], out["flax"][name] = (
+            interleaved_medians([ours_step(model, batch, objective),
+                                 ours_step(broadcast, batch, objective),
+                                 flax_step(flax_models[objective](), batch, objective)],
+                                args.repeats))
+        del model, broadcast
+        print(f"  {name}: ours {out['train'][name]:.3f}s  ours with Flax's attention dropout "
+              f"{out['train_broadcast'][name]:.3f}s  HF Flax {out['flax'][name]:.3f}s",
               file=sys.stderr, flush=True)
     if not args.skip_latency:
         model = bigs_jax.create(
@@ -308,12 +320,17 @@ def main():
     tokens = args.batch * args.seq
     print(f"Training step (fwd+bwd+AdamW, fp32, dropout on), tokens/s, batch "
           f"{args.batch}x{args.seq}, median of {args.repeats} after one warm-up:\n")
-    print("| model | params (ours) | ours | HF Flax | HF PyTorch | ours/Flax | ours/PyTorch |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("Attention dropout: \"per element\" is ours by default and PyTorch's; \"shared\" is "
+          "one (L, L) mask for all examples and heads, as HF Flax does.\n")
+    print("| model | params (ours) | ours, per element | ours, shared | HF Flax (shared) "
+          "| HF PyTorch (per element) | ours/Flax, shared | ours/PyTorch, per element "
+          "| ours per element / Flax |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, _ in CASES:
-        o, f, t = (tokens / d[name] for d in (ours["train"], ours["flax"], torch_["train"]))
-        print(f"| {name} | {ours['params'][name] / 1e6:.1f}M | {o:,.0f} | {f:,.0f} | {t:,.0f} "
-              f"| {o / f:.2f} | {o / t:.2f} |")
+        o, b, f, t = (tokens / d[name] for d in (ours["train"], ours["train_broadcast"],
+                                                   ours["flax"], torch_["train"]))
+        print(f"| {name} | {ours['params'][name] / 1e6:.1f}M | {o:,.0f} | {b:,.0f} | {f:,.0f} "
+              f"| {t:,.0f} | {b / f:.2f} | {o / t:.2f} | {o / f:.2f} |")
     if ours["latency"]:
         print(f"\nBERT-base forward latency (no head), batch 1, fp32, median of {args.repeats} "
               "after one warm-up:\n")

@@ -82,6 +82,7 @@ class EncoderConfig:
     norm_eps: float = 1e-12
     dropout: float = 0.1                     # embeddings, stack sublayers (gated blocks: none)
     attention_dropout: float = 0.1
+    attention_dropout_broadcast: bool = False  # one (L, L) mask for all examples and heads
     classifier_dropout: Optional[float] = None
     init_std: float = 0.02
     mlm_head_init_std: Optional[float] = 0.02  # None: lecun normal (official BiGS head dense)
@@ -159,6 +160,7 @@ class StackBlock(nnx.Module):
         if c.mixer == "attention":
             self.mixer = SelfAttention(d, c.num_heads, qk_head_dim=c.qk_head_dim,
                                        v_head_dim=c.v_head_dim, dropout=c.attention_dropout,
+                                       broadcast_dropout=c.attention_dropout_broadcast,
                                        init_std=c.init_std, dtype=dt, rngs=rngs)
         else:
             self.mixer = BiSSM(c, rngs=rngs)
@@ -210,7 +212,8 @@ class GatedBlock(nnx.Module):
         else:
             self.attention = SelfAttention(d, c.num_heads, qk_head_dim=c.qk_head_dim,
                                            v_head_dim=c.v_head_dim,
-                                           dropout=c.attention_dropout, **kw)
+                                           dropout=c.attention_dropout,
+                                           broadcast_dropout=c.attention_dropout_broadcast, **kw)
         self.dol = dense(d, f, ("embed", "mlp"), **kw)
         self.do = dense(f, d, ("mlp", "embed"), **kw)
         self.mixer, self.mode = c.mixer, c.ssm_mode

@@ -47,6 +47,7 @@ class GPT2Config:
     norm_eps: float = 1e-5                   # layer_norm_epsilon
     dropout: float = 0.1                     # embd_pdrop and resid_pdrop
     attention_dropout: float = 0.1           # attn_pdrop
+    attention_dropout_broadcast: bool = False  # one (L, L) mask for all examples and heads
     init_std: float = 0.02                   # initializer_range
     tie_word_embeddings: bool = True
     # dtype policy (outputs.DTYPES): parameter storage, compute, logits
@@ -98,6 +99,7 @@ class Block(nnx.Module):
         residual_std = c.init_std / math.sqrt(2 * c.num_layers)
         self.mixer_norm = layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
         self.mixer = SelfAttention(d, c.num_heads, dropout=c.attention_dropout,
+                                   broadcast_dropout=c.attention_dropout_broadcast,
                                    init_std=c.init_std, dtype=dt, rngs=rngs)
         self.mixer.out = dense(d, d, ("heads", "embed"), rngs=rngs, init_std=residual_std,
                                dtype=dt)
