@@ -134,30 +134,62 @@ class ImplicitFilter(nnx.Module):
             _filter_mlp(emb_dim, order, features, rngs) if bidirectional else None)
 
     def _mlp(self, layers: nnx.List, z_LE: jax.Array) -> jax.Array:
+        """The filter MLP on rows of z, returned channel-major: (D, L)."""
         freq_O = self.w_mod * self.freq[...]
         h = z_LE
         for layer in layers[:-1]:
             h = jnp.sin(freq_O * layer(h))
-        return layers[-1](h)
+        # The bias-free last layer writes (D, L) directly, the layout the FFT wants.
+        return jnp.einsum("LO,OD->DL", h, layers[-1].kernel[...],
+                          precision=jax.lax.Precision.HIGHEST)
 
-    def kernels(self, length: int) -> tuple[jax.Array, Optional[jax.Array]]:
-        """(k_fwd, k_rev), each (L, D) float32 (k_rev None when causal), for length L ≤ l_max."""
+    def _decay(self, t_L: np.ndarray) -> jax.Array:
+        """(D, L) exp(-t·|δ|), computed in the graph (an (L, D) numpy constant per call would
+        put L·D floats into the program for every filter)."""
+        delta_D = np.abs(modulation_deltas(self.features))
+        return jnp.exp(-jnp.asarray(delta_D)[:, None] * jnp.asarray(t_L)[None, :])
+
+    def _check_length(self, length: int) -> None:
         if length > self.l_max:
             raise ValueError(f"sequence length {length} exceeds the filter's l_max {self.l_max}; "
                              "build the model with a larger max_len")
+
+    def kernels(self, length: int) -> tuple[jax.Array, Optional[jax.Array]]:
+        """(k_fwd, k_rev), each (L, D) float32 (k_rev None when causal), for length L ≤ l_max."""
+        self._check_length(length)
         z_LE = self.z[...][:length].astype(jnp.float32)
-        decay_LD = np.exp(-filter_time(self.l_max)[:length] * np.abs(
-            modulation_deltas(self.features))[None, :])
-        k_fwd_LD = self._mlp(self.implicit_filter, z_LE) * decay_LD
+        decay_DL = self._decay(filter_time(self.l_max)[:length, 0])
+        k_fwd_DL = self._mlp(self.implicit_filter, z_LE) * decay_DL
         if not self.bidirectional:
-            return k_fwd_LD, None
-        return k_fwd_LD, self._mlp(self.implicit_filter_rev, z_LE) * decay_LD
+            return k_fwd_DL.T, None
+        return k_fwd_DL.T, (self._mlp(self.implicit_filter_rev, z_LE) * decay_DL).T
+
+    def circular_kernel(self, length: int) -> jax.Array:
+        """The kernel `long_conv` convolves with, channel-major: (D, 2L) [k_fwd, flip(k_rev)]
+        bidirectionally, (D, L) k_fwd causally.
+
+        flip(k_rev) is computed as the MLP on the reversed rows of z times the reversed decay
+        (the MLP acts row by row), so no (D, L) array is reversed or transposed.
+        """
+        self._check_length(length)
+        z_LE = self.z[...][:length].astype(jnp.float32)
+        t_L = filter_time(self.l_max)[:length, 0]
+        k_fwd_DL = self._mlp(self.implicit_filter, z_LE) * self._decay(t_L)
+        if not self.bidirectional:
+            return k_fwd_DL
+        k_rev_flipped_DL = (self._mlp(self.implicit_filter_rev, z_LE[::-1])
+                            * self._decay(t_L[::-1]))
+        return jnp.concatenate([k_fwd_DL, k_rev_flipped_DL], axis=-1)
 
     def __call__(self, u_BLD: jax.Array, *, mode: str = "fft") -> jax.Array:
         """y = long_conv(u, k_fwd, k_rev) + D ⊙ u, in float32."""
-        k_fwd_LD, k_rev_LD = self.kernels(u_BLD.shape[1])
         u_BLD = u_BLD.astype(jnp.float32)
-        return long_conv(u_BLD, k_fwd_LD, k_rev_LD, mode=mode) + self.bias[...] * u_BLD
+        skip_BLD = self.bias[...] * u_BLD
+        if mode == "toeplitz":
+            return long_conv(u_BLD, *self.kernels(u_BLD.shape[1]), mode=mode) + skip_BLD
+        if mode not in CONV_MODES:
+            raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
+        return circular_conv(u_BLD, self.circular_kernel(u_BLD.shape[1]), mode=mode) + skip_BLD
 
 
 def long_conv(u_BLD: jax.Array, k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Array] = None, *,
@@ -185,14 +217,18 @@ def long_conv(u_BLD: jax.Array, k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Arra
             w_LLD = w_LLD + jnp.where((s_1L > t_L1)[..., None],
                                       k_rev_LD[np.clip(s_1L - t_L1 - 1, 0, L - 1)], 0.0)
         return jnp.einsum("tsd,bsd->btd", w_LLD, u_BLD, precision=jax.lax.Precision.HIGHEST)
-    k_DL = k_fwd_LD.T
-    if k_rev_LD is None:
-        k_DN = k_DL  # causal: zero padding to 2L in fft_conv keeps the future out
-    else:
-        zeros_DL = jnp.zeros_like(k_DL)
-        k_DN = (jnp.concatenate([k_DL, zeros_DL], axis=-1)
-                + jnp.concatenate([zeros_DL, k_rev_LD.T[:, ::-1]], axis=-1))
-    y_BDL = fft_conv(jnp.swapaxes(u_BLD, 1, 2), k_DN, 2 * L, use_monarch=mode == "monarch")
+    k_DN = k_fwd_LD.T  # causal: zero padding to 2L in fft_conv keeps the future out
+    if k_rev_LD is not None:
+        k_DN = jnp.concatenate([k_DN, k_rev_LD.T[:, ::-1]], axis=-1)
+    return circular_conv(u_BLD, k_DN, mode=mode)
+
+
+def circular_conv(u_BLD: jax.Array, k_DN: jax.Array, *, mode: str = "fft") -> jax.Array:
+    """(B, L, D) float32 y[t] = Σ_s k[(t - s) mod 2L]·u[s] along L by a length-2L FFT, with the
+    channel-major kernel k_DN of length N = L (causal) or 2L ([k_fwd, flip(k_rev)])."""
+    L = u_BLD.shape[1]
+    y_BDL = fft_conv(jnp.swapaxes(u_BLD.astype(jnp.float32), 1, 2), k_DN, 2 * L,
+                     use_monarch=mode == "monarch")
     return jnp.swapaxes(y_BDL, 1, 2)
 
 
