@@ -3,9 +3,11 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.train.mesh_losses \
         MODEL DATA,FSDP,TENSOR STEPS WORKDIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
 prints one JSON line {"losses": [...], "devices": n, "first_batch_rows": [...]}.
+MESH_LOSSES_SET='{"data.streaming": true, ...}' overrides config fields (dotted names).
 """
 
 import json
+import os
 import sys
 
 import jax
@@ -34,6 +36,9 @@ def main(model: str, mesh: str, steps: str, workdir: str, coordinator: str = "",
     config.optim.lr = 1e-3
     config.train.eval_every = int(steps)
     config.train.checkpoint_every = int(steps)
+    for name, value in json.loads(os.environ.get("MESH_LOSSES_SET", "{}")).items():
+        section, key = name.split(".")
+        config[section][key] = value
     summary = loop.train_and_evaluate(config, workdir)
     losses = [summary["train_loss"][s] for s in sorted(summary["train_loss"])]
     first = next(loop.make_data(config, start_step=0)[0])["input_ids"]

@@ -41,7 +41,7 @@ def test_losses_match_across_meshes_20_steps(model, tmp_path):
     check_meshes(model, ["8,1,1", "1,8,1", "2,2,2"], 20, tmp_path)
 
 
-def run_two_processes(model, mesh, steps, workdir):
+def run_two_processes(model, mesh, steps, workdir, overrides=None):
     """Two processes × 4 CPU devices on 127.0.0.1, gloo collectives."""
     import socket
 
@@ -49,7 +49,7 @@ def run_two_processes(model, mesh, steps, workdir):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=ROOT)
+               PYTHONPATH=ROOT, MESH_LOSSES_SET=json.dumps(overrides or {}))
     procs = [subprocess.Popen(
         [sys.executable, "-m", "tests.train.mesh_losses", model, mesh, str(steps),
          str(workdir), f"127.0.0.1:{port}", "2", str(i)], cwd=ROOT, env=env,
@@ -72,6 +72,33 @@ def test_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(r["losses"], reference, rtol=1e-5)
     rows = [set(map(tuple, r["first_batch_rows"])) for r in results]
     assert len(rows[0]) == len(rows[1]) == 4 and not rows[0] & rows[1]
+
+
+@pytest.mark.slow
+def test_two_processes_stream_with_uneven_eval_shards(tmp_path):
+    """Streaming on two hosts: each reads its own files; the eval split's 3 files give host 0
+    (files 0 and 2) many more eval batches than host 1 (file 1), so host 1 must pad with empty
+    batches or the eval collectives would hang; both hosts report the same global losses."""
+    from bigs_jax.data import corpus
+
+    docs = [doc.text for doc in corpus.documents("train")]
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for i in range(4):
+        (corpus_dir / f"train-{i}.txt").write_text("\n".join(docs[i::4][:60]) + "\n")
+    for i, (start, n) in enumerate(((300, 2), (310, 2), (320, 60))):
+        (corpus_dir / f"valid-{i}.txt").write_text("\n".join(docs[start:start + n]) + "\n")
+    task = f"text_mlm:{corpus_dir}/train-*.txt,validation={corpus_dir}/valid-*.txt"
+    results = run_two_processes("bert-tiny", "8,1,1", 6, tmp_path / "two",
+                                {"data.task": task, "data.streaming": True,
+                                 "data.eval_batches": 0})
+    for r in results:
+        assert r["devices"] == 8 and len(r["losses"]) == 6
+        assert np.isfinite(r["eval"]) and np.all(np.isfinite(r["losses"]))
+    np.testing.assert_array_equal(results[0]["losses"], results[1]["losses"])
+    assert results[0]["eval"] == results[1]["eval"]
+    rows = [set(map(tuple, r["first_batch_rows"])) for r in results]
+    assert rows[0] and rows[1] and not rows[0] & rows[1]
 
 
 @pytest.mark.slow
