@@ -58,6 +58,11 @@ def median_seconds(step, repeats: int) -> float:
 def interleaved_medians(steps, repeats: int) -> list[float]:
     """Median wall time of each of `steps`, timed in turns (a, b, a, b, ...) after one warm-up
     call each, so a load that comes and goes on a shared machine hits them alike."""
+    return [statistics.median(t) for t in interleaved_times(steps, repeats)]
+
+
+def interleaved_times(steps, repeats: int) -> list[list[float]]:
+    """Every timed call of `interleaved_medians`: one list of `repeats` seconds per step."""
     for step in steps:
         step()  # compile / warm-up
     times = [[] for _ in steps]
@@ -66,7 +71,13 @@ def interleaved_medians(steps, repeats: int) -> list[float]:
             t0 = time.perf_counter()
             step()
             out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def paired_ratio(peer: list[float], ours: list[float]) -> float:
+    """Median over rounds of peer time / our time, each pair timed back to back: steadier than
+    a ratio of medians when the machine's speed drifts during the run."""
+    return statistics.median(p / o for p, o in zip(peer, ours))
 
 
 # ---------------------------------------------------------------------------- batches
@@ -256,17 +267,20 @@ def jax_times(args) -> dict:
     }
     flax_models = {"mlm": lambda: tr.FlaxBertForMaskedLM(bert_cfg, seed=0),
                    "lm": lambda: tr.FlaxGPT2LMHeadModel(gpt2_cfg, seed=0)}
-    out = {"train": {}, "train_broadcast": {}, "flax": {}, "params": {}, "latency": {}}
+    out = {"train": {}, "train_broadcast": {}, "flax": {}, "paired": {}, "params": {},
+           "latency": {}}
     for name, objective in CASES:
         batch = batch_for(objective, args, bert_cfg, gpt2_cfg)
         model = ours[objective]()
         out["params"][name] = bigs_jax.count_params(model)
         broadcast = ours[objective](attention_dropout_broadcast=True)
+        times = interleaved_times([ours_step(model, batch, objective),
+                                   ours_step(broadcast, batch, objective),
+                                   flax_step(flax_models[objective](), batch, objective)],
+                                  args.repeats)
         out["train"][name], out["train_broadcast"][name], out["flax"][name] = (
-            interleaved_medians([ours_step(model, batch, objective),
-                                 ours_step(broadcast, batch, objective),
-                                 flax_step(flax_models[objective](), batch, objective)],
-                                args.repeats))
+            statistics.median(t) for t in times)
+        out["paired"][name] = (paired_ratio(times[2], times[1]), paired_ratio(times[2], times[0]))
         del model, broadcast
         print(f"  {name}: ours {out['train'][name]:.3f}s  ours with Flax's attention dropout "
               f"{out['train_broadcast'][name]:.3f}s  HF Flax {out['flax'][name]:.3f}s",
@@ -329,8 +343,11 @@ def main():
     for name, _ in CASES:
         o, b, f, t = (tokens / d[name] for d in (ours["train"], ours["train_broadcast"],
                                                    ours["flax"], torch_["train"]))
+        shared, own = ours["paired"][name]
         print(f"| {name} | {ours['params'][name] / 1e6:.1f}M | {o:,.0f} | {b:,.0f} | {f:,.0f} "
-              f"| {t:,.0f} | {b / f:.2f} | {o / t:.2f} | {o / f:.2f} |")
+              f"| {t:,.0f} | {b / f:.2f} ({shared:.2f}) | {o / t:.2f} | {o / f:.2f} ({own:.2f}) |")
+    print("\nRatios against HF Flax: of the medians, and in parentheses the median over rounds "
+          "of the back-to-back ratio.")
     if ours["latency"]:
         print(f"\nBERT-base forward latency (no head), batch 1, fp32, median of {args.repeats} "
               "after one warm-up:\n")
