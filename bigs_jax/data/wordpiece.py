@@ -208,6 +208,19 @@ class WordPieceVocabulary(seqio.Vocabulary):
         return self._index.get(piece, self.special_ids.unk_id)
 
 
+def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """HF's 'longest_first' truncation of a pair of id lists to `budget` tokens in all."""
+    if len(a) + len(b) <= budget:
+        return a, b
+    short, long = sorted((len(a), len(b)))
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short, long = budget // 2, budget // 2 + budget % 2
+    if len(a) > len(b):
+        short, long = long, short
+    return a[:short], b[:long]
+
+
 def encode_pair(
     vocabulary: WordPieceVocabulary,
     text_a: str,
@@ -239,14 +252,8 @@ def encode_pair(
     b = list(vocabulary.encode(text_b)) if text_b is not None else []
     if text_b is None:
         a = a[:budget]
-    elif len(a) + len(b) > budget:
-        short, long = sorted((len(a), len(b)))
-        long = short if short > budget else max(short, budget - short)
-        if short + long > budget:
-            short, long = budget // 2, budget // 2 + budget % 2
-        if len(a) > len(b):
-            short, long = long, short
-        a, b = a[:short], b[:long]
+    else:
+        a, b = truncate_pair(a, b, budget)
     ids = [specials.cls_id, *a, specials.sep_id]
     types = [0] * len(ids)
     if text_b is not None:

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from bigs_jax.data.wordpiece import truncate_pair
 from bigs_jax.train import checkpointing
 
 class DataError(ValueError):
@@ -67,19 +68,6 @@ def encode_texts(vocab, texts: Sequence[str], chunk: int = 4096) -> list[list[in
     for i in range(0, len(texts), chunk):
         out.extend(vocab.encode_tf(tf.constant(list(texts[i:i + chunk]), tf.string)).to_list())
     return out
-
-
-def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """HF's 'longest_first' truncation of a pair to `budget` tokens (as wordpiece.encode_pair)."""
-    if len(a) + len(b) <= budget:
-        return a, b
-    short, long = sorted((len(a), len(b)))
-    long = short if short > budget else max(short, budget - short)
-    if short + long > budget:
-        short, long = budget // 2, budget // 2 + budget % 2
-    if len(a) > len(b):
-        short, long = long, short
-    return a[:short], b[:long]
 
 
 def encode_examples(vocab, texts_a: Sequence[str], texts_b: Optional[Sequence[str]],
