@@ -28,8 +28,7 @@ max_len); `--config.select=last` reports the final step instead of the best eval
 
 from ml_collections import ConfigDict, config_dict
 
-from bigs_jax.train.config import parse_arg
-from bigs_jax.train.partitioning import DEFAULT_RULES
+from bigs_jax.train.config import add_finetune_sections, parse_arg
 
 TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 # CPU recipe: train lengths cover ≥ 99% of CoLA / SST-2 / STS-B train rows (WordPiece, the
@@ -80,18 +79,8 @@ def get_config(arg=None):
     c.max_train_examples = 0         # test/smoke only: use the first N rows
     c.max_eval_examples = 0
     # Model options over the checkpoint's (None: keep the checkpoint's value).
-    c.model = ConfigDict({
-        "pooler": config_dict.placeholder(str),
-        "classifier_dropout": config_dict.placeholder(float),
-        "dropout": config_dict.placeholder(float),
-        "attention_dropout": config_dict.placeholder(float),
-    })
-    c.per_task = ConfigDict({t: {
-        "lr": config_dict.placeholder(float), "epochs": config_dict.placeholder(float),
-        "max_steps": config_dict.placeholder(int), "batch_size": config_dict.placeholder(int),
-        "max_len": config_dict.placeholder(int)} for t in TASKS})
-    c.mesh = ConfigDict({"shape": (-1, 1, 1), "dcn_shape": (1, 1, 1),
-                         "rules": [list(r) for r in DEFAULT_RULES]})
+    add_finetune_sections(c, TASKS, {"pooler": str, "classifier_dropout": float,
+                                     "dropout": float, "attention_dropout": float})
     if recipe == "cpu":
         c.max_steps = 400            # QQP / MNLI / QNLI: a fraction of an epoch on a CPU
         c.batch_size = 16

@@ -18,8 +18,7 @@ for a task (an encoder for a generation task) stops with one line.
 
 from ml_collections import ConfigDict, config_dict
 
-from bigs_jax.train.config import parse_arg
-from bigs_jax.train.partitioning import DEFAULT_RULES
+from bigs_jax.train.config import add_finetune_sections, parse_arg
 
 TASKS = ("gov_report", "summ_screen_fd", "qmsum", "qasper", "narrative_qa", "quality",
          "contract_nli")
@@ -55,17 +54,7 @@ def get_config(arg=None):
     c.mnli_init = ""
     c.max_train_examples = 0
     c.max_eval_examples = 0
-    c.model = ConfigDict({
-        "pooler": config_dict.placeholder(str),
-        "classifier_dropout": config_dict.placeholder(float),
-        "dropout": config_dict.placeholder(float),
-    })
-    c.per_task = ConfigDict({t: {
-        "lr": config_dict.placeholder(float), "epochs": config_dict.placeholder(float),
-        "max_steps": config_dict.placeholder(int), "batch_size": config_dict.placeholder(int),
-        "max_len": config_dict.placeholder(int)} for t in TASKS})
-    c.mesh = ConfigDict({"shape": (-1, 1, 1), "dcn_shape": (1, 1, 1),
-                         "rules": [list(r) for r in DEFAULT_RULES]})
+    add_finetune_sections(c, TASKS, {"pooler": str, "classifier_dropout": float, "dropout": float})
     if args.get("smoke"):
         c.max_steps = 4
         c.evals = 2

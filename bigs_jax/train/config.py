@@ -59,6 +59,12 @@ def model_config(name: str, **values) -> ConfigDict:
     return c
 
 
+def mesh_config() -> ConfigDict:
+    """The default mesh: data parallel over every device, with the default sharding rules."""
+    return ConfigDict({"shape": (-1, 1, 1), "dcn_shape": (1, 1, 1),
+                       "rules": [list(r) for r in DEFAULT_RULES]})
+
+
 def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
     c = ConfigDict()
     c.objective = objective
@@ -87,9 +93,19 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
         # The gradient norm in the logs costs ~7% of a small model's step on CPU.
         "log_grad_norm": True,
     })
-    c.mesh = ConfigDict({"shape": (-1, 1, 1), "dcn_shape": (1, 1, 1),
-                         "rules": [list(r) for r in DEFAULT_RULES]})
+    c.mesh = mesh_config()
     return c
+
+
+def add_finetune_sections(c: ConfigDict, tasks, model_options: dict[str, type]) -> None:
+    """The sections the GLUE and SCROLLS configs share: `model` (options over the
+    checkpoint's; None keeps its value), `per_task` overrides and `mesh`."""
+    c.model = ConfigDict({k: config_dict.placeholder(t) for k, t in model_options.items()})
+    c.per_task = ConfigDict({t: {
+        "lr": config_dict.placeholder(float), "epochs": config_dict.placeholder(float),
+        "max_steps": config_dict.placeholder(int), "batch_size": config_dict.placeholder(int),
+        "max_len": config_dict.placeholder(int)} for t in tasks})
+    c.mesh = mesh_config()
 
 
 def smoke(c: ConfigDict) -> ConfigDict:
