@@ -87,7 +87,7 @@ def reference_attention(q, k, v, mask):
 def test_query_block_size():
     fits = attention.SCORE_BLOCK_FLOATS
     assert attention.query_block_size(1, 1, 64, fits // 64) == 64     # everything fits: one block
-    assert attention.query_block_size(1, 12, 4096, 4096) == 128       # 12 * 128 * 4096 * 4 B = 25 MB
+    assert attention.query_block_size(1, 12, 4096, 4096) == 128       # 25 MB of scores
     assert attention.query_block_size(8, 12, 512, 512) == 128
     assert attention.query_block_size(1, 1, 3 * 4096, 3 * 4096) == 512  # power of 2 dividing L
     assert attention.query_block_size(1, 64, 5 * 8191, 5 * 8191) == 1  # odd L: single queries
