@@ -126,3 +126,24 @@ def test_layer_without_dropout_takes_the_blocked_path(monkeypatch):
     monkeypatch.setattr(attention, "SCORE_BLOCK_FLOATS", 2 * 3 * 4 * 32)  # 8 blocks of 4
     blocked = layer(x, mask)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), atol=1e-6, rtol=0)
+
+
+def test_query_blocks_differentiate_like_the_whole_computation(monkeypatch):
+    """Training without attention dropout goes through the blocked path: same gradients."""
+    B, L, H, K = 2, 32, 2, 4
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, L, H, K)), jnp.float32) for _ in range(3))
+    mask = make_attention_mask(None, L, causal=True)
+    cotangent = jnp.asarray(rng.normal(size=(B, L, H, K)), jnp.float32)
+
+    def loss(*qkv):
+        return jnp.sum(attention.attend_in_query_blocks(*qkv, mask) * cotangent)
+
+    def grads():
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    whole = grads()
+    monkeypatch.setattr(attention, "SCORE_BLOCK_FLOATS", B * H * 8 * L)  # 4 blocks of 8
+    assert attention.query_block_size(B, H, L, L) == 8
+    for a, b in zip(grads(), whole):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
