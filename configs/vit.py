@@ -8,8 +8,8 @@
 bundled 8x8 digits (`sklearn_digits`, built into data_dir on first use, no network): 600 steps
 of batch 64, then 95.0-96.4% accuracy on the 360 held-out digits (it depends on the CPU's
 matmul kernels), 26-52 s for the whole command on 2-core CPUs (the acceptance bar is 90% in
-5 minutes). Other datasets must be
-prepared first (`tfds build NAME --data_dir=DIR`); `config.data.image_size` resizes them.
+5 minutes). Other datasets must be prepared first (`tfds build NAME --data_dir=DIR`);
+`config.data.image_size` resizes them.
 
 Sizes: tiny (8x8 images), ti16, s16, b16, l16 (224 px, patch 16). Large-scale settings follow
 the paper's/DeiT's ImageNet recipe where it applies without augmentation: AdamW, β = (0.9,

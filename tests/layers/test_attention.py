@@ -118,7 +118,7 @@ def test_query_blocks_equal_the_float64_reference(monkeypatch, masking):
 
 
 def test_layer_without_dropout_takes_the_blocked_path(monkeypatch):
-    """The layer's deterministic output is the dropout path's with rate 0 (one full block)."""
+    """Without dropout the layer's output does not depend on how its queries are blocked."""
     layer = SelfAttention(24, 3, dropout=0.1, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 24)), jnp.float32)
     mask = make_attention_mask(None, 32, causal=True)
