@@ -19,6 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 
 from bigs_jax import cli
+from bigs_jax.errors import ConfigError
+from bigs_jax.evals import runner
+from bigs_jax.evals.finetune import DataError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,10 +36,6 @@ def main(argv):
         cli.fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE")
     config = _CONFIG.value
     cli.check_config_loads(config, "benchmark")
-    from bigs_jax.evals import runner
-    from bigs_jax.evals.finetune import DataError
-    from bigs_jax.train.loop import ConfigError
-
     cli.join_distributed(_DISTRIBUTED)
     try:
         summary = runner.evaluate(config, _WORKDIR.value or os.path.join("workdirs", "eval"))

@@ -9,38 +9,14 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from bigs_jax.models import MODELS, family_of, make_config
+from bigs_jax.models import MODELS, build, make_config
 from bigs_jax.models.outputs import ModelOutput
+from bigs_jax.train.checkpointing import load_model
 
 __all__ = ["MODELS", "ModelOutput", "build", "count_params", "create", "load"]
-
-
-def build(config, *, seed: int = 0) -> nnx.Module:
-    """A randomly initialized model from a frozen family config.
-
-    Parameters are initialized in float32 and then stored in `config.param_dtype` (except the
-    family's FP32_PARAMS), so a bfloat16 model starts from the rounded float32 initialization.
-    """
-    family = family_of(config)
-    model = family.model_cls(config, rngs=nnx.Rngs(seed))
-    param_dtype = jnp.dtype(config.param_dtype)
-    if param_dtype != jnp.float32:
-        keep = re.compile("|".join(family.fp32_params) or r"(?!)")
-
-        def cast(path, x):
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
-            if not jnp.issubdtype(x.dtype, jnp.floating) or keep.search(name):
-                return x
-            return x.astype(param_dtype)
-
-        nnx.update(model, jax.tree_util.tree_map_with_path(cast, nnx.state(model, nnx.Param)))
-    return model
 
 
 def create(name: str, *, seed: int = 0, **overrides) -> nnx.Module:
@@ -53,9 +29,7 @@ def create(name: str, *, seed: int = 0, **overrides) -> nnx.Module:
 
 def load(path: str, step: int | None = None) -> nnx.Module:
     """The model stored in a workdir (latest step, or `step`) or in one checkpoint step dir."""
-    from bigs_jax.train import checkpointing  # orbax is heavy; import on use
-
-    return checkpointing.load_model(path, step=step)
+    return load_model(path, step=step)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -11,6 +11,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from bigs_jax.train import partitioning
+
 
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -61,8 +63,6 @@ def define_distributed_flags() -> dict:
 
 def join_distributed(defined: dict) -> None:
     """Join the multi-process runtime the flags describe (a no-op for one process)."""
-    from bigs_jax.train import partitioning  # pylint: disable=import-outside-toplevel
-
     try:
         partitioning.initialize_distributed(
             defined["coordinator_address"].value, defined["num_processes"].value,

@@ -17,10 +17,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bigs_jax.convert.common import FROM_CHOICES, TO_CHOICES, ConversionError, convert
+
 
 def main(argv=None) -> int:
-    from bigs_jax.convert.common import FROM_CHOICES, TO_CHOICES, ConversionError, convert
-
     parser = argparse.ArgumentParser(
         prog="python -m bigs_jax.convert",
         description="Convert a checkpoint directory into a new bigs_jax workdir (--to bigs) or "

@@ -25,6 +25,12 @@ import tempfile
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from flax import nnx, serialization
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from bigs_jax.paths import flat_paths
+from bigs_jax.train import checkpointing
 
 Tensors = dict[str, np.ndarray]
 
@@ -209,18 +215,6 @@ def _problems(source: str, missing, unexpected, misshaped) -> str:
 # ---------------------------------------------------------------------------- trees
 
 
-def flatten(tree: Mapping, sep: str = "/") -> dict[str, Any]:
-    """{'a/b/c': leaf} of a nested dict (keys stringified)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            for sub, leaf in flatten(value, sep).items():
-                out[f"{key}{sep}{sub}"] = leaf
-        else:
-            out[str(key)] = value
-    return out
-
-
 def unflatten_like(flat: Mapping[str, Any], like: Mapping) -> dict:
     """A nested dict shaped like `like` (our pure param dict) holding `flat`'s leaves."""
     def build(node, prefix):
@@ -245,9 +239,6 @@ def read_json(path: str) -> dict:
 
 
 def read_safetensors(path: str) -> Tensors:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     try:
         return dict(load_file(path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -257,7 +248,7 @@ def read_safetensors(path: str) -> Tensors:
 
 def read_torch(path: str) -> Tensors:
     try:
-        import torch
+        import torch  # optional (requirements-test.txt): only pytorch_model.bin needs it
     except ImportError:
         raise ConversionError(f"reading {path} needs PyTorch; pip install torch, or convert "
                               "the checkpoint to safetensors first") from None
@@ -273,15 +264,13 @@ def read_torch(path: str) -> Tensors:
 
 
 def read_msgpack(path: str) -> Tensors:
-    from flax import serialization
-
     try:
         with open(path, "rb") as f:
             tree = serialization.msgpack_restore(f.read())
     except Exception as e:  # msgpack raises several types for corrupt or truncated files
         raise ConversionError(f"{path} is not a readable Flax msgpack file ({e}); it may be "
                               "truncated — re-download it") from None
-    return {k: np.asarray(v) for k, v in flatten(tree).items()}
+    return {k: np.asarray(v) for k, v in flat_paths(tree).items()}
 
 
 def read_hf_weights(src: str) -> tuple[Tensors, str]:
@@ -335,8 +324,8 @@ class Imported:
 
 
 # Importers by `--from` name: module path (exposing `detect(src) -> bool` and
-# `import_checkpoint(src, options) -> Imported`), or None for a format not supported yet.
-IMPORTERS: dict[str, Optional[str]] = {
+# `import_checkpoint(src, options) -> Imported`).
+IMPORTERS: dict[str, str] = {
     "hf-bert": "bigs_jax.convert.hf_bert",
     "hf-gpt2": "bigs_jax.convert.hf_gpt2",
     "bigs-official": "bigs_jax.convert.bigs_official",
@@ -353,11 +342,7 @@ TO_CHOICES = ("bigs", "hf")
 
 
 def _importer(name: str):
-    module = IMPORTERS[name]
-    if module is None:
-        raise ConversionError(f"--from {name} is not yet supported by this version of bigs_jax; "
-                              f"supported: {', '.join(k for k, v in IMPORTERS.items() if v)}")
-    return importlib.import_module(module)
+    return importlib.import_module(IMPORTERS[name])
 
 
 def resolve_format(src: str, from_: str) -> str:
@@ -378,7 +363,7 @@ def resolve_format(src: str, from_: str) -> str:
     if model_type in HF_MODEL_TYPES:
         return HF_MODEL_TYPES[model_type]
     for name, module in IMPORTERS.items():
-        if module is not None and importlib.import_module(module).detect(src):
+        if importlib.import_module(module).detect(src):
             return name
     raise ConversionError(f"cannot tell the format of {src} (config.json model_type "
                           f"{model_type!r}); pass --from with one of {list(IMPORTERS)}")
@@ -386,13 +371,9 @@ def resolve_format(src: str, from_: str) -> str:
 
 def abstract_params(config) -> tuple[dict, dict[str, tuple]]:
     """(pure param dict of ShapeDtypeStructs, {path: shape}) of a model, allocating nothing."""
-    from flax import nnx
-
-    from bigs_jax.train import checkpointing
-
     _, state = checkpointing.abstract_model(config)
     tree = nnx.to_pure_dict(state)
-    return tree, {p: tuple(v.shape) for p, v in flatten(tree).items()}
+    return tree, {p: tuple(v.shape) for p, v in flat_paths(tree).items()}
 
 
 def _fresh_tmp(dst: str) -> str:
@@ -420,8 +401,6 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
 def import_to_workdir(src: str, dst: str, *, from_: str = "auto",
                       official_padding: bool = False) -> Imported:
     """Convert a foreign checkpoint directory into a new bigs_jax workdir `dst`."""
-    from bigs_jax.train import checkpointing
-
     if os.path.exists(os.path.join(src, checkpointing.MODEL_JSON)):
         raise ConversionError(f"{src} is already a bigs_jax workdir; use --to hf to export it")
     name = resolve_format(src, from_)
@@ -451,11 +430,6 @@ def export_from_workdir(src: str, dst: str, *, to: str = "hf") -> str:
 
     Returns the architecture written (e.g. "BertForMaskedLM").
     """
-    from flax import nnx
-    from safetensors.numpy import save_file
-
-    from bigs_jax.train import checkpointing
-
     if to != "hf":
         raise ConversionError(f"unknown --to {to!r} for a workdir source; choose hf")
     config = checkpointing.read_model_config(src)
@@ -466,7 +440,7 @@ def export_from_workdir(src: str, dst: str, *, to: str = "hf") -> str:
     exporter = importlib.import_module(EXPORTERS[family])
     hf_config = exporter.hf_config(config)  # validates before anything is loaded or written
     model = checkpointing.load_model(src)
-    params = {p: np.asarray(v) for p, v in flatten(nnx.to_pure_dict(nnx.state(model))).items()}
+    params = {p: np.asarray(v) for p, v in flat_paths(nnx.to_pure_dict(nnx.state(model))).items()}
     tensors = exporter.export_tensors(config, params)
     tmp = _fresh_tmp(dst)
     try:
@@ -506,9 +480,8 @@ def convert(src: str, dst: str, *, from_: str = "auto", to: str = "bigs",
     if to != "bigs":
         raise ConversionError(f"unknown --to {to!r}; choose one of {TO_CHOICES}")
     imported = import_to_workdir(src, dst, from_=from_, official_padding=official_padding)
-    from bigs_jax.train.checkpointing import model_json, param_count
-
-    family = model_json(imported.config)["family"]
-    line = (f"converted {imported.format} checkpoint ({param_count(imported.params):,} params, "
+    family = checkpointing.model_json(imported.config)["family"]
+    line = (f"converted {imported.format} checkpoint "
+            f"({checkpointing.param_count(imported.params):,} params, "
             f"{family}) to {os.path.abspath(dst)}")
     return "; ".join([line, *imported.notes])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -46,6 +47,7 @@ from bigs_jax.convert.common import (
     unflatten_like,
 )
 from bigs_jax.models.m2 import M2Config
+from bigs_jax.train import checkpointing
 
 FORMAT = "m2-official"
 FILES = ("pytorch_model.bin", "model.bin", "model.pt")
@@ -132,7 +134,7 @@ def ours_to_official(path: str, key_map: KeyMap = KEY_MAP) -> Optional[str]:
 
 def _read_torch_file(path: str) -> Tensors:
     try:
-        import torch
+        import torch  # optional (requirements-test.txt): only these checkpoints need it
     except ImportError:
         raise ConversionError(f"reading {path} needs PyTorch; pip install torch") from None
     try:
@@ -295,10 +297,6 @@ def convert(src_path: str, dst_workdir: str, *, official_padding: bool = False) 
       dst_workdir: the workdir to create; it must not exist.
       official_padding: build the model in the official (pads-not-masked) mode.
     """
-    import tempfile
-
-    from bigs_jax.train import checkpointing
-
     dst = os.path.abspath(dst_workdir)
     if os.path.lexists(dst):
         raise ConversionError(f"{dst} already exists; pass a new destination")

@@ -28,10 +28,11 @@ import dataclasses
 import os
 from typing import Iterator, Optional
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bigs_jax.data import hide_accelerators_from_tensorflow
+from bigs_jax.data import hide_accelerators_from_tensorflow, registry
 
 DIGITS_TEST_SIZE = 360  # ~20% of the 1797 images; the rest (1437) is the train split
 
@@ -279,8 +280,6 @@ class ImageSource:
 
 def data_source(config) -> ImageSource:
     """The `ImageSource` of `config.data` on this host (jax.process_index of process_count)."""
-    import jax  # pylint: disable=import-outside-toplevel
-
     d = config.data
     return ImageSource(
         name=d.tfds_name, data_dir=d.get("data_dir", ""), train_split=d.get("train_split",
@@ -290,3 +289,6 @@ def data_source(config) -> ImageSource:
         eval_batch_size=d.get("eval_batch_size", d.batch_size),
         eval_batches=d.get("eval_batches", 0), seed=d.get("seed", 0),
         shard_index=jax.process_index(), num_shards=jax.process_count())
+
+
+registry.register("images", data_source)

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 from ml_collections import ConfigDict
 
+from bigs_jax.data import registry
 from bigs_jax.evals import finetune, metrics
 from bigs_jax.evals.finetune import DataError
 
@@ -306,3 +307,6 @@ def markdown(summary: dict) -> str:
     lines = [f"GLUE dev results ({over})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              "| " + " | ".join(cells + [f"{summary['score']:.1f}"]) + " |", ""]
     return "\n".join(lines)
+
+
+registry.register("glue", data_source)

@@ -19,24 +19,29 @@ from typing import Optional
 
 import jax
 import numpy as np
+from flax import nnx
 from ml_collections import ConfigDict
 
-from bigs_jax.train import checkpointing
-from bigs_jax.train.config import NO_DECAY
-from bigs_jax.train.loop import ConfigError
+from bigs_jax.errors import ConfigError
+from bigs_jax.evals import glue, scrolls
+from bigs_jax.models import build
+from bigs_jax.train import checkpointing, loop
+from bigs_jax.train import config as schema
+from bigs_jax.train import metrics as tb
+from bigs_jax.train.workdir import check_workdir
 
 RESULT_JSON = "result.json"
 MNLI_STARTED = ("mrpc", "stsb", "rte")
 
 
+BENCHMARKS = {"glue": glue, "scrolls": scrolls}
+
+
 def _benchmark(c: ConfigDict):
-    if c.benchmark == "glue":
-        from bigs_jax.evals import glue as bench
-    elif c.benchmark == "scrolls":
-        from bigs_jax.evals import scrolls as bench
-    else:
-        raise ConfigError(f"unknown config.benchmark {c.benchmark!r}; choose glue or scrolls")
-    return bench
+    if c.benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown config.benchmark {c.benchmark!r}; choose one of "
+                          f"{sorted(BENCHMARKS)}")
+    return BENCHMARKS[c.benchmark]
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -59,9 +64,6 @@ def run_config(c: ConfigDict, task: str, seed: int, init: str, run_dir: str,
                bench) -> ConfigDict:
     """The train-loop config of one (task, seed) run."""
     r = recipe(c, task)
-    rc = ConfigDict()
-    rc.objective = bench.objective(task)
-    rc.init = init
     workdir = checkpointing.resolve(init)[0]
     with open(os.path.join(workdir, checkpointing.MODEL_JSON)) as f:
         family = json.load(f)["family"]
@@ -71,9 +73,9 @@ def run_config(c: ConfigDict, task: str, seed: int, init: str, run_dir: str,
         raise ConfigError(f"max_len {r['max_len']} for {task} exceeds the max_len {limit} of "
                           f"config.init {init}; pass --config.max_len (or "
                           f"--config.per_task.{task}.max_len) <= {limit}")
-    rc.model = ConfigDict({"name": family, **bench.model_options(task),
-                           **{k: v for k, v in c.model.items() if v is not None}})
-    rc.data = ConfigDict({
+    model = ConfigDict({"name": family, **bench.model_options(task),
+                        **{k: v for k, v in c.model.items() if v is not None}})
+    data = ConfigDict({
         "source": c.benchmark, "task": task, "format": c.format, "data_dir": c.data_dir,
         "tfds_data_dir": c.tfds_data_dir, "vocab_file": c.vocab_file or _vocab_of(c.init),
         "lower_case": c.lower_case, "seq_len": r["max_len"],
@@ -84,24 +86,18 @@ def run_config(c: ConfigDict, task: str, seed: int, init: str, run_dir: str,
         "eval_split": "validation", "eval_batches": c.eval_loss_batches,
         **bench.data_options(c),
     })
+    rc = schema.run_config(model=model, data=data, objective=bench.objective(task), init=init)
     n = bench.train_size(rc)
     steps = max(1, math.ceil(r["epochs"] * n / r["batch_size"]))
     if r["max_steps"]:
         steps = min(steps, r["max_steps"])
     every = max(1, math.ceil(steps / max(1, c.evals)))
-    rc.optim = ConfigDict({
-        "lr": r["lr"], "warmup_steps": round(c.warmup_ratio * steps), "schedule": "linear",
-        "end_lr_ratio": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
-        "weight_decay": c.weight_decay, "clip_norm": 1.0, "no_decay": list(NO_DECAY),
-        "groups": [], "freeze": [],
-    })
-    rc.train = ConfigDict({
-        "steps": steps, "log_every": min(10, every), "eval_every": every,
-        "checkpoint_every": every, "keep_checkpoints": 1, "seed": seed, "max_predictions": 0,
-        "grad_accum_steps": 1, "debug_nan_at_step": 0, "dry_run": False,
-        "peak_flops_per_device": 0.0, "profile_start_step": 0, "profile_num_steps": 5,
-        "eval_at_start": c.eval_at_start,
-    })
+    # The fine-tuning recipe over the schema's defaults (BERT's: linear decay to 0, β2 0.999).
+    rc.optim.update(lr=r["lr"], warmup_steps=round(c.warmup_ratio * steps), schedule="linear",
+                    end_lr_ratio=0.0, b2=0.999, weight_decay=c.weight_decay)
+    rc.train.update(steps=steps, log_every=min(10, every), eval_every=every,
+                    checkpoint_every=every, keep_checkpoints=1, seed=seed,
+                    eval_at_start=c.eval_at_start)
     rc.mesh = ConfigDict(c.mesh.to_dict())
     return rc
 
@@ -142,15 +138,11 @@ def transfer_init(mnli_dir: str, dst: str, num_labels: int, seed: int) -> str:
     """
     if os.path.isdir(os.path.join(dst, checkpointing.CHECKPOINTS)):
         return dst
-    from flax import nnx
-
-    import bigs_jax
-
     workdir, step = checkpointing.resolve(mnli_dir)
     config = checkpointing.read_model_config(workdir)
     target = dataclasses.replace(config, num_labels=num_labels)
-    fresh = nnx.to_pure_dict(nnx.state(bigs_jax.build(target, seed=seed)))
-    mnli = nnx.to_pure_dict(nnx.state(bigs_jax.load(workdir, step)))
+    fresh = nnx.to_pure_dict(nnx.state(build(target, seed=seed)))
+    mnli = nnx.to_pure_dict(nnx.state(checkpointing.load_model(workdir, step=step)))
     flat = dict(jax.tree_util.tree_leaves_with_path(mnli))
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: flat[p] if p in flat and flat[p].shape == x.shape else x, fresh)
@@ -166,8 +158,6 @@ def transfer_init(mnli_dir: str, dst: str, num_labels: int, seed: int) -> str:
 
 def run_one(c: ConfigDict, bench, task: str, seed: int, out: str) -> Optional[dict]:
     """Fine-tune and score one (task, seed); None if the run was preempted."""
-    from bigs_jax.train import loop
-
     run_dir = os.path.join(out, task, f"seed{seed}")
     init = c.init
     if c.from_mnli and task in MNLI_STARTED and c.benchmark == "glue":
@@ -222,8 +212,6 @@ def aggregate(results: dict[str, list[dict]], bench) -> dict:
 
 
 def write_results(out: str, summary: dict, bench) -> None:
-    from bigs_jax.train import metrics as tb
-
     checkpointing.write_json_atomic(os.path.join(out, "results.json"),
                                     _json_safe(summary))
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -250,8 +238,6 @@ def _json_safe(x):
 
 def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     """Run every task and seed of `c`; returns the summary (None if preempted)."""
-    from bigs_jax.train.loop import check_workdir
-
     bench = _benchmark(c)
     if not c.init:
         raise ConfigError("config.init is empty; pass --config.init=WORKDIR (a pretrained "

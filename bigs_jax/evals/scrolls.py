@@ -29,6 +29,7 @@ import re
 import numpy as np
 from ml_collections import ConfigDict
 
+from bigs_jax.data import registry
 from bigs_jax.evals import finetune, metrics
 from bigs_jax.evals.finetune import DataError
 from bigs_jax.train import checkpointing
@@ -446,3 +447,6 @@ def markdown(summary: dict) -> str:
     return "\n".join(["SCROLLS validation results", "", "| " + " | ".join(head) + " |",
                       "|" + "---|" * len(head),
                       "| " + " | ".join(cells + [f"{summary['score']:.1f}"]) + " |", ""])
+
+
+registry.register("scrolls", data_source)

@@ -1,16 +1,22 @@
-"""The model registry: every family's named sizes, by registry name.
+"""The model registry: every family's named sizes, by registry name, and `build`.
 
 `MODELS[name]` is a `ModelSpec` (family, config overrides). Each family module holds its own
-size table (`SIZES`); sizes follow the papers and the official configs.
+size table (`SIZES`); sizes follow the papers and the official configs. `build(config)` makes
+the randomly initialized model of a frozen family config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from typing import Any, Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from bigs_jax.paths import path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +29,13 @@ class Family:
     # Regexes of parameter paths ('layers/0/mixer/...') stored in float32 whatever
     # `param_dtype` says: small generators whose rounding the outputs amplify.
     fp32_params: tuple[str, ...] = ()
+    # Why the family cannot take packed rows (segment_ids), as the one-line error a run with
+    # a packing task stops with; empty when it keeps packed examples apart.
+    segments_refusal: str = ""
+
+    @property
+    def supports_segments(self) -> bool:
+        return not self.segments_refusal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +45,8 @@ class ModelSpec:
 
 
 # One module per family; each exposes FAMILY (its name), Config, Model and SIZES
-# (registry name -> config overrides), and may expose FP32_PARAMS (see Family).
+# (registry name -> config overrides), and may expose FP32_PARAMS and SEGMENTS_REFUSAL
+# (see Family).
 FAMILY_MODULES = ("encoder", "gpt2", "m2", "vit", "m2_vit")
 
 FAMILIES: dict[str, Family] = {}
@@ -40,7 +54,8 @@ MODELS: dict[str, ModelSpec] = {}
 for _module in FAMILY_MODULES:
     _m = importlib.import_module(f"bigs_jax.models.{_module}")
     FAMILIES[_m.FAMILY] = Family(_m.FAMILY, _m.Config, _m.Model,
-                                 tuple(getattr(_m, "FP32_PARAMS", ())))
+                                 fp32_params=tuple(getattr(_m, "FP32_PARAMS", ())),
+                                 segments_refusal=getattr(_m, "SEGMENTS_REFUSAL", ""))
     for _name, _overrides in _m.SIZES.items():
         if _name in MODELS:
             raise RuntimeError(f"registry name {_name!r} defined twice")
@@ -74,3 +89,24 @@ def family_of(config) -> Family:
         if isinstance(config, family.config_cls):
             return family
     raise TypeError(f"{type(config).__name__} is not the config of a registered family")
+
+
+def build(config, *, seed: int = 0) -> nnx.Module:
+    """A randomly initialized model from a frozen family config.
+
+    Parameters are initialized in float32 and then stored in `config.param_dtype` (except the
+    family's `fp32_params`), so a bfloat16 model starts from the rounded float32 initialization.
+    """
+    family = family_of(config)
+    model = family.model_cls(config, rngs=nnx.Rngs(seed))
+    param_dtype = jnp.dtype(config.param_dtype)
+    if param_dtype != jnp.float32:
+        keep = re.compile("|".join(family.fp32_params) or r"(?!)")
+
+        def cast(path, x):
+            if not jnp.issubdtype(x.dtype, jnp.floating) or keep.search(path_str(path)):
+                return x
+            return x.astype(param_dtype)
+
+        nnx.update(model, jax.tree_util.tree_map_with_path(cast, nnx.state(model, nnx.Param)))
+    return model

@@ -254,7 +254,6 @@ class M2(nnx.Module):
 # ---------------------------------------------------------------------------- registry
 
 FAMILY = "m2"
-SUPPORTS_SEGMENTS = False
 SEGMENTS_REFUSAL = ("M2 cannot keep packed examples apart (its long and short convolutions "
                     "have no segment-aware path); use an unpacked task (drop pack=1) for M2")
 # The implicit long-convolution filters (sine MLPs of positions): bfloat16 rounding of

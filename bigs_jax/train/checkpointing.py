@@ -17,6 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from bigs_jax.models import FAMILIES, build, family_of
+from bigs_jax.paths import flat_paths, path_str
+
 CHECKPOINTS = "checkpoints"
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
@@ -26,14 +29,10 @@ CONFIG_JSON = "config.json"
 
 
 def model_json(config) -> dict:
-    from bigs_jax.models import family_of
-
     return {"family": family_of(config).name, "config": dataclasses.asdict(config)}
 
 
 def config_from_json(data: dict):
-    from bigs_jax.models import FAMILIES
-
     family = data.get("family")
     if family not in FAMILIES:
         raise ValueError(f"model.json names unknown family {family!r}; known: "
@@ -150,8 +149,6 @@ def resolve(path: str, step: Optional[int] = None) -> tuple[str, int]:
 
 def abstract_model(config):
     """(graphdef, abstract param state) of a model, without allocating it."""
-    from bigs_jax import build
-
     model = nnx.eval_shape(lambda: build(config))
     return nnx.split(model)
 
@@ -177,11 +174,6 @@ def load_model(path: str, *, step: Optional[int] = None) -> nnx.Module:
     return nnx.merge(graphdef, params)
 
 
-def _flat(tree) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): x
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def restore_matching(path: str, params) -> tuple[Any, str]:
     """`params` (a model's sharded pure dict) with what it shares with another checkpoint.
 
@@ -193,7 +185,7 @@ def restore_matching(path: str, params) -> tuple[Any, str]:
     """
     workdir, step = resolve(path)
     source = nnx.to_pure_dict(abstract_model(read_model_config(workdir))[1])
-    src, dst = _flat(source), _flat(params)
+    src, dst = flat_paths(source), flat_paths(params)
     misshaped = sorted(f"{k} {tuple(src[k].shape)} vs {tuple(v.shape)}"
                        for k, v in dst.items() if k in src and src[k].shape != v.shape)
     if misshaped:
@@ -203,18 +195,18 @@ def restore_matching(path: str, params) -> tuple[Any, str]:
     fallback = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def abstract(path_, x):
-        key = "/".join(str(getattr(k, "key", k)) for k in path_)
+        key = path_str(path_)
         like = dst.get(key)
         sharding = like.sharding if like is not None else fallback
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    restored = _flat(restore_params(workdir, step, jax.tree_util.tree_map_with_path(
+    restored = flat_paths(restore_params(workdir, step, jax.tree_util.tree_map_with_path(
         abstract, source)))
     fresh = sorted(k for k in dst if k not in src)
     unused = sorted(k for k in src if k not in dst)
 
     def pick(path_, like):
-        key = "/".join(str(getattr(k, "key", k)) for k in path_)
+        key = path_str(path_)
         return restored[key].astype(like.dtype) if key in dst and key in src else like
 
     params = jax.tree_util.tree_map_with_path(pick, params)

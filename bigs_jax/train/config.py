@@ -1,4 +1,10 @@
-"""Defaults shared by the experiment configs in configs/ (ml_collections)."""
+"""The run-config schema (ml_collections) and the helpers configs/ build experiments with.
+
+`run_config` is the one schema the train loop reads: every key of `optim`, `train` and `mesh`
+has its default here, so the loop never guesses one. Pretraining configs start from
+`base_config`; the GLUE/SCROLLS runner (`evals.runner.run_config`) starts from `run_config`
+with its benchmark's data section and overrides values.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Optional
 
 from ml_collections import ConfigDict, config_dict
 
+from bigs_jax.models import FAMILIES, get_spec
 from bigs_jax.train.partitioning import DEFAULT_RULES
 
 # Biases, LayerNorm parameters and the SSM parameters' D are excluded from weight decay, as in
@@ -47,8 +54,6 @@ def model_config(name: str, **values) -> ConfigDict:
     Keys left None take the registry's value for `name`, so `--config.model.X=...` works for
     every model option while `--config.model.name=...` still picks up that size's defaults.
     """
-    from bigs_jax.models import FAMILIES, get_spec  # pylint: disable=import-outside-toplevel
-
     cls = FAMILIES[get_spec(name).family].config_cls
     hints = typing.get_type_hints(cls)
     c = ConfigDict({"name": name})
@@ -65,14 +70,32 @@ def mesh_config() -> ConfigDict:
                        "rules": [list(r) for r in DEFAULT_RULES]})
 
 
-def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
-    c = ConfigDict()
-    c.objective = objective
-    # A workdir (or workdir/checkpoints/<step>) to start from: its architecture and every
-    # parameter this run's model shares with it (fine-tuning; see checkpointing.restore_matching).
-    c.init = ""
-    c.model = model_config(model)
-    c.data = ConfigDict({
+def optim_config() -> ConfigDict:
+    """`config.optim`: AdamW with warmup, decay, clipping and path-regex groups (`optim.py`)."""
+    return ConfigDict({
+        "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "end_lr_ratio": 0.1,
+        "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.01, "clip_norm": 1.0,
+        "no_decay": list(NO_DECAY), "groups": [], "freeze": [],
+    })
+
+
+def train_config() -> ConfigDict:
+    """`config.train`: every key the train loop reads, with its default."""
+    return ConfigDict({
+        "steps": 1000, "log_every": 10, "eval_every": 100, "checkpoint_every": 100,
+        "keep_checkpoints": 3, "seed": 0, "max_predictions": 0, "grad_accum_steps": 1,
+        "dry_run": False, "peak_flops_per_device": 0.0,
+        "profile_start_step": 0, "profile_num_steps": 5,
+        # The gradient norm in the logs costs ~7% of a small model's step on CPU.
+        "log_grad_norm": True,
+        "eval_at_start": True,  # evaluate before the first step of a fresh run
+    })
+
+
+def seqio_data_config(task: str) -> ConfigDict:
+    """`config.data` of a SeqIO task or mixture (`data.seqio_source`)."""
+    return ConfigDict({
+        "source": "seqio",
         "task": task, "seq_len": 128, "batch_size": 32, "eval_batch_size": 32,
         "eval_split": "validation", "eval_batches": 0, "mask_rate": 0.15, "seed": 0,
         "whole_word": False,
@@ -80,21 +103,32 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
         # for corpora larger than data.pipeline._MAX_TOKENS_IN_MEMORY.
         "streaming": False, "shuffle_buffer": 10_000,
     })
-    c.optim = ConfigDict({
-        "lr": 1e-3, "warmup_steps": 100, "schedule": "cosine", "end_lr_ratio": 0.1,
-        "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.01, "clip_norm": 1.0,
-        "no_decay": list(NO_DECAY), "groups": [], "freeze": [],
-    })
-    c.train = ConfigDict({
-        "steps": 1000, "log_every": 10, "eval_every": 100, "checkpoint_every": 100,
-        "keep_checkpoints": 3, "seed": 0, "max_predictions": 0, "grad_accum_steps": 1,
-        "debug_nan_at_step": 0, "dry_run": False, "peak_flops_per_device": 0.0,
-        "profile_start_step": 0, "profile_num_steps": 5,
-        # The gradient norm in the logs costs ~7% of a small model's step on CPU.
-        "log_grad_norm": True,
-    })
+
+
+def run_config(*, model: ConfigDict, data: ConfigDict, objective: str,
+               init: str = "") -> ConfigDict:
+    """The one schema of a train-loop run: every section with every key's default.
+
+    `data` is the section of the source `data.source` names (each source has its own keys);
+    the other sections are the same for every run, pretraining or fine-tuning.
+    """
+    c = ConfigDict()
+    c.objective = objective
+    # A workdir (or workdir/checkpoints/<step>) to start from: its architecture and every
+    # parameter this run's model shares with it (fine-tuning; see checkpointing.restore_matching).
+    c.init = init
+    c.model = model
+    c.data = data
+    c.optim = optim_config()
+    c.train = train_config()
     c.mesh = mesh_config()
     return c
+
+
+def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
+    """A pretraining run of registry model `model` on SeqIO task `task`."""
+    return run_config(model=model_config(model), data=seqio_data_config(task),
+                      objective=objective)
 
 
 def add_finetune_sections(c: ConfigDict, tasks, model_options: dict[str, type]) -> None:

@@ -1,7 +1,12 @@
-"""TensorBoard event files, the progress bar, and throughput accounting."""
+"""What a run reports: TensorBoard event files, the progress bar, throughput, FLOPs and MFU.
+
+`RunLog` is the train loop's one reporter: train scalars (loss, lr, grad norm, tokens/s,
+TFLOP/s, MFU), eval results, the loss histories of the run's summary and its closing line.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -149,3 +154,78 @@ class Profiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+
+
+class RunLog:
+    """The train loop's reporting: TensorBoard scalars, the bar, loss histories, throughput.
+
+    Args:
+      workdir: event files go to `workdir/tb`.
+      start, total: the first and last step of this run (the bar's range).
+      flops: FLOPs of one step per device (`step_cost`), for TFLOP/s and MFU.
+      peak_flops_override: `config.train.peak_flops_per_device` (0: look it up).
+    """
+
+    def __init__(self, workdir: str, start: int, total: int, flops: float,
+                 peak_flops_override: float = 0.0):
+        self.writer = writer(os.path.join(workdir, "tb"))
+        self.bar = Progress(start, total)
+        self.meter = Throughput()
+        self.flops = flops
+        self.peak = peak_flops(peak_flops_override)
+        self.tokens = self._last_tokens = 0
+        self.train_loss: dict[int, float] = {}
+        self.eval_loss: dict[int, float] = {}
+        self.eval_metrics: dict[int, dict] = {}
+
+    def count(self, tokens: int) -> None:
+        """One more step of `tokens` units (tokens, or examples for unmasked batches)."""
+        self.meter.add(tokens)
+        self.tokens += tokens
+        self._last_tokens = tokens
+
+    def train(self, step: int, loss: float, lr: float, stats: Mapping[str, float]) -> None:
+        """Log step `step`'s train loss, learning rate, gradient norm and throughput."""
+        self.train_loss[step] = loss
+        scalars = {"train/loss": loss, "train/lr": lr}
+        if "grad_norm" in stats:
+            scalars["train/grad_norm"] = float(stats["grad_norm"])
+        rate = self.meter.read()
+        if rate:
+            scalars.update({"perf/tokens_per_sec": rate["tokens_per_sec"],
+                            "perf/step_time": rate["step_time"],
+                            "perf/tflops_per_device": self.flops / rate["step_time"] / 1e12})
+            if self.peak:
+                scalars["perf/mfu"] = self.flops / rate["step_time"] / self.peak
+        self.writer.write_scalars(step, scalars)
+        self.bar.update(step, self._last_tokens, {"loss": loss, "tok/s": round(
+            scalars.get("perf/tokens_per_sec", 0.0))})
+
+    def quiet(self, step: int) -> None:
+        """Advance the bar over a step that is not logged."""
+        self.bar.update(step, self._last_tokens, {})
+
+    def eval(self, step: int, results: Mapping[str, float]) -> None:
+        """Log an evaluation: {"loss": ..., and whatever else the objective or source scores}."""
+        self.eval_loss[step], self.eval_metrics[step] = results["loss"], dict(results)
+        self.writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        self.bar.write(f"step {step}: " + ", ".join(f"eval {k} {v:.4f}"
+                                                    for k, v in results.items()))
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.flush()
+
+    def closing_line(self, step: int, elapsed: float) -> str:
+        """'done: N steps in Ts, eval loss a -> b (x% lower)'."""
+        first, last = self.eval_loss.get(0), self.eval_loss.get(step)
+        line = f"done: {step} steps in {elapsed:.0f}s"
+        if first is not None and last is not None:
+            line += (f", eval loss {first:.3f} -> {last:.3f} "
+                     f"({100 * (1 - last / first):.1f}% lower)")
+        elif last is not None:
+            line += f", eval loss {last:.3f}"
+        return line

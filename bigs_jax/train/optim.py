@@ -13,6 +13,8 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
+from bigs_jax.paths import path_str
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -32,15 +34,6 @@ def schedule(c: ConfigDict, total_steps: int) -> optax.Schedule:
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), after], [warmup])
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """'layers/3/fs4/A_re' from a pytree key path."""
-    parts = []
-    for k in path:
-        k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        parts.append(str(k))
-    return "/".join(p for p in parts if p != "value")
 
 
 def path_labels(params, fn: Callable[[str], Any]):

@@ -38,11 +38,10 @@ def _microbatches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, *,
-                    grad_accum_steps: int = 1, nan_at_step: int = 0, grad_norm: bool = True):
+                    grad_accum_steps: int = 1, grad_norm: bool = True):
     """The train step for `tx` and a loss function from `objectives` (partially applied).
 
     Args:
-      nan_at_step: test hook; the update of that step gets NaN gradients and loss.
       grad_norm: report the global gradient norm in the stats. It costs an extra pass over the
         gradients, which then cannot stay fused into the optimizer update (~7% of a GPT-2
         small step's memory traffic on XLA:CPU).
@@ -87,10 +86,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
             denom = jnp.maximum(w, 1.0)
             loss = s / denom
             grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-        if nan_at_step:
-            poison = jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
-            loss = loss * poison
-            grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,

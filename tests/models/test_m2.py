@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import bigs_jax
-from bigs_jax.convert.common import flatten
+from bigs_jax.paths import flat_paths as flatten
 from bigs_jax.convert.m2_official import KEY_MAP, official_to_ours
 from bigs_jax.models import make_config
 from bigs_jax.models.m2 import M2

@@ -12,6 +12,7 @@ import sys
 
 import jax
 
+from bigs_jax.data import seqio_source
 from bigs_jax.train import loop
 from configs import quickstart
 
@@ -41,7 +42,7 @@ def main(model: str, mesh: str, steps: str, workdir: str, coordinator: str = "",
         config[section][key] = value
     summary = loop.train_and_evaluate(config, workdir)
     losses = [summary["train_loss"][s] for s in sorted(summary["train_loss"])]
-    first = next(loop.make_data(config, start_step=0)[0])["input_ids"]
+    first = next(seqio_source.make_data(config, start_step=0)[0])["input_ids"]
     print(json.dumps({"losses": losses, "devices": jax.device_count(),
                       "eval": summary["eval_loss"][int(steps)],
                       "first_batch_rows": first[:, :4].tolist()}))

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import bigs_jax
+from bigs_jax.data import registry, seqio_source
 from bigs_jax.train import loop, step
 from bigs_jax.train.objectives import mlm
 from tests.train.test_loop import ROOT, smoke
@@ -49,9 +50,35 @@ def test_grad_accumulation_equals_one_big_batch():
     assert err <= 1e-5 * scale, (err, scale)
 
 
+class _NanAtBatch:
+    """The SeqIO source with batch `index` (0-based) poisoned: NaN loss weights make that
+    step's loss and gradients NaN, as a diverging run's would be."""
+
+    def __init__(self, config, index=4):
+        self.inner, self.index = seqio_source.SeqioSource(config), index
+
+    def model_overrides(self):
+        return self.inner.model_overrides()
+
+    def iterators(self, start_step):
+        train, evals = self.inner.iterators(start_step)
+
+        def poisoned():
+            for i, batch in enumerate(train, start_step):
+                if i == self.index:
+                    batch = {**batch, "loss_weights": np.full_like(batch["loss_weights"],
+                                                                   np.nan)}
+                yield batch
+
+        return poisoned(), evals
+
+
+registry.register("nan_at_batch_4", _NanAtBatch)
+
+
 def test_nan_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path):
     config = smoke(8)
-    config.train.debug_nan_at_step = 5
+    config.data.source = "nan_at_batch_4"  # step 5 trains on batch 4
     config.train.log_every = 1
     workdir = str(tmp_path / "run")
     with pytest.raises(FloatingPointError, match=r"at step 5; the last good checkpoint is step 4"):
