@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
+from bigs_jax.layers.blocks import block_call, check_remat
 from bigs_jax.layers.embeddings import BertEmbeddings
 from bigs_jax.layers.linear import activation, dense, gelu_tanh, layer_norm
 from bigs_jax.layers.mlp import MLP
@@ -44,13 +45,6 @@ from bigs_jax.layers.ssm import S4D, reverse_padded
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 
-# Rematerialization policies by name: what each layer keeps for the backward pass.
-REMAT = {
-    "none": None,                                                   # keep everything
-    "full": jax.checkpoint_policies.nothing_saveable,               # recompute the layer
-    "dots": jax.checkpoint_policies.dots_saveable,                  # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 BLOCKS = ("stack", "gated")
 MIXERS = ("attention", "ssm")
 HEADS = ("mlm", "classification", "none")
@@ -94,7 +88,7 @@ class EncoderConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     output_dtype: str = "float32"
-    remat: str = "none"                      # per-layer rematerialization policy, see REMAT
+    remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -103,8 +97,7 @@ class EncoderConfig:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
         activation(self.hidden_act)
-        if self.remat not in REMAT:
-            raise ValueError(f"unknown remat {self.remat!r}; choose one of {tuple(REMAT)}")
+        check_remat(self.remat)
 
     @property
     def uses_pre_norm(self) -> bool:
@@ -171,8 +164,8 @@ class StackBlock(nnx.Module):
         self.dropout = nnx.Dropout(c.dropout)
         self.pre_norm, self.attention = c.uses_pre_norm, c.mixer == "attention"
 
-    def __call__(self, x_BLD, mask_BL, attn_mask, *, deterministic=True, rngs=None,
-                 segment_ids_BL=None):
+    def __call__(self, x_BLD, mask_BL, attn_mask, segment_ids_BL=None, *, deterministic=True,
+                 rngs=None):
         kw = dict(deterministic=deterministic, rngs=rngs)
 
         def mix(h_BLD):
@@ -219,8 +212,8 @@ class GatedBlock(nnx.Module):
         self.mixer, self.mode = c.mixer, c.ssm_mode
         self.official, self.pre_norm = c.official_padding, c.uses_pre_norm
 
-    def __call__(self, x_BLD, mask_BL, attn_mask, *, deterministic=True, rngs=None,
-                 segment_ids_BL=None):
+    def __call__(self, x_BLD, mask_BL, attn_mask, segment_ids_BL=None, *, deterministic=True,
+                 rngs=None):
         z_BLD = self.norm(x_BLD) if self.pre_norm else x_BLD
         v_BLF = gelu_tanh(self.dv(z_BLD))
         if self.mixer == "ssm":
@@ -235,19 +228,6 @@ class GatedBlock(nnx.Module):
         h_BLF = gelu_tanh(self.dol(u_BLD))
         o_BLD = self.do(h_BLF * v_BLF)
         return x_BLD + o_BLD if self.pre_norm else self.norm(x_BLD + o_BLD)
-
-
-def _layer_call(remat: str, deterministic: bool):
-    """layer(x, mask, attn_mask, rngs, segment_ids), rematerialized per `REMAT[remat]` when
-    not 'none'."""
-
-    def call(layer, x_BLD, mask_BL, attn_mask, rngs, segment_ids_BL=None):
-        return layer(x_BLD, mask_BL, attn_mask, deterministic=deterministic, rngs=rngs,
-                     segment_ids_BL=segment_ids_BL)
-
-    if remat == "none":
-        return call
-    return nnx.remat(call, policy=REMAT[remat], prevent_cse=True)
 
 
 class Encoder(nnx.Module):
@@ -303,9 +283,9 @@ class Encoder(nnx.Module):
                                 else jnp.asarray(token_type_ids),
                                 None if positions is None else jnp.asarray(positions), **kw)
         attn_mask = make_attention_mask(mask_BL, ids_BL.shape[1], segment_ids_BL=seg_BL)
-        apply = _layer_call(self.config.remat, deterministic)
+        apply = block_call(self.config.remat, deterministic)
         for layer in self.layers:
-            x_BLD = apply(layer, x_BLD, mask_BL, attn_mask, rngs, seg_BL)
+            x_BLD = apply(layer, x_BLD, mask_BL, attn_mask, seg_BL, rngs)
         if self.mlm_head is not None:
             h_BPD = x_BLD if mlm_positions is None else jnp.take_along_axis(
                 x_BLD, jnp.asarray(mlm_positions)[..., None], axis=1)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
+from bigs_jax.layers.blocks import block_call, check_remat
 from bigs_jax.layers.embeddings import embed
 from bigs_jax.layers.linear import activation, dense, layer_norm
 from bigs_jax.layers.mlp import MLP
@@ -54,9 +55,11 @@ class GPT2Config:
     param_dtype: str = "float32"
     dtype: str = "float32"
     output_dtype: str = "float32"
+    remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
 
     def __post_init__(self):
         check_dtype_policy(self)
+        check_remat(self.remat)
         activation(self.hidden_act)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
@@ -172,8 +175,9 @@ class GPT2(nnx.Module):
         attn_mask = make_attention_mask(
             mask_BL, x_BLD.shape[1], causal=True,
             segment_ids_BL=None if segment_ids is None else jnp.asarray(segment_ids))
+        apply = block_call(self.config.remat, deterministic)
         for layer in self.layers:
-            x_BLD = layer(x_BLD, attn_mask, **kw)
+            x_BLD = apply(layer, x_BLD, attn_mask, rngs)
         h_BLD = self.final_norm(x_BLD)
         return ModelOutput(hidden_states=h_BLD, logits=self.logits(h_BLD))
 

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigs_jax.layers.blocks import block_call, check_remat
 from bigs_jax.layers.embeddings import BertEmbeddings
 from bigs_jax.layers.linear import dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv
@@ -83,9 +84,11 @@ class M2Config:
     param_dtype: str = "float32"
     dtype: str = "float32"
     output_dtype: str = "float32"
+    remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
 
     def __post_init__(self):
         check_dtype_policy(self)
+        check_remat(self.remat)
         heads = DECODER_HEADS if self.causal else ENCODER_HEADS
         for name, value, valid in (("head", self.head, heads), ("pooler", self.pooler, POOLERS),
                                    ("conv_mode", self.conv_mode, CONV_MODES)):
@@ -231,8 +234,9 @@ class M2(nnx.Module):
         kw = dict(deterministic=deterministic, rngs=rngs)
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None
                                 else jnp.asarray(token_type_ids), **kw)
+        apply = block_call(c.remat, deterministic)
         for layer in self.layers:
-            x_BLD = layer(x_BLD, mask_BL, **kw)
+            x_BLD = apply(layer, x_BLD, mask_BL, rngs)
         word_CD = self.embeddings.word.embedding[...]
         if c.head == "lm":
             logits_BLC = jnp.einsum("BLD,CD->BLC", x_BLD, word_CD.astype(x_BLD.dtype),

@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigs_jax.layers.blocks import block_call, check_remat
 from bigs_jax.layers.linear import activation, layer_norm, sharded
 from bigs_jax.layers.longconv import CONV_MODES
 from bigs_jax.layers.monarch import BlockdiagLinear
-from bigs_jax.models.encoder import REMAT
 from bigs_jax.models.m2 import M2Config, M2SequenceMixer
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 from bigs_jax.models.vit import (
@@ -48,7 +48,6 @@ from bigs_jax.models.vit import (
     check_image_geometry,
     classifier,
     image_input,
-    layer_call,
 )
 
 
@@ -82,7 +81,7 @@ class M2ViTConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     output_dtype: str = "float32"
-    remat: str = "none"                      # per-layer rematerialization, see encoder.REMAT
+    remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -90,8 +89,7 @@ class M2ViTConfig:
         activation(self.hidden_act)
         if self.conv_mode not in CONV_MODES:
             raise ValueError(f"unknown conv_mode {self.conv_mode!r}; choose one of {CONV_MODES}")
-        if self.remat not in REMAT:
-            raise ValueError(f"unknown remat {self.remat!r}; choose one of {tuple(REMAT)}")
+        check_remat(self.remat)
         if self.hidden_size % self.mlp_nblocks or self.intermediate_size % self.mlp_nblocks:
             raise ValueError(f"hidden_size {self.hidden_size} and intermediate_size "
                              f"{self.intermediate_size} must be multiples of mlp_nblocks "
@@ -182,7 +180,7 @@ class M2ViT(nnx.Module):
         if self.position is not None:
             x_BND = x_BND + self.position[...].astype(x_BND.dtype)
         x_BND = self.dropout(x_BND, deterministic=deterministic, rngs=rngs)
-        apply = layer_call(c.remat, deterministic)
+        apply = block_call(c.remat, deterministic)
         for layer in self.layers:
             x_BND = apply(layer, x_BND, rngs)
         h_BND = self.final_norm(x_BND)

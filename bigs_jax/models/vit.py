@@ -27,9 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention
+from bigs_jax.layers.blocks import block_call, check_remat
 from bigs_jax.layers.linear import activation, dense, layer_norm, sharded
 from bigs_jax.layers.mlp import MLP
-from bigs_jax.models.encoder import REMAT
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 
 POOLS = ("cls", "gap")
@@ -66,7 +66,7 @@ class ViTConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     output_dtype: str = "float32"
-    remat: str = "none"                      # per-layer rematerialization, see encoder.REMAT
+    remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -74,8 +74,7 @@ class ViTConfig:
         activation(self.hidden_act)
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose one of {POOLS}")
-        if self.remat not in REMAT:
-            raise ValueError(f"unknown remat {self.remat!r}; choose one of {tuple(REMAT)}")
+        check_remat(self.remat)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
                              f"{self.num_heads}; pick sizes with hidden_size % num_heads == 0")
@@ -128,17 +127,6 @@ class Block(nnx.Module):
         kw = dict(deterministic=deterministic, rngs=rngs)
         x_BND = x_BND + self.dropout(self.mixer(self.mixer_norm(x_BND), **kw), **kw)
         return x_BND + self.mlp(self.mlp_norm(x_BND), **kw)
-
-
-def layer_call(remat: str, deterministic: bool):
-    """layer(x, rngs), rematerialized per `REMAT[remat]` unless 'none'."""
-
-    def call(layer, x, rngs):
-        return layer(x, deterministic=deterministic, rngs=rngs)
-
-    if remat == "none":
-        return call
-    return nnx.remat(call, policy=REMAT[remat], prevent_cse=True)
 
 
 def classifier(c, *, rngs: nnx.Rngs) -> nnx.Linear:
@@ -196,7 +184,7 @@ class ViT(nnx.Module):
             x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1)
         x_BND = x_BND + self.position[...].astype(x_BND.dtype)
         x_BND = self.dropout(x_BND, deterministic=deterministic, rngs=rngs)
-        apply = layer_call(c.remat, deterministic)
+        apply = block_call(c.remat, deterministic)
         for layer in self.layers:
             x_BND = apply(layer, x_BND, rngs)
         h_BND = self.final_norm(x_BND)
