@@ -228,21 +228,10 @@ def make_iterator(
     check_arguments(batch_size=batch_size, seq_len=seq_len, shard_index=shard_index,
                     num_shards=num_shards, start_step=start_step, num_epochs=num_epochs,
                     seed=seed)
-    task = _get_task(task_name)
-    members = _members(task)
-    is_mlm = "labels" not in members[0][0].output_features
-    if is_mlm and not 0.0 < mask_rate < 1.0:
-        raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
-    vocabulary = members[0][0].output_features["input_ids"].vocabulary
-    specials = vocab.special_ids(vocabulary)
-    word_starts = preprocessors.word_start_table(vocabulary) if whole_word else None
+    members, is_mlm = task_members(task_name, mask_rate)
     parts = [_rows(t, split, seq_len) for t, _ in members]
-    if len(members) > MAX_MIXTURE_TASKS:
-        raise ValueError(f"Mixture {task_name!r} has {len(members)} tasks; at most "
-                         f"{MAX_MIXTURE_TASKS} are supported.")
-    if len(members) > 1:
-        if any(tasks.is_packed(t) for t, _ in members):
-            parts = [_with_packing_features(p) for p in parts]
+    if len(members) > 1 and any(tasks.is_packed(t) for t, _ in members):
+        parts = [_with_packing_features(p) for p in parts]
     sizes = np.array([len(p["input_ids"]) for p in parts])
     num_rows = int(sizes.sum())
     shuffle = num_epochs is None if shuffle is None else shuffle
@@ -254,17 +243,66 @@ def make_iterator(
         start_step = min(start_step, num_steps)
     table = {k: tf.constant(np.concatenate([p[k] for p in parts])) for k in parts[0]}
     if len(members) > 1:
-        counts = _block_counts([r for _, r in members])
-        mix = {
-            "count": tf.constant(counts), "start": tf.constant(np.cumsum(counts) - counts),
-            "ends": tf.constant(np.cumsum(counts)), "size": tf.constant(sizes, tf.int64),
-            "offset": tf.constant(np.cumsum(sizes) - sizes, tf.int64),
-        }
+        row_of = _mixture_row_fn([r for _, r in members], sizes, seed)
+    else:
+        row_of = _single_row_fn(num_rows, seed, shuffle)
+    mask = mlm_masker(members, seed, mask_rate, whole_word) if is_mlm else None
 
-    def mixture_row(g):
+    def example(local_index):
+        step, offset = local_index // per_host, local_index % per_host
+        g = step * batch_size + shard_index * per_host + offset
+        ex = {k: tf.gather(v, row_of(g, num_rows)) for k, v in table.items()}
+        if mask is not None:
+            ex = mask(ex, g)
+        if num_epochs is not None:
+            valid = g < num_epochs * num_rows
+            ex = {k: tf.where(valid, v, tf.zeros_like(v)) for k, v in ex.items()}
+        return ex
+
+    return BatchIterator(_host_batches(example, per_host, start_step, num_steps),
+                         start_step=start_step, num_steps=num_steps, examples_per_epoch=num_rows)
+
+
+def _host_batches(example, per_host: int, start_step: int,
+                  num_steps: int | None) -> tf.data.Dataset:
+    """Batches of `example(i)` over this host's indices i from step `start_step` on."""
+    start = start_step * per_host
+    if num_steps is None:
+        indices = tf.data.Dataset.counter(start)
+    else:
+        indices = tf.data.Dataset.range(start, num_steps * per_host)
+    ds = indices.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _single_row_fn(num_rows: int, seed: int, shuffle: bool):
+    """(global position g, rows) -> row of a single task: a fresh permutation per epoch."""
+
+    def row_of(g, num_rows=num_rows):
+        epoch, position = g // num_rows, g % num_rows
+        if not shuffle:
+            return position
+        return tf.random.experimental.index_shuffle(
+            position, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+            max_index=num_rows - 1)
+
+    return row_of
+
+
+def _mixture_row_fn(rates, sizes: np.ndarray, seed: int):
+    """(global position g, rows) -> row of a mixture's concatenated task tables."""
+    counts = _block_counts(rates)
+    mix = {
+        "count": tf.constant(counts), "start": tf.constant(np.cumsum(counts) - counts),
+        "ends": tf.constant(np.cumsum(counts)), "size": tf.constant(sizes, tf.int64),
+        "offset": tf.constant(np.cumsum(sizes) - sizes, tf.int64),
+    }
+
+    def row_of(g, num_rows=None):
         # Block b of positions holds exactly count[t] examples of task t, at places drawn by
         # a permutation of the block; the k-th example of task t is row k mod N_t of the
         # task's permutation for epoch k // N_t. All of it is O(1) in g.
+        del num_rows
         block, place = g // MIXTURE_BLOCK, g % MIXTURE_BLOCK
         slot = tf.random.experimental.index_shuffle(
             place, seed=tf.stack([tf.constant(seed, tf.int64), -1 - block]),
@@ -278,43 +316,38 @@ def make_iterator(
             max_index=n - 1)
         return mix["offset"][t] + row
 
-    def example(local_index):
-        step, offset = local_index // per_host, local_index % per_host
-        g = step * batch_size + shard_index * per_host + offset
-        epoch, position = g // num_rows, g % num_rows
-        if len(members) > 1:
-            row = mixture_row(g)
-        elif shuffle:
-            row = tf.random.experimental.index_shuffle(
-                position,
-                seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
-                max_index=num_rows - 1,
-            )
-        else:
-            row = position
-        ex = {k: tf.gather(v, row) for k, v in table.items()}
-        if is_mlm:
-            packing = {k: ex[k] for k in preprocessors.PACKING_FEATURES if k in ex}
-            ex = preprocessors.mask_tokens(
-                ex["input_ids"],
-                preprocessors.example_key(seed, g),
-                specials=specials,
-                mask_rate=mask_rate,
-                word_starts=word_starts,
-            )
-            ex.update(packing)
-        if num_epochs is not None:
-            valid = g < num_epochs * num_rows
-            ex = {k: tf.where(valid, v, tf.zeros_like(v)) for k, v in ex.items()}
+    return row_of
+
+
+def task_members(task_name: str, mask_rate: float) -> tuple[list, bool]:
+    """([(task, rate)] of a task or mixture, whether it is MLM), checked for both iterators."""
+    members = _members(_get_task(task_name))
+    is_mlm = "labels" not in members[0][0].output_features
+    if is_mlm and not 0.0 < mask_rate < 1.0:
+        raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
+    if len(members) > MAX_MIXTURE_TASKS:
+        raise ValueError(f"Mixture {task_name!r} has {len(members)} tasks; at most "
+                         f"{MAX_MIXTURE_TASKS} are supported.")
+    return members, is_mlm
+
+
+def mlm_masker(members, seed: int, mask_rate: float, whole_word: bool):
+    """(example, global position g) -> the example BERT-masked by a key of (seed, g), its
+    packing features kept."""
+    vocabulary = members[0][0].output_features["input_ids"].vocabulary
+    specials = vocab.special_ids(vocabulary)
+    word_starts = preprocessors.word_start_table(vocabulary) if whole_word else None
+
+    def mask(ex, g):
+        packing = {k: ex[k] for k in preprocessors.PACKING_FEATURES if k in ex}
+        ex = preprocessors.mask_tokens(
+            ex["input_ids"],
+            preprocessors.example_key(seed, g),
+            specials=specials,
+            mask_rate=mask_rate,
+            word_starts=word_starts,
+        )
+        ex.update(packing)
         return ex
 
-    start = start_step * per_host
-    if num_steps is None:
-        indices = tf.data.Dataset.counter(start)
-    else:
-        indices = tf.data.Dataset.range(start, num_steps * per_host)
-    ds = indices.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(per_host, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return BatchIterator(
-        ds, start_step=start_step, num_steps=num_steps, examples_per_epoch=num_rows
-    )
+    return mask

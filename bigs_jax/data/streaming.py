@@ -45,7 +45,7 @@ import seqio
 import tensorflow as tf
 from tensorflow.python.autograph.core import ag_ctx  # pylint: disable=no-name-in-module
 
-from bigs_jax.data import hide_accelerators_from_tensorflow, pipeline, preprocessors, tasks, vocab
+from bigs_jax.data import hide_accelerators_from_tensorflow, pipeline, tasks
 
 hide_accelerators_from_tensorflow()
 
@@ -171,55 +171,48 @@ def make_stream_iterator(
                              num_epochs=num_epochs, seed=seed)
     if shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}.")
-    task = pipeline._get_task(task_name)
-    members = pipeline._members(task)
-    if len(members) > pipeline.MAX_MIXTURE_TASKS:
-        raise ValueError(f"Mixture {task_name!r} has {len(members)} tasks; at most "
-                         f"{pipeline.MAX_MIXTURE_TASKS} are supported.")
+    members, is_mlm = pipeline.task_members(task_name, mask_rate)
     for t, _ in members:
         if split not in t.splits:
             raise ValueError(f"Task {t.name!r} has no split {split!r}; use one of {t.splits}.")
-    is_mlm = "labels" not in members[0][0].output_features
-    if is_mlm and not 0.0 < mask_rate < 1.0:
-        raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
-    vocabulary = members[0][0].output_features["input_ids"].vocabulary
-    specials = vocab.special_ids(vocabulary)
-    word_starts = preprocessors.word_start_table(vocabulary) if whole_word else None
+    mask = pipeline.mlm_masker(members, seed, mask_rate, whole_word) if is_mlm else None
     shuffle = num_epochs is None if shuffle is None else shuffle
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
-
-    streams = [_task_rows(t, i, split=split, seq_len=seq_len, seed=seed, shard_info=shard_info,
-                          num_epochs=num_epochs, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
-               for i, (t, _) in enumerate(members)]
-    if len(members) == 1:
-        rows = streams[0]
-    else:
-        if any(tasks.is_packed(t) for t, _ in members):
-            streams = [s.map(_with_packing_features) for s in streams]
-        rows = tf.data.Dataset.sample_from_datasets(
-            streams, weights=[r for _, r in members], seed=seed, stop_on_empty_dataset=False)
+    rows = _mixed_rows(members, split=split, seq_len=seq_len, seed=seed, shard_info=shard_info,
+                       num_epochs=num_epochs, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
 
     def finish(position, ex):
-        if not is_mlm:
-            return ex
-        g = position * num_shards + shard_index
-        packing = {k: ex[k] for k in preprocessors.PACKING_FEATURES if k in ex}
-        ex = preprocessors.mask_tokens(ex["input_ids"], preprocessors.example_key(seed, g),
-                                       specials=specials, mask_rate=mask_rate,
-                                       word_starts=word_starts)
-        return {**ex, **packing}
+        # Row `position` of this host is global row position * num_shards + shard_index.
+        return ex if mask is None else mask(ex, position * num_shards + shard_index)
 
     per_host = batch_size // num_shards
     rows = rows.enumerate().skip(start_step * per_host)
     rows = rows.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if num_epochs is None:
-        batches = rows.batch(per_host, drop_remainder=True)
-    else:
-        def complete(batch):
-            pad = per_host - tf.shape(batch["input_ids"])[0]
-            return {k: tf.ensure_shape(tf.pad(v, [[0, pad], [0, 0]]), [per_host, seq_len])
-                    for k, v in batch.items()}
-
-        batches = rows.batch(per_host).map(complete)
+    batches = _batches(rows, per_host, seq_len, complete_last=num_epochs is not None)
     return pipeline.BatchIterator(batches.prefetch(tf.data.AUTOTUNE), start_step=start_step,
                                   num_steps=None, examples_per_epoch=None)
+
+
+def _mixed_rows(members, *, seed: int, **kw) -> tf.data.Dataset:
+    """The rows of a task, or of a mixture's tasks sampled by their rates."""
+    streams = [_task_rows(t, i, seed=seed, **kw) for i, (t, _) in enumerate(members)]
+    if len(members) == 1:
+        return streams[0]
+    if any(tasks.is_packed(t) for t, _ in members):
+        streams = [s.map(_with_packing_features) for s in streams]
+    return tf.data.Dataset.sample_from_datasets(
+        streams, weights=[r for _, r in members], seed=seed, stop_on_empty_dataset=False)
+
+
+def _batches(rows: tf.data.Dataset, per_host: int, seq_len: int,
+             complete_last: bool) -> tf.data.Dataset:
+    """Host batches of `per_host` rows; a finite stream's last batch completed by zero rows."""
+    if not complete_last:
+        return rows.batch(per_host, drop_remainder=True)
+
+    def complete(batch):
+        pad = per_host - tf.shape(batch["input_ids"])[0]
+        return {k: tf.ensure_shape(tf.pad(v, [[0, pad], [0, 0]]), [per_host, seq_len])
+                for k, v in batch.items()}
+
+    return rows.batch(per_host).map(complete)
