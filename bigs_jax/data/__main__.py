@@ -18,7 +18,11 @@ import importlib.util
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads below
+
+import numpy as np  # noqa: E402
+
+from bigs_jax.data import mixtures, pipeline, streaming, vocab  # noqa: E402
 
 
 def _load_config(arg: str):
@@ -49,12 +53,8 @@ def _render(vocabulary, ids, labels, weights, segments) -> str:
 
 def inspect(config, *, num_examples: int, num_batches: int) -> dict:
     """Prints decoded examples and statistics of `config.data`; returns the statistics."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from bigs_jax.data import pipeline, tasks, vocab  # pylint: disable=import-outside-toplevel
-
     d = config.data
-    task = tasks.get_task(d.task)
+    task = mixtures.get_task(d.task)
     first = task.tasks[0] if hasattr(task, "tasks") else task
     vocabulary = first.output_features["input_ids"].vocabulary
     specials = vocab.special_ids(vocabulary)
@@ -62,8 +62,6 @@ def inspect(config, *, num_examples: int, num_batches: int) -> dict:
     kw = dict(split="train", batch_size=d.batch_size, seq_len=d.seq_len, seed=d.seed,
               mask_rate=d.get("mask_rate", 0.15), whole_word=bool(d.get("whole_word", False)))
     if d.get("streaming"):
-        from bigs_jax.data import streaming  # pylint: disable=import-outside-toplevel
-
         it = streaming.make_stream_iterator(d.task, shuffle_buffer=d.get("shuffle_buffer",
                                                                          10_000), **kw)
     else:

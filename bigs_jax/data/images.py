@@ -30,6 +30,7 @@ from typing import Iterator, Optional
 
 import jax
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bigs_jax.data import hide_accelerators_from_tensorflow, registry
@@ -68,7 +69,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
                 "test": self._generate_examples("test")}
 
     def _generate_examples(self, split: str):
-        from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+        from sklearn.datasets import load_digits  # scikit-learn loads in ~1 s; only this builder needs it
 
         digits = load_digits()
         order = np.random.RandomState(0).permutation(len(digits.target))
@@ -113,8 +114,6 @@ def not_prepared(name: str, data_dir: str) -> FileNotFoundError:
 
 def _resize(images, size: int):
     """uint8 (N, h, w, C) → uint8 (N, size, size, C), bilinear with antialiasing."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     out = tf.image.resize(images, (size, size), method="bilinear", antialias=True)
     return np.asarray(tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8))
 
@@ -129,8 +128,6 @@ class Examples:
             self.source = builder.as_data_source(split=split)
             self.size = len(self.source)
             return
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
         ds = builder.as_dataset(split=split, shuffle_files=False)
         ds = ds.map(lambda ex: (tf.image.resize(ex["image"], (image_size, image_size),
                                                 antialias=True)

@@ -44,6 +44,29 @@ RECIPES = {
 }
 
 
+_SPEC_MIXTURES: dict[str, str] = {}  # mixture spec -> registered mixture name
+
+
+def get_task(name: str) -> seqio.Task | seqio.Mixture:
+    """What `config.data.task` can name: a registered task or mixture, a task spec
+    (`tasks.get_task`), or a mixture spec, registered on first use:
+
+        mix_mlm:recipe=bigs,data_dir=gs://bucket/tfds,vocab=/path/vocab.txt
+
+    Raises:
+        ValueError: on an unknown name or recipe, or a malformed spec.
+    """
+    if name in _SPEC_MIXTURES:
+        return seqio.MixtureRegistry.get(_SPEC_MIXTURES[name])
+    if not name.startswith("mix_") or name in seqio.MixtureRegistry.names():
+        return tasks.get_task(name)
+    _, objective, _, options = tasks.parse_spec(name)
+    mixture = register_recipe(options.get("recipe", ""), objective=objective,
+                              data_dir=options.get("data_dir"), vocab=options.get("vocab"))
+    _SPEC_MIXTURES[name] = mixture
+    return seqio.MixtureRegistry.get(mixture)
+
+
 def register_mixture(name: str, tasks_and_rates: list[tuple[str, float]]) -> seqio.Mixture:
     """Registers (once) a `seqio.Mixture` of tasks or task specs (`tasks.get_task`) with rates.
 

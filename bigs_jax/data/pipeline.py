@@ -42,8 +42,9 @@ import tensorflow as tf
 
 from bigs_jax.data import (
     hide_accelerators_from_tensorflow,
+    mixtures,
     preprocessors,
-    tasks,  # noqa: F401  (registers the embedded tasks)
+    tasks,
     vocab,
 )
 
@@ -85,7 +86,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
 
 def _get_task(task_name: str) -> seqio.Task | seqio.Mixture:
-    return tasks.get_task(task_name)
+    return mixtures.get_task(task_name)
 
 
 def _members(task: seqio.Task | seqio.Mixture) -> list[tuple[seqio.Task, float]]:

@@ -16,17 +16,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from bigs_jax.data import pipeline, registry, streaming, tasks
+from bigs_jax.data import mixtures, pipeline, registry, streaming
 from bigs_jax.errors import ConfigError
 
 
 def task_vocab_size(task_name: str) -> int:
     """Vocabulary size of a SeqIO task's or mixture's `input_ids` feature.
 
-    `task_name` is a registered name or a task spec (`bigs_jax.data.tasks.get_task`).
+    `task_name` is a registered name, a task spec or a mixture spec (`mixtures.get_task`).
     """
     try:
-        task = tasks.get_task(task_name)
+        task = mixtures.get_task(task_name)
     except ValueError as e:
         raise ConfigError(f"config.data.task: {e}") from None
     features = task.tasks[0].output_features if hasattr(task, "tasks") else task.output_features

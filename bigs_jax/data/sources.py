@@ -121,6 +121,7 @@ def tfds_source(
     splits = dict(splits or known_splits or {"train": "train", "validation": "validation"})
 
     def dataset_fn(split: str, shuffle_files: bool, seed=None, shard_info=None) -> tf.data.Dataset:
+        # tfds takes seconds to import; only tfds sources need it.
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
         part = splits[split]

@@ -138,7 +138,7 @@ def make_stream_iterator(
     """Numpy batches of a SeqIO task or mixture, streamed (see the module docstring).
 
     Args:
-        task_name: a registered task or mixture, or a task spec (`tasks.get_task`). A task
+        task_name: a registered task or mixture, or a task spec (`mixtures.get_task`). A task
             without `labels` is masked here (BERT, `preprocessors.mask_tokens`).
         split: e.g. "train" or "validation".
         batch_size: global batch size over all shards; each host gets

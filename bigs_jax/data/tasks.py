@@ -22,7 +22,14 @@ import hashlib
 import seqio
 import tensorflow as tf
 
-from bigs_jax.data import corpus, hide_accelerators_from_tensorflow, preprocessors, vocab
+from bigs_jax.data import (
+    corpus,
+    hide_accelerators_from_tensorflow,
+    preprocessors,
+    sources,
+    vocab,
+    wordpiece,
+)
 
 hide_accelerators_from_tensorflow()
 
@@ -172,8 +179,6 @@ def _spec_vocabulary(path: str | None, cased: bool) -> seqio.Vocabulary:
     if not path:
         return vocab.embedded_vocabulary()
     if path.endswith(".txt"):
-        from bigs_jax.data import wordpiece  # pylint: disable=import-outside-toplevel
-
         return wordpiece.WordPieceVocabulary(path, lower_case=not cased)
     return vocab.sentencepiece_vocabulary(path)
 
@@ -211,7 +216,9 @@ def get_task(name: str) -> seqio.Task | seqio.Mixture:
         tfds_mlm:name=c4/en,data_dir=gs://bucket/tfds,vocab=/path/vocab.txt,pack=1
         jsonl_lm:train=/data/train-*.jsonl,validation=/data/val.jsonl,text_key=content
         embedded_lm:pack=1
-        mix_mlm:recipe=bigs,data_dir=gs://bucket/tfds          (see `mixtures`)
+
+    Mixture specs (`mix_mlm:recipe=bigs,...`) are `mixtures.get_task`'s, which also takes
+    everything this function takes; the pipelines resolve names through it.
 
     Raises:
         ValueError: on an unknown name or a malformed spec.
@@ -223,8 +230,6 @@ def get_task(name: str) -> seqio.Task | seqio.Mixture:
         return seqio.MixtureRegistry.get(name)
     if name in _SPEC_TASKS:
         return get_task(_SPEC_TASKS[name])
-    from bigs_jax.data import sources  # pylint: disable=import-outside-toplevel
-
     try:
         fmt, objective, splits, options = parse_spec(name)
     except ValueError:
@@ -234,13 +239,8 @@ def get_task(name: str) -> seqio.Task | seqio.Mixture:
         raise ValueError(f"Unknown task {name!r}; registered tasks: {known}; or a task spec "
                          f"({SPEC_HELP}).") from None
     if fmt == "mix":
-        from bigs_jax.data import mixtures  # pylint: disable=import-outside-toplevel
-
-        mixture = mixtures.register_recipe(options.get("recipe", ""), objective=objective,
-                                           data_dir=options.get("data_dir"),
-                                           vocab=options.get("vocab"))
-        _SPEC_TASKS[name] = mixture
-        return seqio.MixtureRegistry.get(mixture)
+        raise ValueError(f"{name!r} is a mixture spec; resolve it with "
+                         "bigs_jax.data.mixtures.get_task.")
     if fmt == "tfds":
         source = sources.tfds_source(options["name"], data_dir=options.get("data_dir"),
                                      text_key=options.get("text_key"), splits=splits or None)

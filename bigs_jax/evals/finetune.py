@@ -24,9 +24,10 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
+import tensorflow as tf
 from ml_collections import ConfigDict
 
-from bigs_jax.data.wordpiece import truncate_pair
+from bigs_jax.data.wordpiece import WordPieceVocabulary, truncate_pair
 from bigs_jax.train import checkpointing
 
 class DataError(ValueError):
@@ -38,8 +39,6 @@ class DataError(ValueError):
 
 def vocabulary(config: ConfigDict):
     """The WordPiece vocabulary of a run: `data.vocab_file`, else `<init>/tokenizer/vocab.txt`."""
-    from bigs_jax.data.wordpiece import WordPieceVocabulary
-
     d = config.data
     path, lower = d.get("vocab_file") or "", d.get("lower_case")
     if not path:
@@ -62,8 +61,6 @@ def vocabulary(config: ConfigDict):
 
 def encode_texts(vocab, texts: Sequence[str], chunk: int = 4096) -> list[list[int]]:
     """Token ids of many texts, tokenized in batches inside TensorFlow (fast)."""
-    import tensorflow as tf
-
     out: list[list[int]] = []
     for i in range(0, len(texts), chunk):
         out.extend(vocab.encode_tf(tf.constant(list(texts[i:i + chunk]), tf.string)).to_list())

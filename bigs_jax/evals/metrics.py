@@ -166,7 +166,8 @@ def best_over_references(fn: Callable[[str, str], float], predictions: Sequence[
 
 def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """ROUGE-1/2/L F-measure ×100 (best reference per type) and their geometric mean."""
-    from rouge_score import rouge_scorer
+    # rouge_score pulls in nltk (seconds to import); only generation tasks need it.
+    from rouge_score import rouge_scorer  # pylint: disable=import-outside-toplevel
 
     refs = _references(references, len(predictions))
     if not refs:

@@ -26,10 +26,13 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
+from flax import nnx
 from ml_collections import ConfigDict
 
 from bigs_jax.data import registry
+from bigs_jax.data import vocab as vocab_lib
 from bigs_jax.evals import finetune, metrics
 from bigs_jax.evals.finetune import DataError
 from bigs_jax.train import checkpointing
@@ -93,7 +96,8 @@ def read_jsonl(path: str, task: str) -> list[dict]:
 
 
 def read_tfds(task: str, split: str, data_dir: str) -> list[dict]:
-    import tensorflow_datasets as tfds
+    # tfds takes seconds to import; only format=tfds reads it.
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
     name = f"scrolls/{task}"
     try:
@@ -170,8 +174,6 @@ def train_size(config: ConfigDict) -> int:
 def vocabulary(config: ConfigDict):
     """WordPiece (`*.txt`) or SentencePiece (`*.model`) vocabulary: config.data.vocab_file, the
     init workdir's tokenizer/, or (causal models without one) the embedded vocabulary."""
-    from bigs_jax.data import vocab as vocab_lib
-
     path = config.data.get("vocab_file") or ""
     if not path and config.get("init"):
         tok = os.path.join(checkpointing.resolve(config.init)[0], "tokenizer")
@@ -235,8 +237,6 @@ def _encode(vocab, task: str, inputs: list[str], max_len: int):
 
 
 def _specials(vocab):
-    from bigs_jax.data import vocab as vocab_lib
-
     return vocab_lib.special_ids(vocab)
 
 
@@ -314,9 +314,6 @@ def greedy_decode(model, prompts: list[list[int]], *, max_new_tokens: int, eos_i
                   seq_len: int, batch_size: int) -> list[list[int]]:
     """Greedy continuation of each prompt until `eos_id` or `max_new_tokens`, at one fixed
     shape (B, seq_len) so the forward compiles once; the prefix is recomputed every step."""
-    import jax
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
 
     @jax.jit

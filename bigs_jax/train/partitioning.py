@@ -6,7 +6,10 @@ in the config map them onto mesh axes here.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -119,9 +122,6 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
 
 def _wait_for(address: str, timeout_s: int) -> None:
-    import socket
-    import time
-
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise RuntimeError(f"--coordinator_address {address!r} must be HOST:PORT")
@@ -140,7 +140,5 @@ def _wait_for(address: str, timeout_s: int) -> None:
 
 def _cpu_only() -> bool:
     """No accelerator plugin is installed (checked without initializing a backend)."""
-    import importlib.util
-
     return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "libtpu",
                                                             "jax_cuda13_plugin"))
