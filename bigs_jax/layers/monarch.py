@@ -8,8 +8,8 @@ https://arxiv.org/abs/2204.00595.
 A Monarch matrix is a product of block-diagonal matrices and fixed "reshape-transpose"
 permutations, M = P L Pᵀ R, so multiplying by it is a few batched GEMMs on reshaped blocks and
 costs O(n^1.5) instead of O(n^2). M2-BERT uses a single block-diagonal factor (4 blocks) as its
-MLP projections (`BlockdiagLinear`); the two-factor form (`MonarchLinear`) follows the
-`blockdiag_butterfly_multiply` convention of the official code. The DFT is itself a Monarch
+MLP projections (`BlockdiagLinear`). (The two-factor form, which no model uses, lives with the
+benchmark that compares it: bench/monarch_two_factor.py.) The DFT is itself a Monarch
 matrix (the Cooley-Tukey four-step algorithm): `monarch_fft` computes it as two dense DFT GEMMs
 of size ~√N with a twiddle multiply and transposes between them, and `fft_conv` uses it (or
 `jnp.fft`) for the FFT long convolutions of the M2 sequence mixer. Weights are stored
@@ -19,7 +19,6 @@ Dimension key:
   T: flattened leading batch dims (any `...` in the public functions)
   I, O: input and output features
   K, P, Q: blocks of a block-diagonal factor, input and output size of each block (I = K·P)
-  J, R, S: the same for the second Monarch factor (J·R = K·Q, O = J·S)
   B: batch dims of a transform; N: transform length, N = U·V with U ≥ V ≈ √N
   L: sequence length of a convolution
 """
@@ -122,63 +121,6 @@ def blockdiag_to_dense(w_KPQ: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Two-factor Monarch matrices
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_monarch(r_KPQ: Array, l_JRS: Array) -> None:
-    K, _, Q = r_KPQ.shape
-    J, R, _ = l_JRS.shape
-    if K * Q != J * R:
-        raise ValueError(f"monarch: the first factor outputs K*Q = {K}*{Q} = {K * Q} features "
-                         f"but the second takes J*R = {J}*{R} = {J * R}; they must be equal.")
-
-
-def monarch_matmul(x: Array, r_KPQ: Array, l_JRS: Array, *,
-                   precision: PrecisionLike = None) -> Array:
-    """y = x @ Mᵀ for the Monarch matrix M = P₂ L P₁ R (fly/M2 `blockdiag_butterfly_multiply`).
-
-    Steps, on the feature axis of `x` (features in row-major block order):
-      1. R: `blockdiag_matmul(x, r_KPQ)` gives K·Q features.
-      2. P₁: view them as (R, J) (R major), transpose to (J, R) and flatten.
-      3. L: `blockdiag_matmul(., l_JRS)` gives J blocks of S, laid out (J, S).
-      4. P₂: transpose (J, S) to (S, J) and flatten: output feature s·J + j.
-    For square blocks (K = J = P = Q = R = S = b, n = b²) P₁ = P₂ = P is the reshape-transpose
-    permutation (P = Pᵀ) and M = P L Pᵀ R, the order-2 Monarch matrix of the papers. Weights of
-    the official code (`w1_bfly` (K, Q, P), `w2_bfly` (J, S, R), torch (out, in) blocks) load as
-    `r_KPQ = w1_bfly.transpose(0, 2, 1)`, `l_JRS = w2_bfly.transpose(0, 2, 1)`.
-
-    Args:
-      x: (..., K·P) input.
-      r_KPQ: (K, P, Q) first (right-most) block-diagonal factor.
-      l_JRS: (J, R, S) second block-diagonal factor, with J·R = K·Q.
-      precision: `jax.lax.Precision` of the matmuls.
-
-    Returns:
-      (..., S·J) output.
-    """
-    _check_monarch(r_KPQ, l_JRS)
-    J, R, S = l_JRS.shape
-    lead = x.shape[:-1]
-    y = blockdiag_matmul(x, r_KPQ, precision=precision)
-    y = jnp.swapaxes(y.reshape(*lead, R, J), -1, -2).reshape(*lead, J * R)
-    z = blockdiag_matmul(y, l_JRS, precision=precision)
-    return jnp.swapaxes(z.reshape(*lead, J, S), -1, -2).reshape(*lead, S * J)
-
-
-def monarch_to_dense(r_KPQ: Array, l_JRS: Array) -> Array:
-    """Dense (K·P, S·J) W with `monarch_matmul(x, r, l) == x @ W`, built from explicit
-    permutation indices rather than reshapes (tests, benchmarks)."""
-    _check_monarch(r_KPQ, l_JRS)
-    J, R, S = l_JRS.shape
-    # Column c of a permuted matrix takes column src[c] of the unpermuted one.
-    src_p1 = np.arange(J * R).reshape(R, J).T.reshape(-1)
-    src_p2 = np.arange(J * S).reshape(J, S).T.reshape(-1)
-    w_IO = blockdiag_to_dense(r_KPQ)[:, src_p1] @ blockdiag_to_dense(l_JRS)
-    return w_IO[:, src_p2]
-
-
-# ----------------------------------------------------------------------------------------------
 # Drop-in linear layers
 # ----------------------------------------------------------------------------------------------
 
@@ -258,70 +200,6 @@ class BlockdiagLinear(nnx.Module):
         dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
         y = blockdiag_matmul(_fit_features(x, K * P).astype(dtype), kernel.astype(dtype),
                              precision=self.precision)
-        y = _fit_features(y, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
-
-
-class MonarchLinear(nnx.Module):
-    """Linear layer whose kernel is a two-factor Monarch matrix (see `monarch_matmul`).
-
-    Shapes follow fly's `MonarchLinear` (both factors have `nblocks` blocks): with
-    P = ⌈in/nblocks⌉ and Q = ⌈out/nblocks⌉, `kernel1` is (nblocks, P, P) and `kernel2`
-    (nblocks, P, Q) when in < out, else (nblocks, P, Q) and (nblocks, Q, Q). Features are
-    zero-padded/cropped like `BlockdiagLinear`. Torch keys `blkdiag1`, `blkdiag2` (block, out, in)
-    load as `kernel1`/`kernel2` = `blkdiagN.transpose(0, 2, 1)`; `bias` as-is.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        nblocks: int = 4,
-        use_bias: bool = True,
-        axes: tuple[str | None, str | None] = ("embed", "mlp"),
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        precision: PrecisionLike = None,
-        rngs: nnx.Rngs,
-    ):
-        """Builds the layer.
-
-        Args:
-          in_features, out_features: feature counts of the input and output.
-          nblocks: number of blocks of each factor (√features gives the O(n^1.5) Monarch).
-          use_bias: add a learned bias of shape (out_features,).
-          axes: logical axis names of (input, output) features; block axes are unsharded.
-          dtype: compute dtype (None: promote input and params).
-          param_dtype: dtype of the params.
-          precision: `jax.lax.Precision` of the matmuls.
-          rngs: random streams; `rngs.params()` draws the init.
-        """
-        P = math.ceil(in_features / nblocks)
-        Q = math.ceil(out_features / nblocks)
-        self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
-        self.dtype, self.precision = dtype, precision
-        mid = min(P, Q)  # the middle size: fly keeps the smaller of the two block sizes
-        # fly init: U(±1/√fan_in) per factor with fan_in = its block input size.
-        self.kernel1 = _param(
-            _uniform(rngs.params(), (nblocks, P, mid), 1 / math.sqrt(P), param_dtype),
-            (None, axes[0], None))
-        self.kernel2 = _param(
-            _uniform(rngs.params(), (nblocks, mid, Q), 1 / math.sqrt(mid), param_dtype),
-            (None, None, axes[1]))
-        self.bias = (_param(_uniform(rngs.params(), (out_features,),
-                                     1 / math.sqrt(out_features), param_dtype), (axes[1],))
-                     if use_bias else None)
-
-    def __call__(self, x: Array) -> Array:
-        """Applies the layer to x of shape (..., in_features); returns (..., out_features)."""
-        K, P, _ = self.kernel1.shape
-        k1, k2 = self.kernel1[...], self.kernel2[...]
-        dtype = jnp.result_type(x, k1, k2) if self.dtype is None else self.dtype
-        y = monarch_matmul(_fit_features(x, K * P).astype(dtype), k1.astype(dtype),
-                           k2.astype(dtype), precision=self.precision)
         y = _fit_features(y, self.out_features)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)

@@ -10,18 +10,16 @@ import pytest
 from flax import nnx
 
 from bigs_jax.layers import monarch
+from bench.monarch_two_factor import MonarchLinear, monarch_matmul, monarch_to_dense
 from bigs_jax.layers.monarch import (
     BlockdiagLinear,
-    MonarchLinear,
     blockdiag_matmul,
     blockdiag_to_dense,
     fft_conv,
     monarch_fft,
     monarch_ifft,
     monarch_irfft,
-    monarch_matmul,
     monarch_rfft,
-    monarch_to_dense,
 )
 
 MATMUL_TOL = 1e-5
