@@ -15,10 +15,12 @@ def path_str(path: Sequence[Any]) -> str:
     """'layers/3/fs4/A_re' from a pytree key path (dict keys, sequence indices, attributes)."""
     parts = []
     for k in path:
-        k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        parts.append(str(k))
-    # nnx.State paths may end in a Variable's 'value' field; the parameter is its parent.
-    return "/".join(p for p in parts if p != "value")
+        # nnx.State paths end in the Variable's `value` attribute; the parameter is its parent.
+        # (A submodule named `value`, attention's v projection, is a dict key and stays.)
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue
+        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+    return "/".join(parts)
 
 
 def flat_paths(tree) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from bigs_jax.convert.common import (
     read_json,
     read_msgpack,
 )
+from bigs_jax.convert.hf_bert import bert_config_fields
 from bigs_jax.models.encoder import EncoderConfig
 
 FORMAT = "bigs-official"
@@ -132,22 +133,13 @@ def config_from_official(hf: Mapping[str, Any], head: str, num_labels: int,
     if model_type.lower() != "bigs":
         raise ConversionError(f"{config_path} has model_type {model_type!r}, not 'BiGS'; use "
                               "--from auto for this checkpoint")
-    init = hf.get("initializer_range", 0.02)
     return EncoderConfig(
         block="gated", mixer="ssm", ssm_shared=True,
-        vocab_size=hf.get("vocab_size", 30522),
-        max_len=hf.get("max_position_embeddings", 512),
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        hidden_size=hf.get("hidden_size", 768),
-        num_layers=hf.get("num_hidden_layers", 24),
-        intermediate_size=hf.get("intermediate_size", 3072),
+        **bert_config_fields(hf, num_layers=24),  # BiGSConfig's default depth is 24
         num_heads=hf.get("num_attention_heads", EncoderConfig.num_heads),
         ssm_state=hf.get("num_ssm", 64),
         pre_norm=hf.get("pre_norm", True),
-        norm_eps=hf.get("layer_norm_eps", 1e-12),
-        dropout=hf.get("hidden_dropout_prob", 0.1),
-        classifier_dropout=hf.get("classifier_dropout"),
-        init_std=init, mlm_head_init_std=None,
+        mlm_head_init_std=None,
         head=head, num_labels=num_labels,
         pooler=hf.get("pooler_type", "non_padding_mean"),
         official_padding=official_padding)

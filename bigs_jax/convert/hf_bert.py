@@ -106,24 +106,32 @@ def config_from_hf(hf: Mapping[str, Any], head: str, config_path: str) -> Encode
     if head == "mlm" and act != "gelu":
         raise ConversionError(f"{config_path}: an MLM head with hidden_act {act!r} is not "
                               "supported (our MLM head uses erf GELU, HF's 'gelu')")
-    init = hf.get("initializer_range", 0.02)
+    fields = bert_config_fields(hf, num_layers=12)
     return EncoderConfig(
-        block="stack", mixer="attention", pre_norm=False,
+        block="stack", mixer="attention", pre_norm=False, **fields,
+        num_heads=hf.get("num_attention_heads", 12),
+        hidden_act=act,
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        mlm_head_init_std=fields["init_std"],
+        head=head, num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
+        pooler="cls")
+
+
+def bert_config_fields(hf: Mapping[str, Any], *, num_layers: int) -> dict[str, Any]:
+    """Encoder config fields from the keys every BERT-style HF config has (`BertConfig`, and
+    the official `BiGSConfig` built on it), with BertConfig's defaults."""
+    return dict(
         vocab_size=hf.get("vocab_size", 30522),
         max_len=hf.get("max_position_embeddings", 512),
         type_vocab_size=hf.get("type_vocab_size", 2),
         hidden_size=hf.get("hidden_size", 768),
-        num_layers=hf.get("num_hidden_layers", 12),
+        num_layers=hf.get("num_hidden_layers", num_layers),
         intermediate_size=hf.get("intermediate_size", 3072),
-        num_heads=hf.get("num_attention_heads", 12),
-        hidden_act=act,
         norm_eps=hf.get("layer_norm_eps", 1e-12),
         dropout=hf.get("hidden_dropout_prob", 0.1),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         classifier_dropout=hf.get("classifier_dropout"),
-        init_std=init, mlm_head_init_std=init,
-        head=head, num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
-        pooler="cls")
+        init_std=hf.get("initializer_range", 0.02),
+    )
 
 
 def import_checkpoint(src: str, options: Mapping[str, Any]) -> Imported:

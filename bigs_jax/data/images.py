@@ -277,14 +277,12 @@ class ImageSource:
 
 def data_source(config) -> ImageSource:
     """The `ImageSource` of `config.data` on this host (jax.process_index of process_count)."""
-    d = config.data
+    d = config.data  # configs/vit.py's image_config sets every key
     return ImageSource(
-        name=d.tfds_name, data_dir=d.get("data_dir", ""), train_split=d.get("train_split",
-                                                                             "train"),
-        eval_split=d.get("eval_split", "test"), image_size=d.get("image_size", 0),
-        mean=d.get("mean", 0.5), std=d.get("std", 0.5), batch_size=d.batch_size,
-        eval_batch_size=d.get("eval_batch_size", d.batch_size),
-        eval_batches=d.get("eval_batches", 0), seed=d.get("seed", 0),
+        name=d.tfds_name, data_dir=d.data_dir, train_split=d.train_split,
+        eval_split=d.eval_split, image_size=d.image_size, mean=d.mean, std=d.std,
+        batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+        eval_batches=d.eval_batches, seed=d.seed,
         shard_index=jax.process_index(), num_shards=jax.process_count())
 
 

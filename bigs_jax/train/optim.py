@@ -54,9 +54,9 @@ def make_optimizer(c: ConfigDict, params, total_steps: int
     weight_decay}), freeze (regexes).
     """
     base = schedule(c, total_steps)
-    groups = list(c.get("groups", ()))
-    freeze = list(c.get("freeze", ()))
-    no_decay = list(c.get("no_decay", ()))
+    groups = list(c.groups)
+    freeze = list(c.freeze)
+    no_decay = list(c.no_decay)
 
     def label(path: str) -> str:
         if _matches(freeze, path):
