@@ -20,8 +20,6 @@ from absl import app, flags, logging
 
 from bigs_jax import cli
 from bigs_jax.errors import ConfigError
-from bigs_jax.evals import runner
-from bigs_jax.evals.finetune import DataError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,6 +34,10 @@ def main(argv):
         cli.fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE")
     config = _CONFIG.value
     cli.check_config_loads(config, "benchmark")
+    # Imported after flag parsing (seconds of TensorFlow), so a mistyped flag fails at once.
+    from bigs_jax.evals import runner
+    from bigs_jax.evals.finetune import DataError
+
     cli.join_distributed(_DISTRIBUTED)
     try:
         summary = runner.evaluate(config, _WORKDIR.value or os.path.join("workdirs", "eval"))

@@ -19,10 +19,6 @@ from ml_collections import config_flags
 
 from bigs_jax import cli
 from bigs_jax.errors import ConfigError
-# Fine-tuning sources (`config.data.source` glue/scrolls) register when imported; the loop
-# itself registers only the sources of bigs_jax.data.
-from bigs_jax.evals import glue, scrolls  # noqa: F401
-from bigs_jax.train import loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,6 +38,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE")
+    # Imported after flag parsing: TensorFlow and the data stack take seconds to load, and a
+    # mistyped flag should fail at once. The fine-tuning sources (`config.data.source` glue,
+    # scrolls) register when imported; the loop itself registers only those of bigs_jax.data.
+    from bigs_jax.evals import glue, scrolls  # noqa: F401
+    from bigs_jax.train import loop
+
     cli.join_distributed(_DISTRIBUTED)
     config = _CONFIG.value
     cli.check_config_loads(config, "train")
