@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigs_jax.layers.blocks import block_call, check_remat
+from bigs_jax.layers.blocks import check_remat
 from bigs_jax.layers.linear import activation, layer_norm, sharded
 from bigs_jax.layers.longconv import CONV_MODES
 from bigs_jax.layers.monarch import BlockdiagLinear
@@ -47,6 +47,7 @@ from bigs_jax.models.vit import (
     PatchEmbed,
     check_image_geometry,
     classifier,
+    classify_patches,
     image_input,
 )
 
@@ -179,14 +180,8 @@ class M2ViT(nnx.Module):
         x_BND = self.patch_embed(image_input(images, c))
         if self.position is not None:
             x_BND = x_BND + self.position[...].astype(x_BND.dtype)
-        x_BND = self.dropout(x_BND, deterministic=deterministic, rngs=rngs)
-        apply = block_call(c.remat, deterministic)
-        for layer in self.layers:
-            x_BND = apply(layer, x_BND, rngs)
-        h_BND = self.final_norm(x_BND)
-        pooled_BD = h_BND.mean(axis=1)
-        logits_BY = self.head(pooled_BD).astype(jnp.float32)
-        return ModelOutput(hidden_states=h_BND, logits=logits_BY, pooled=pooled_BD)
+        return classify_patches(self, x_BND, cls_token=False, deterministic=deterministic,
+                                rngs=rngs)
 
 
 # ---------------------------------------------------------------------------- registry

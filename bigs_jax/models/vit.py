@@ -183,14 +183,22 @@ class ViT(nnx.Module):
                                        (x_BND.shape[0], 1, x_BND.shape[2]))
             x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1)
         x_BND = x_BND + self.position[...].astype(x_BND.dtype)
-        x_BND = self.dropout(x_BND, deterministic=deterministic, rngs=rngs)
-        apply = block_call(c.remat, deterministic)
-        for layer in self.layers:
-            x_BND = apply(layer, x_BND, rngs)
-        h_BND = self.final_norm(x_BND)
-        pooled_BD = h_BND[:, 0] if self.cls is not None else h_BND.mean(axis=1)
-        logits_BY = self.head(pooled_BD).astype(jnp.float32)
-        return ModelOutput(hidden_states=h_BND, logits=logits_BY, pooled=pooled_BD)
+        return classify_patches(self, x_BND, cls_token=self.cls is not None,
+                                deterministic=deterministic, rngs=rngs)
+
+
+def classify_patches(model: nnx.Module, x_BND: jax.Array, *, cls_token: bool,
+                     deterministic: bool, rngs: Optional[nnx.Rngs]) -> ModelOutput:
+    """Dropout → blocks → final LayerNorm → pool ([CLS] state or mean of patches) → head:
+    the trunk of ViT and M2-ViT after their patch (and position) embeddings."""
+    x_BND = model.dropout(x_BND, deterministic=deterministic, rngs=rngs)
+    apply = block_call(model.config.remat, deterministic)
+    for layer in model.layers:
+        x_BND = apply(layer, x_BND, rngs)
+    h_BND = model.final_norm(x_BND)
+    pooled_BD = h_BND[:, 0] if cls_token else h_BND.mean(axis=1)
+    logits_BY = model.head(pooled_BD).astype(jnp.float32)
+    return ModelOutput(hidden_states=h_BND, logits=logits_BY, pooled=pooled_BD)
 
 
 # ---------------------------------------------------------------------------- registry
