@@ -5,10 +5,12 @@
                                      seed=0)
     batch = next(batches)   # numpy: input_ids, labels, loss_weights, attention_mask, ...
 
-Modules: `corpus` (the default text, no download), `vocab` (SentencePiece vocabularies and their
-special ids), `preprocessors` (TF ops: chunking, BERT masking, causal-LM shift), `tasks` (SeqIO
-task registration), `pipeline` (deterministic, resumable, sharded numpy batches), `streaming`
-(the same batches streamed, for corpora larger than host memory). Importing this package is
+Modules: `registry` (the DataSource protocol the train loop reads, sources by name),
+`seqio_source` and `images` (the "seqio" and "images" sources), `corpus` (the default text, no
+download), `vocab` (SentencePiece vocabularies and their special ids), `preprocessors` (TF ops:
+chunking, BERT masking, causal-LM shift), `tasks` and `mixtures` (SeqIO registration; task and
+mixture specs), `pipeline` (deterministic, resumable, sharded numpy batches), `streaming` (the
+same batches streamed, for corpora larger than host memory). Importing this package is
 cheap; TensorFlow loads only with the modules that need it.
 """
 
