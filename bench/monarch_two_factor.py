@@ -93,58 +93,28 @@ class MonarchLinear(nnx.Module):
     P = ⌈in/nblocks⌉ and Q = ⌈out/nblocks⌉, `kernel1` is (nblocks, P, P) and `kernel2`
     (nblocks, P, Q) when in < out, else (nblocks, P, Q) and (nblocks, Q, Q). Features are
     zero-padded/cropped like `BlockdiagLinear`. Torch keys `blkdiag1`, `blkdiag2` (block, out, in)
-    load as `kernel1`/`kernel2` = `blkdiagN.transpose(0, 2, 1)`; `bias` as-is.
+    load as `kernel1`/`kernel2` = `blkdiagN.transpose(0, 2, 1)`; `bias` as-is. Float32, with a
+    bias, sharded ("embed", "mlp") like the M2 MLP's up-projection.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        nblocks: int = 4,
-        use_bias: bool = True,
-        axes: tuple[str | None, str | None] = ("embed", "mlp"),
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        precision: PrecisionLike = None,
-        rngs: nnx.Rngs,
-    ):
-        """Builds the layer.
-
-        Args:
-          in_features, out_features: feature counts of the input and output.
-          nblocks: number of blocks of each factor (√features gives the O(n^1.5) Monarch).
-          use_bias: add a learned bias of shape (out_features,).
-          axes: logical axis names of (input, output) features; block axes are unsharded.
-          dtype: compute dtype (None: promote input and params).
-          param_dtype: dtype of the params.
-          precision: `jax.lax.Precision` of the matmuls.
-          rngs: random streams; `rngs.params()` draws the init.
-        """
+    def __init__(self, in_features: int, out_features: int, *, nblocks: int = 4,
+                 rngs: nnx.Rngs):
         P = math.ceil(in_features / nblocks)
         Q = math.ceil(out_features / nblocks)
-        self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
-        self.dtype, self.precision = dtype, precision
+        self.out_features = out_features
         mid = min(P, Q)  # the middle size: fly keeps the smaller of the two block sizes
         # fly init: U(±1/√fan_in) per factor with fan_in = its block input size.
         self.kernel1 = _param(
-            _uniform(rngs.params(), (nblocks, P, mid), 1 / math.sqrt(P), param_dtype),
-            (None, axes[0], None))
+            _uniform(rngs.params(), (nblocks, P, mid), 1 / math.sqrt(P), jnp.float32),
+            (None, "embed", None))
         self.kernel2 = _param(
-            _uniform(rngs.params(), (nblocks, mid, Q), 1 / math.sqrt(mid), param_dtype),
-            (None, None, axes[1]))
-        self.bias = (_param(_uniform(rngs.params(), (out_features,),
-                                     1 / math.sqrt(out_features), param_dtype), (axes[1],))
-                     if use_bias else None)
+            _uniform(rngs.params(), (nblocks, mid, Q), 1 / math.sqrt(mid), jnp.float32),
+            (None, None, "mlp"))
+        self.bias = _param(_uniform(rngs.params(), (out_features,), 1 / math.sqrt(out_features),
+                                    jnp.float32), ("mlp",))
 
     def __call__(self, x: Array) -> Array:
         """Applies the layer to x of shape (..., in_features); returns (..., out_features)."""
         K, P, _ = self.kernel1.shape
-        k1, k2 = self.kernel1[...], self.kernel2[...]
-        dtype = jnp.result_type(x, k1, k2) if self.dtype is None else self.dtype
-        y = monarch_matmul(_fit_features(x, K * P).astype(dtype), k1.astype(dtype),
-                           k2.astype(dtype), precision=self.precision)
-        y = _fit_features(y, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        y = monarch_matmul(_fit_features(x, K * P), self.kernel1[...], self.kernel2[...])
+        return _fit_features(y, self.out_features) + self.bias[...]

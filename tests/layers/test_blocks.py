@@ -38,8 +38,10 @@ def _loss_and_grads(name, overrides, remat, ids, mask):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("family,policy", [("gpt2", "full"), ("gpt2", "dots"),
-                                           ("m2-gpt", "full"), ("m2-bert", "dots")])
+@pytest.mark.parametrize("family,policy", [
+    ("gpt2", "full"), ("gpt2", "dots"), ("m2-gpt", "full"),
+    # The same M2 layer code, bidirectional: ~20 s of compiles, so with the slow tests.
+    pytest.param("m2-bert", "dots", marks=pytest.mark.slow)])
 def test_remat_equals_no_remat(family, policy):
     name, overrides = REMAT_CASES[family]
     ids = np.random.default_rng(0).integers(1, 97, (2, 24))
