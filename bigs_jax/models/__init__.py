@@ -32,13 +32,14 @@ class ModelSpec:
 
 
 # One module per family; each exposes FAMILY (its name), Config, Model and SIZES
-# (registry name -> config overrides), and may expose FP32_PARAMS (see Family).
-FAMILY_MODULES = ("encoder", "gpt2", "m2", "vit", "m2_vit")
+# (registry name -> config overrides), and may expose FP32_PARAMS (see Family). Dotted names
+# are modules outside bigs_jax.models (wrappers around the other families: bigs_jax.fpt).
+FAMILY_MODULES = ("encoder", "gpt2", "m2", "vit", "m2_vit", "bigs_jax.fpt")
 
 FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, ModelSpec] = {}
 for _module in FAMILY_MODULES:
-    _m = importlib.import_module(f"bigs_jax.models.{_module}")
+    _m = importlib.import_module(_module if "." in _module else f"bigs_jax.models.{_module}")
     FAMILIES[_m.FAMILY] = Family(_m.FAMILY, _m.Config, _m.Model,
                                  tuple(getattr(_m, "FP32_PARAMS", ())))
     for _name, _overrides in _m.SIZES.items():

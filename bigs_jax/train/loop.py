@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 
 from bigs_jax.models import make_config
 from bigs_jax.train import checkpointing, metrics, optim, partitioning
-from bigs_jax.train.objectives import OBJECTIVES
+from bigs_jax.train.objectives import OBJECTIVES, forward
 from bigs_jax.train.step import TrainState, make_eval_step, make_train_step
 
 
@@ -61,6 +61,12 @@ def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None)
     with an `init` checkpoint's vocabulary.
     """
     data_overrides = dict(data_overrides or {})
+    hook = family_hook(config, "model_config_from_run")
+    if hook is not None:  # wrapper families (FPT) build their config from the whole run
+        try:
+            return hook(config, data_overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.model: {e}") from None
     overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
     if config.get("init"):
         base = checkpointing.read_model_config(checkpointing.resolve(config.init)[0])
@@ -81,6 +87,22 @@ def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None)
         return make_config(config.model.name, **overrides)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
+
+
+def family_hook(config: ConfigDict, name: str):
+    """A run-level function `name` of the module of config.model's family, if it has one.
+
+    Wrapper families (bigs_jax.fpt) define `model_config_from_run(config, data_overrides)`
+    and `restore_init(config, params) -> (params, report)` for what a plain family gets from
+    `config.model` and `checkpointing.restore_matching`.
+    """
+    from bigs_jax.models import FAMILIES, get_spec
+
+    try:
+        family = FAMILIES[get_spec(config.model.name).family]
+    except ValueError as e:
+        raise ConfigError(f"config.model.name: {e}") from None
+    return getattr(sys.modules[family.model_cls.__module__], name, None)
 
 
 def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
@@ -120,6 +142,7 @@ DATA_SOURCES = {
     "images": "bigs_jax.data.images",
     "glue": "bigs_jax.evals.glue",
     "scrolls": "bigs_jax.evals.scrolls",
+    "fpt": "bigs_jax.data.fpt_tasks",
 }
 
 
@@ -279,6 +302,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 
         data_sharding = partitioning.batch_sharding(mesh, rules)
         train_step = jax.jit(make_train_step(graphdef, tx, loss_fn,
+                                             trainable=optim.trainable_mask(config.optim,
+                                                                            abstract_params),
                                              grad_accum_steps=t.get("grad_accum_steps", 1),
                                              nan_at_step=t.get("debug_nan_at_step", 0),
                                              grad_norm=t.get("log_grad_norm", True)),
@@ -328,8 +353,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         else:
             state = init_state()
             if config.get("init"):
+                restore = family_hook(config, "restore_init") or (
+                    lambda c, p: checkpointing.restore_matching(c.init, p))
                 try:
-                    params, report = checkpointing.restore_matching(config.init, state.params)
+                    params, report = restore(config, state.params)
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
                 state = state.replace(params=params)
@@ -343,9 +370,8 @@ def _make_predict_step(graphdef):
     """(params, token batch) -> the model's logits, without dropout."""
 
     def predict_step(params, batch):
-        model = nnx.merge(graphdef, params)
-        return model(batch["input_ids"], batch.get("attention_mask"),
-                     batch.get("token_type_ids"), deterministic=True, rngs=None).logits
+        return forward(nnx.merge(graphdef, params), batch, deterministic=True,
+                        rngs=None).logits
 
     return predict_step
 
@@ -389,6 +415,13 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
     print(f"model: {config.model.name} ({checkpointing.param_count(state.params):,} params), "
           f"{'resuming from step ' + str(step) if start is not None else 'fresh start'}, "
           f"training to step {t.steps}", flush=True)
+    if config.optim.get("freeze"):
+        mask = optim.trainable_mask(config.optim, state.params)
+        n = checkpointing.param_count(state.params)
+        n_train = sum(int(np.prod(x.shape)) for x, keep in zip(
+            jax.tree.leaves(state.params), jax.tree.leaves(mask)) if keep)
+        print(f"trainable: {n_train:,} of {n:,} params ({100 * n_train / n:.4g}%); optimizer "
+              f"state: {checkpointing.param_count(state.opt_state):,} numbers", flush=True)
 
     def evaluate() -> dict:
         """{"loss": ..., and each sum the objective reports, per unit of loss weight}."""
