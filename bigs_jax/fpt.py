@@ -175,7 +175,9 @@ class FPT(nnx.Module):
 # Parameter classes of every backbone family (paths under `backbone/`), in the official
 # code's terms: "ln" (norms), "pos" (positions), "ff" (feed-forward), "attn" (sequence mixer).
 _NORM = r"(?:.*/)?\w*norm(?:/|$)"
-_POS = r"(?:.*/)?position(?:/|$)"
+# The position tables the backbone reads (GPT-2, BERT, M2); ViT's own table is bypassed
+# (the wrapper's `positions` replaces it), so it stays frozen like timm's pos_embed in FPT.
+_POS = r"embeddings/position(?:/|$)"
 _FF = r"layers/\d+/(?:mlp|dv|dol|do)/"
 _ATTN = r"layers/\d+/(?:mixer|attention|du_forward|du_backward|fs4|bs4|duc_forward|duc_backward)/"
 

@@ -25,20 +25,9 @@ gpt2-tiny (random frozen backbone) ends at 100% validation and test bit accuracy
 
 from ml_collections import ConfigDict, config_dict
 
+from bigs_jax.data.fpt_tasks import apply_task_settings
 from bigs_jax.fpt import freeze_patterns
 from bigs_jax.train.config import base_config, parse_arg, smoke
-
-# Per task: batch size, steps, evaluations, token length (token tasks).
-TASK_DEFAULTS = {
-    "bit-memory": dict(batch_size=32, steps=4000, evals=8),
-    "bit-xor": dict(batch_size=32, steps=1000, evals=4),
-    "listops": dict(batch_size=32, steps=3000, evals=6, seq_len=128),
-    "mnist": dict(batch_size=32, steps=5000, evals=5),
-    "cifar10": dict(batch_size=32, steps=10000, evals=10),
-    "cifar10-gray": dict(batch_size=16, steps=10000, evals=10),
-    "digits": dict(batch_size=32, steps=1500, evals=5),
-    "remote-homology": dict(batch_size=16, steps=10000, evals=10, seq_len=1024),
-}
 
 
 def _flag(args: dict, key: str, default: bool) -> bool:
@@ -53,12 +42,10 @@ def _flag(args: dict, key: str, default: bool) -> bool:
 def get_config(arg=None):
     args = parse_arg(arg)
     task = args.get("task", "bit-xor")
-    if task not in TASK_DEFAULTS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_DEFAULTS)}")
+    size = args.get("size", "paper")
     mode = args.get("mode", "frozen")
     if mode not in ("frozen", "full"):
         raise ValueError(f"unknown mode {mode!r}; choose frozen or full")
-    t = TASK_DEFAULTS[task]
     c = base_config(model="fpt", task=task, objective="classification")
     c.model = ConfigDict({"name": "fpt"})
     c.fpt = ConfigDict({
@@ -75,14 +62,12 @@ def get_config(arg=None):
     for key in ("mask_rate", "whole_word", "streaming", "shuffle_buffer"):
         del c.data[key]
     c.data.update({
-        "source": "fpt", "seq_len": t.get("seq_len", 0), "batch_size": t["batch_size"],
+        "source": "fpt", "seq_len": 0, "batch_size": 32,
         "eval_batch_size": 100, "eval_split": "validation", "eval_batches": 0,
         "generator_seed": 0,          # fixed data (generated sets, image validation carve)
         "scores_dir": "",             # where `score` writes dev/step_N.json ("" = nowhere)
         # bit tasks: the official sizes
-        "n_bits": 1000 if task == "bit-memory" else 5,
-        "num_patterns": 5,
-        "patch_size": 50 if task == "bit-memory" else 1,
+        "n_bits": 5, "num_patterns": 5, "patch_size": 1,
         "eval_examples": 1000,
         # listops: generate (LRA's definition) or lra (basic_*.tsv in data_dir)
         "listops_source": "generate", "listops_train": 20000, "listops_eval": 2000,
@@ -96,14 +81,15 @@ def get_config(arg=None):
         "no_decay": [], "groups": [],
         "freeze": freeze_patterns(**switches) if mode == "frozen" else [],
     })
-    every = max(1, t["steps"] // t["evals"])
-    c.train.update({"steps": t["steps"], "log_every": min(50, every), "eval_every": every,
-                    "checkpoint_every": every, "keep_checkpoints": 1})
+    c.train.keep_checkpoints = 1
+    apply_task_settings(c, task, size)
     c.protocol = ConfigDict({
         "tasks": "bit-memory,listops,digits",
         "modes": "pretrained,random,full",   # frozen pretrained, frozen random, full fine-tune
         "lrs": "1e-4,3e-4,1e-3,3e-3",        # log-spaced; the paper's 1e-3 is in the middle
         "seeds": "0,1,2",
+        "size": size,                        # TASK_SETTINGS of every task
+        "sweep": "all",                      # all: every lr × seed; first_seed: see evals/fpt
         "steps": config_dict.placeholder(int),    # None: each task's default
     })
     c.benchmark = "fpt"

@@ -54,6 +54,59 @@ HOMOLOGY_CLASSES = 1195
 HOMOLOGY_SPLITS = {"train": "train", "validation": "valid", "test": "test_fold_holdout"}
 
 
+# Per task and size: config values (dotted paths) that configs/fpt.py and eval.py's protocol
+# set. `paper`: the official task sizes, CPU-sized runs (batch, steps); `cpu`: smaller tasks
+# for the CPU protocol run (bit memory over 250 bits: 30 tokens; ListOps up to 45 tokens;
+# 150 steps of batch 16, far from the paper's "to convergence").
+TASK_SETTINGS = {
+    "paper": {
+        "bit-memory": {"data.n_bits": 1000, "data.patch_size": 50, "data.batch_size": 32,
+                       "train.steps": 4000, "evals": 8},
+        "bit-xor": {"data.n_bits": 5, "data.patch_size": 1, "data.batch_size": 32,
+                    "train.steps": 1000, "evals": 4},
+        "listops": {"data.seq_len": 512, "data.listops_min_length": 500,
+                    "data.listops_max_length": 2000, "data.batch_size": 16,
+                    "train.steps": 10000, "evals": 10},
+        "mnist": {"data.batch_size": 32, "train.steps": 5000, "evals": 5},
+        "cifar10": {"data.batch_size": 32, "train.steps": 10000, "evals": 10},
+        "cifar10-gray": {"data.batch_size": 16, "train.steps": 10000, "evals": 10},
+        "digits": {"data.batch_size": 32, "train.steps": 1500, "evals": 5},
+        "remote-homology": {"data.seq_len": 1024, "data.batch_size": 16,
+                            "train.steps": 10000, "evals": 10},
+    },
+    "cpu": {
+        "bit-memory": {"data.n_bits": 250, "data.patch_size": 50, "data.batch_size": 16,
+                       "data.eval_examples": 500, "train.steps": 150, "evals": 2},
+        "bit-xor": {"data.n_bits": 5, "data.patch_size": 1, "data.batch_size": 16,
+                    "data.eval_examples": 500, "train.steps": 150, "evals": 2},
+        "listops": {"data.seq_len": 48, "data.listops_min_length": 10,
+                    "data.listops_max_length": 45, "data.listops_train": 5000,
+                    "data.listops_eval": 500, "data.batch_size": 16, "train.steps": 150,
+                    "evals": 2},
+        "digits": {"data.batch_size": 16, "train.steps": 150, "evals": 2},
+    },
+}
+
+
+def apply_task_settings(c: ConfigDict, task: str, size: str) -> None:
+    """Set `c.data.task` and the task's `TASK_SETTINGS[size]` values (evaluation cadence
+    included) on a configs/fpt.py config."""
+    if size not in TASK_SETTINGS:
+        raise ValueError(f"unknown task size {size!r}; choose one of {sorted(TASK_SETTINGS)}")
+    if task not in TASK_SETTINGS[size]:
+        raise ValueError(f"task {task!r} has no {size!r} settings; choose one of "
+                         f"{sorted(TASK_SETTINGS[size])}")
+    c.data.task = task
+    values = dict(TASK_SETTINGS[size][task])
+    evals = values.pop("evals")
+    for path, value in values.items():
+        section, key = path.split(".")
+        c[section][key] = value
+    every = max(1, c.train.steps // evals)
+    c.train.eval_every = c.train.checkpoint_every = every
+    c.train.log_every = min(50, every)
+
+
 @dataclasses.dataclass
 class Split:
     """An in-memory split: inputs (N, L[, I]) and labels (N[, T])."""

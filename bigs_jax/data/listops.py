@@ -20,6 +20,7 @@ fpt_growth.md §1.5). A median of an even count is the integer part of the middl
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import statistics
 from typing import Optional
@@ -43,14 +44,26 @@ def _apply(op: str, values: list[int]) -> int:
     return sum(values) % 10
 
 
-def _tree(rng: np.random.Generator, depth: int, max_depth: int, max_args: int):
-    """(tokens without parentheses, value, nested form for the parenthesized rendering)."""
+class _TooLong(Exception):
+    """A tree under construction passed max_length: it would be rejected anyway."""
+
+
+def _tree(rng: np.random.Generator, depth: int, max_depth: int, max_args: int, budget: list):
+    """(tokens without parentheses, value, nested form for the parenthesized rendering).
+
+    `budget` ([tokens left]) stops a tree as soon as it outgrows max_length: most draws are
+    far too long, and finishing them only to reject them dominates the generation time.
+    """
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooLong
     r = rng.random() if depth < max_depth else 1.0
     if r > VALUE_P:
         v = int(rng.integers(10))
         return [str(v)], v, str(v)
+    budget[0] -= 1  # the closing bracket
     op = OPERATORS[int(rng.integers(len(OPERATORS)))]
-    children = [_tree(rng, depth + 1, max_depth, max_args)
+    children = [_tree(rng, depth + 1, max_depth, max_args, budget)
                 for _ in range(int(rng.integers(2, max_args + 1)))]
     tokens = [op] + [t for c in children for t in c[0]] + ["]"]
     nested = op
@@ -66,16 +79,21 @@ def _render(nested) -> list[str]:
     return ["("] + _render(nested[0]) + _render(nested[1]) + [")"]
 
 
+@functools.lru_cache(maxsize=8)  # the protocol's runs share their generated sets
 def generate(n: int, *, seed: int, min_length: int = 500, max_length: int = 2000,
              max_depth: int = 10, max_args: int = 10,
              parens: bool = False) -> tuple[list[list[str]], np.ndarray]:
-    """`n` (token list, label) pairs drawn as LRA does, from `seed` alone."""
+    """`n` (token list, label) pairs drawn as LRA does, from `seed` alone (cached: treat the
+    result as read-only)."""
     if min_length > max_length:
         raise ValueError(f"ListOps min_length {min_length} exceeds max_length {max_length}")
     rng = np.random.default_rng(seed)
     sources, labels = [], []
     while len(sources) < n:
-        tokens, value, nested = _tree(rng, 1, max_depth, max_args)
+        try:
+            tokens, value, nested = _tree(rng, 1, max_depth, max_args, [max_length])
+        except _TooLong:
+            continue
         if min_length <= len(tokens) <= max_length:
             sources.append(_render(nested) if parens else tokens)
             labels.append(value)
