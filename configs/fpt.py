@@ -19,8 +19,12 @@ small backbones, not the paper's (it trained "to convergence", up to 1e6 steps o
 `config.fpt.pretrained` defaults to "config.init is set"; `False` with an init keeps the
 architecture and draws the backbone at random (seed config.train.seed).
 
-`smoke`: bit-xor on gpt2-tiny, 6 steps (CI). On a 2-core CPU, the default bit-xor run on
-gpt2-tiny (random frozen backbone) ends at 100% validation and test bit accuracy.
+`size=paper` (default) or `size=cpu` picks the task sizes (bigs_jax.data.fpt_tasks
+.TASK_SETTINGS). `smoke`: bit-xor on gpt2-tiny, 6 steps (CI).
+
+Measured on a shared 2-core CPU: bit-xor (1000 steps of 32) with the frozen converted
+all-MiniLM-L6-v2 reaches 100% test bit accuracy (and every example exact) from step 250,
+329 s; with a random frozen gpt2-tiny it is at 67% after the same 1000 steps (8 s).
 """
 
 from ml_collections import ConfigDict, config_dict

@@ -82,7 +82,7 @@ TASK_SETTINGS = {
         "listops": {"data.seq_len": 48, "data.listops_min_length": 10,
                     "data.listops_max_length": 45, "data.listops_train": 5000,
                     "data.listops_eval": 500, "data.batch_size": 16, "train.steps": 150,
-                    "evals": 2},
+                    "evals": 1},
         "digits": {"data.batch_size": 16, "train.steps": 150, "evals": 2},
     },
 }

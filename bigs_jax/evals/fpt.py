@@ -65,6 +65,7 @@ def run_config(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
         rc.train.steps = c.protocol.steps
         rc.train.eval_every = rc.train.checkpoint_every = every
     rc.optim.lr = lr
+    rc.train.eval_at_start = False  # only the last evaluation is scored
     rc.train.seed = rc.data.seed = seed
     rc.data.scores_dir = run_dir
     rc.fpt.pretrained = mode != "random"
