@@ -96,13 +96,14 @@ def family_hook(config: ConfigDict, name: str):
     and `restore_init(config, params) -> (params, report)` for what a plain family gets from
     `config.model` and `checkpointing.restore_matching`.
     """
-    from bigs_jax.models import FAMILIES, get_spec
+    from bigs_jax.models import FAMILIES, MODELS
 
-    try:
-        family = FAMILIES[get_spec(config.model.name).family]
-    except ValueError as e:
-        raise ConfigError(f"config.model.name: {e}") from None
-    return getattr(sys.modules[family.model_cls.__module__], name, None)
+    # A registry name, or (eval.py's fine-tuning runs) a family name; else no hook, and the
+    # usual path reports what is wrong with the name.
+    key = config.model.get("name")
+    family = FAMILIES.get(MODELS[key].family if key in MODELS else key)
+    return None if family is None else getattr(sys.modules[family.model_cls.__module__], name,
+                                               None)
 
 
 def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
