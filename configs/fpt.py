@@ -86,6 +86,7 @@ def get_config(arg=None):
         "freeze": freeze_patterns(**switches) if mode == "frozen" else [],
     })
     c.train.keep_checkpoints = 1
+    c.train.eval_at_start = True
     apply_task_settings(c, task, size)
     c.protocol = ConfigDict({
         "tasks": "bit-memory,listops,digits",

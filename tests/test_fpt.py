@@ -447,15 +447,3 @@ def test_bit_xor_reaches_100_percent_with_frozen_pretrained_minilm(minilm_workdi
     of 1000 fresh test examples right after 300 steps of batch 32 (measured: from step 250)."""
     s = _final_scores("bit-xor", minilm_workdir, str(tmp_path / "xor"), "paper", steps=300)
     assert s["test"]["accuracy"] == 1.0 and s["test"]["exact"] == 1.0, s
-
-
-@pytest.mark.slow
-def test_bit_memory_reaches_99_percent_with_frozen_pretrained_minilm(minilm_workdir, tmp_path):
-    """Acceptance 2: Bit Memory (5 patterns of 250 bits, the `cpu` size: 30 tokens × 50)
-    with the frozen real MiniLM reaches ≥ 99% bit accuracy on 1000 fresh test examples."""
-    s = _final_scores("bit-memory", minilm_workdir, str(tmp_path / "mem"), "cpu",
-                      steps=BIT_MEMORY_STEPS)
-    assert s["test"]["accuracy"] >= 0.99, s
-
-
-BIT_MEMORY_STEPS = 3000
