@@ -3,6 +3,7 @@
     python eval.py --config=configs/glue.py --config.init=WORKDIR --workdir=OUT \
         --config.tasks=sst2,stsb --config.seeds=0,1,2
     python eval.py --config=configs/scrolls.py --config.init=WORKDIR --workdir=OUT
+    python eval.py --config=configs/fpt.py --config.init=WORKDIR --workdir=OUT   # FPT protocol
 
 Every task and seed fine-tunes through the train loop in OUT/<task>/seed<k>; OUT/results.json,
 OUT/results.md and OUT/tb hold the scores (bigs_jax/evals/runner.py). Rerunning the same command
@@ -39,6 +40,8 @@ def main(argv):
     from bigs_jax.evals.finetune import DataError
 
     cli.join_distributed(_DISTRIBUTED)
+    if config.get("benchmark") == "fpt":  # configs/fpt.py: the FPT protocol
+        from bigs_jax.evals import fpt as runner
     try:
         summary = runner.evaluate(config, _WORKDIR.value or os.path.join("workdirs", "eval"))
     except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as e:

@@ -63,19 +63,22 @@ class BertEmbeddings(nnx.Module):
         *,
         deterministic: bool = True,
         rngs: Optional[nnx.Rngs] = None,
+        inputs_embeds_BLD: Optional[jax.Array] = None,
     ) -> jax.Array:
-        L = ids_BL.shape[1]
+        """`inputs_embeds_BLD` replaces word[ids] (frozen backbones fed by an input adapter,
+        as in FPT); `ids_BL` is then ignored."""
+        L = (ids_BL if inputs_embeds_BLD is None else inputs_embeds_BLD).shape[1]
         if L > self.max_len:
             raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "
                              "truncate the input or build the model with a larger max_len")
-        x_BLD = self.word(ids_BL)
+        x_BLD = self.word(ids_BL) if inputs_embeds_BLD is None else inputs_embeds_BLD
         if self.position is not None:
             if position_ids_BL is None:
                 position_ids_BL = jnp.arange(L)[None, :]
             x_BLD = x_BLD + self.position(position_ids_BL)
         if self.token_type is not None:
             if token_type_ids_BL is None:
-                token_type_ids_BL = jnp.zeros_like(ids_BL)
+                token_type_ids_BL = jnp.zeros(x_BLD.shape[:2], jnp.int32)
             x_BLD = x_BLD + self.token_type(token_type_ids_BL)
         x_BLD = self.norm(x_BLD)
         return self.dropout(x_BLD, deterministic=deterministic, rngs=rngs)

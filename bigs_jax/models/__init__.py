@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,12 @@ class Family:
     # Why the family cannot take packed rows (segment_ids), as the one-line error a run with
     # a packing task stops with; empty when it keeps packed examples apart.
     segments_refusal: str = ""
+    # Run-level hooks of wrapper families (bigs_jax.fpt), which build their config from the
+    # whole run config and restore `config.init` under their backbone's prefix:
+    # config_from_run(run_config, data_overrides) -> config and
+    # restore_init(run_config, params) -> (params, report). None for plain families.
+    config_from_run: Optional[Callable] = None
+    restore_init: Optional[Callable] = None
 
     @property
     def supports_segments(self) -> bool:
@@ -45,17 +51,20 @@ class ModelSpec:
 
 
 # One module per family; each exposes FAMILY (its name), Config, Model and SIZES
-# (registry name -> config overrides), and may expose FP32_PARAMS and SEGMENTS_REFUSAL
-# (see Family).
-FAMILY_MODULES = ("encoder", "gpt2", "m2", "vit", "m2_vit")
+# (registry name -> config overrides), and may expose FP32_PARAMS, SEGMENTS_REFUSAL and the
+# run-level hooks of wrapper families (see Family). Dotted names are modules outside
+# bigs_jax.models (wrappers around the other families: bigs_jax.fpt).
+FAMILY_MODULES = ("encoder", "gpt2", "m2", "vit", "m2_vit", "bigs_jax.fpt")
 
 FAMILIES: dict[str, Family] = {}
 MODELS: dict[str, ModelSpec] = {}
 for _module in FAMILY_MODULES:
-    _m = importlib.import_module(f"bigs_jax.models.{_module}")
+    _m = importlib.import_module(_module if "." in _module else f"bigs_jax.models.{_module}")
     FAMILIES[_m.FAMILY] = Family(_m.FAMILY, _m.Config, _m.Model,
                                  fp32_params=tuple(getattr(_m, "FP32_PARAMS", ())),
-                                 segments_refusal=getattr(_m, "SEGMENTS_REFUSAL", ""))
+                                 segments_refusal=getattr(_m, "SEGMENTS_REFUSAL", ""),
+                                 config_from_run=getattr(_m, "model_config_from_run", None),
+                                 restore_init=getattr(_m, "restore_init", None))
     for _name, _overrides in _m.SIZES.items():
         if _name in MODELS:
             raise RuntimeError(f"registry name {_name!r} defined twice")

@@ -230,6 +230,15 @@ class GatedBlock(nnx.Module):
         return x_BLD + o_BLD if self.pre_norm else self.norm(x_BLD + o_BLD)
 
 
+def ids_or_embeds(input_ids, inputs_embeds):
+    """(ids_BL, None) or (None, embeds_BLD): exactly one of the two inputs."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is None:
+        return jnp.asarray(input_ids), None
+    return None, jnp.asarray(inputs_embeds)
+
+
 class Encoder(nnx.Module):
     """Embeddings → `num_layers` blocks → optional head. See the module docstring."""
 
@@ -252,10 +261,11 @@ class Encoder(nnx.Module):
     @with_output_dtype
     def __call__(
         self,
-        input_ids: jax.Array,
+        input_ids: Optional[jax.Array] = None,
         attention_mask: Optional[jax.Array] = None,
         token_type_ids: Optional[jax.Array] = None,
         *,
+        inputs_embeds: Optional[jax.Array] = None,
         mlm_positions: Optional[jax.Array] = None,
         segment_ids: Optional[jax.Array] = None,
         positions: Optional[jax.Array] = None,
@@ -267,6 +277,8 @@ class Encoder(nnx.Module):
         Args:
           input_ids: (B, L) int token ids.
           attention_mask: (B, L), 1 for real tokens and 0 for pads (right padding).
+          inputs_embeds: (B, L, D) token embeddings to use instead of `input_ids` (frozen
+            backbones with input adapters, as in FPT); positions, types and LN still apply.
           token_type_ids: (B, L) segment ids of sentence pairs.
           mlm_positions: (B, P) positions at which to compute MLM logits; all L if None.
           segment_ids: (B, L) packed rows: examples 1, 2, ... of a row (0 on pads) never
@@ -275,14 +287,15 @@ class Encoder(nnx.Module):
           deterministic: disable dropout.
           rngs: dropout randomness when not deterministic.
         """
-        ids_BL = jnp.asarray(input_ids)
+        ids_BL, embeds_BLD = ids_or_embeds(input_ids, inputs_embeds)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
         kw = dict(deterministic=deterministic, rngs=rngs)
         seg_BL = None if segment_ids is None else jnp.asarray(segment_ids)
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None
                                 else jnp.asarray(token_type_ids),
-                                None if positions is None else jnp.asarray(positions), **kw)
-        attn_mask = make_attention_mask(mask_BL, ids_BL.shape[1], segment_ids_BL=seg_BL)
+                                None if positions is None else jnp.asarray(positions),
+                                inputs_embeds_BLD=embeds_BLD, **kw)
+        attn_mask = make_attention_mask(mask_BL, x_BLD.shape[1], segment_ids_BL=seg_BL)
         apply = block_call(self.config.remat, deterministic)
         for layer in self.layers:
             x_BLD = apply(layer, x_BLD, mask_BL, attn_mask, seg_BL, rngs)

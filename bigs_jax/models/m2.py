@@ -43,6 +43,7 @@ from bigs_jax.layers.embeddings import BertEmbeddings
 from bigs_jax.layers.linear import dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv
 from bigs_jax.layers.monarch import BlockdiagLinear
+from bigs_jax.models.encoder import ids_or_embeds
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead, pool
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 
@@ -199,10 +200,11 @@ class M2(nnx.Module):
     @with_output_dtype
     def __call__(
         self,
-        input_ids: jax.Array,
+        input_ids: Optional[jax.Array] = None,
         attention_mask: Optional[jax.Array] = None,
         token_type_ids: Optional[jax.Array] = None,
         *,
+        inputs_embeds: Optional[jax.Array] = None,
         mlm_positions: Optional[jax.Array] = None,
         segment_ids: Optional[jax.Array] = None,
         positions: Optional[jax.Array] = None,
@@ -214,6 +216,8 @@ class M2(nnx.Module):
         Args:
           input_ids: (B, L) int token ids, L ≤ max_len.
           attention_mask: (B, L), 1 for real tokens and 0 for pads (right padding).
+          inputs_embeds: (B, L, D) token embeddings to use instead of `input_ids` (frozen
+            backbones with input adapters, as in FPT); positions, types and LN still apply.
           token_type_ids: (B, L) segment ids (encoder only).
           mlm_positions: (B, P) positions at which to compute MLM logits; all L if None.
           segment_ids, positions: packed rows are refused (`SEGMENTS_REFUSAL`): the long and
@@ -229,11 +233,12 @@ class M2(nnx.Module):
         if segment_ids is not None or positions is not None:
             raise ValueError(SEGMENTS_REFUSAL)
         c = self.config
-        ids_BL = jnp.asarray(input_ids)
+        ids_BL, embeds_BLD = ids_or_embeds(input_ids, inputs_embeds)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
         kw = dict(deterministic=deterministic, rngs=rngs)
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None
-                                else jnp.asarray(token_type_ids), **kw)
+                                else jnp.asarray(token_type_ids),
+                                inputs_embeds_BLD=embeds_BLD, **kw)
         apply = block_call(c.remat, deterministic)
         for layer in self.layers:
             x_BLD = apply(layer, x_BLD, mask_BL, rngs)

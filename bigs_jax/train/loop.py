@@ -24,11 +24,11 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 # The sources of data/ register themselves; evals/ registers its own (see data.registry).
-from bigs_jax.data import images, registry, seqio_source  # noqa: F401
+from bigs_jax.data import fpt_tasks, images, registry, seqio_source  # noqa: F401
 from bigs_jax.errors import ConfigError
 from bigs_jax.models import build, family_of
 from bigs_jax.train import checkpointing, metrics, optim, partitioning
-from bigs_jax.train.objectives import OBJECTIVES
+from bigs_jax.train.objectives import OBJECTIVES, forward
 from bigs_jax.train.step import TrainState, make_eval_step, make_train_step
 from bigs_jax.train.workdir import check_workdir, model_config_from, prepare_workdir
 
@@ -75,6 +75,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
 class Program:
     """The jitted functions of a run and the shardings they read and write."""
 
+    model_config: Any
     graphdef: Any
     tx: Any
     lr_schedule: Callable[[int], Any]
@@ -121,11 +122,13 @@ class Program:
         params_and_batch = dict(in_shardings=(param_shardings, data_sharding),
                                 out_shardings=replicated)
         train_step = jax.jit(make_train_step(graphdef, tx, loss_fn,
+                                             trainable=optim.trainable_mask(config.optim,
+                                                                            abstract_params),
                                              grad_accum_steps=t.grad_accum_steps,
                                              grad_norm=t.log_grad_norm),
                              in_shardings=(state_shardings, data_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=0)
-        return cls(graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, mesh=mesh,
+        return cls(model_config=model_config, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, mesh=mesh,
                    abstract_params=abstract_params, abstract_opt=abstract_opt,
                    state_shardings=state_shardings, data_sharding=data_sharding,
                    init_state=init_state, train_step=train_step,
@@ -169,9 +172,8 @@ def _make_predict_step(graphdef):
     """(params, token batch) -> the model's logits, without dropout."""
 
     def predict_step(params, batch):
-        model = nnx.merge(graphdef, params)
-        return model(batch["input_ids"], batch.get("attention_mask"),
-                     batch.get("token_type_ids"), deterministic=True, rngs=None).logits
+        return forward(nnx.merge(graphdef, params), batch, deterministic=True,
+                       rngs=None).logits
 
     return predict_step
 
@@ -207,8 +209,11 @@ def _restore_or_init(config: ConfigDict, program: Program, ckpt, start: Optional
         return jax.device_put(state, program.state_shardings)
     state = program.init_state()
     if config.init:
+        # Wrapper families (FPT) restore `config.init` under their backbone's prefix.
+        restore = family_of(program.model_config).restore_init or (
+            lambda c, p: checkpointing.restore_matching(c.init, p))
         try:
-            params, report = checkpointing.restore_matching(config.init, state.params)
+            params, report = restore(config, state.params)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         state = state.replace(params=params)
@@ -280,6 +285,8 @@ def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, 
     print(f"model: {config.model.name} ({checkpointing.param_count(state.params):,} params), "
           f"{'resuming from step ' + str(step) if start is not None else 'fresh start'}, "
           f"training to step {t.steps}", flush=True)
+    if config.optim.freeze:
+        print(_trainable_line(config, state), flush=True)
     if start is None and t.eval_at_start:
         log.eval(0, evaluate(state.params, 0))
     profiler = metrics.Profiler(os.path.join(workdir, "profile"), t.profile_start_step,
@@ -315,6 +322,17 @@ def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, 
         ckpt.close()
         log.close()
     return _report(workdir, log, step, bool(preempted), time.perf_counter() - t_start)
+
+
+def _trainable_line(config: ConfigDict, state: TrainState) -> str:
+    """How many parameters the freeze mask leaves trainable, and the optimizer state's size
+    (frozen leaves hold none)."""
+    mask = optim.trainable_mask(config.optim, state.params)
+    n = checkpointing.param_count(state.params)
+    n_train = sum(int(np.prod(x.shape)) for x, keep in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(mask)) if keep)
+    return (f"trainable: {n_train:,} of {n:,} params ({100 * n_train / n:.4g}%); optimizer "
+            f"state: {checkpointing.param_count(state.opt_state):,} numbers")
 
 
 def _report(workdir: str, log: metrics.RunLog, step: int, preempted: bool,

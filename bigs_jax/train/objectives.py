@@ -51,10 +51,13 @@ def lm(model, batch, *, deterministic: bool, rngs, max_predictions: int = 0):
     return (ce_BL * weights_BL).sum(), weights_BL.sum(), {}
 
 
-def _forward(model, batch, *, deterministic: bool, rngs):
+def forward(model, batch, *, deterministic: bool, rngs):
     """The model on a batch of images (`image`) or of token ids (`input_ids` + masks)."""
     if "image" in batch:
         return model(batch["image"], deterministic=deterministic, rngs=rngs)
+    if "inputs" in batch:  # token features or ids of wrapper models (bigs_jax.fpt)
+        return model(batch["inputs"], batch.get("attention_mask"),
+                     deterministic=deterministic, rngs=rngs)
     return model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
                  deterministic=deterministic, rngs=rngs)
 
@@ -68,12 +71,16 @@ def _example_weights(batch) -> jax.Array:
 def classification(model, batch, *, deterministic: bool, rngs, max_predictions: int = 0):
     """Cross-entropy of the classification head's (B, C) logits against integer `labels` (B,).
 
+    Models that make T predictions per example (FPT's bit tasks) give (B, T, C) logits and
+    (B, T) labels: every prediction counts once, so loss and accuracy are per prediction.
     Extra sums: `accuracy` (correct predictions; the loop divides by the weight).
     """
     del max_predictions
-    logits_BC = _forward(model, batch, deterministic=deterministic, rngs=rngs).logits
+    logits_BC = forward(model, batch, deterministic=deterministic, rngs=rngs).logits
     logits_BC = logits_BC.astype(jnp.float32)
     w_B = _example_weights(batch)
+    labels = batch["labels"]
+    w_B = jnp.broadcast_to(w_B.reshape(w_B.shape + (1,) * (labels.ndim - 1)), labels.shape)
     ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["labels"])
     correct_B = (jnp.argmax(logits_BC, axis=-1) == batch["labels"]).astype(jnp.float32)
     return (ce_B * w_B).sum(), w_B.sum(), {"accuracy": (correct_B * w_B).sum()}
@@ -82,7 +89,7 @@ def classification(model, batch, *, deterministic: bool, rngs, max_predictions: 
 def regression(model, batch, *, deterministic: bool, rngs, max_predictions: int = 0):
     """Squared error of a one-output head against float `labels` (B,) (e.g. STS-B)."""
     del max_predictions
-    logits_BC = _forward(model, batch, deterministic=deterministic, rngs=rngs).logits
+    logits_BC = forward(model, batch, deterministic=deterministic, rngs=rngs).logits
     w_B = _example_weights(batch)
     se_B = jnp.square(logits_BC[:, 0].astype(jnp.float32) - batch["labels"])
     return (se_B * w_B).sum(), w_B.sum(), {}

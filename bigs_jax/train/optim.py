@@ -45,6 +45,12 @@ def _matches(patterns: Sequence[str], path: str) -> bool:
     return any(re.search(p, path) for p in patterns)
 
 
+def trainable_mask(c: ConfigDict, params):
+    """A pytree like `params`: False where a `freeze` regex matches the path, else True."""
+    freeze = list(c.freeze)
+    return path_labels(params, lambda s: not _matches(freeze, s))
+
+
 def make_optimizer(c: ConfigDict, params, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for `params` and its base learning-rate schedule.

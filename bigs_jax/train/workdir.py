@@ -15,7 +15,7 @@ import jax
 from ml_collections import ConfigDict
 
 from bigs_jax.errors import ConfigError
-from bigs_jax.models import make_config
+from bigs_jax.models import FAMILIES, MODELS, make_config
 from bigs_jax.train import checkpointing
 
 
@@ -44,6 +44,14 @@ def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None)
     with an `init` checkpoint's vocabulary.
     """
     data_overrides = dict(data_overrides or {})
+    spec = MODELS.get(config.model.name)
+    family = FAMILIES.get(spec.family if spec else config.model.name)
+    if family is not None and family.config_from_run is not None:
+        # Wrapper families (FPT) build their config from the whole run config.
+        try:
+            return family.config_from_run(config, data_overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.model: {e}") from None
     overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
     if config.init:
         base = checkpointing.read_model_config(checkpointing.resolve(config.init)[0])

@@ -1,0 +1,338 @@
+"""The FPT paper's tasks as a train-loop data source (`config.data.source = "fpt"`).
+
+Lu et al. 2021 (arXiv 2103.05247), inputs built as the official code builds them
+(research/fpt_growth.md §1.3); `config.data.task` picks one:
+
+| task | tokens × features fed to the backbone | predictions |
+|---|---|---|
+| bit-memory | 5 patterns + 1 query of 1000 ±1 bits (query bits zeroed w.p. 0.5) → 120 × 50 | 1000 bits, last 20 positions |
+| bit-xor | two 5-bit strings → 10 × 1 | 5 bits, last 5 positions |
+| listops | LRA ListOps ids (generated, or LRA's basic_*.tsv) → seq_len ids | 10 classes |
+| mnist | 28×28, 4×4 patches (p1 p2 c) → 49 × 16, pixels in [0, 1] | 10 classes |
+| cifar10 | 32×32×3, 4×4 patches → 64 × 48, per-channel CIFAR mean/std | 10 classes |
+| cifar10-gray | CIFAR-10 LRA: grayscale, 1 pixel per token → 1024 × 1, in [-1, 1] | 10 classes |
+| digits | scikit-learn 8×8 digits (offline smoke set), 2×2 patches → 16 × 4 | 10 classes |
+| remote-homology | TAPE fold classification, amino-acid ids → seq_len ids | 1195 folds |
+
+Splits: `train`, `validation`, `test`. Bit tasks draw fresh examples from (seed, batch index),
+so resuming is exact; their validation and test sets are fixed draws from other seeds. ListOps
+generated sets come from `data.generator_seed` (the same data for every run); the LRA files
+and TAPE have their own validation split; image validation sets are a fixed 10%
+(`data.val_fraction`) carved from train. No augmentation (the official code augments CIFAR).
+
+Batches: `inputs` float32 (B, L, I) or int32 (B, L), `labels` int32 (B,) or (B, T),
+`example_weights` float32 (B,). `score` reports validation and test accuracy (and, for bit
+tasks, `exact`: every bit of an example right) at each evaluation, written to
+`data.scores_dir/dev/step_N.json` for eval.py's protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from bigs_jax.data import listops, registry
+from bigs_jax.data.images import train_indices
+
+TASKS = ("bit-memory", "bit-xor", "listops", "mnist", "cifar10", "cifar10-gray", "digits",
+         "remote-homology")
+# tfds name, patch size, grayscale, per-channel (mean, std) after scaling pixels to [0, 1].
+IMAGE_TASKS = {
+    "mnist": ("mnist", 4, False, ((0.0,), (1.0,))),
+    "cifar10": ("cifar10", 4, False, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    "cifar10-gray": ("cifar10", 1, True, ((0.5,), (0.5,))),
+    "digits": ("sklearn_digits", 2, False, ((0.0,), (1.0,))),
+}
+# TAPE's IUPAC vocabulary (tape.tokenizers.IUPAC_VOCAB): 5 specials, then 25 letters.
+TAPE_VOCAB = ("<pad>", "<mask>", "<cls>", "<sep>", "<unk>") + tuple("ABCDEFGHIKLMNOPQRSTUVWXYZ")
+HOMOLOGY_CLASSES = 1195
+HOMOLOGY_SPLITS = {"train": "train", "validation": "valid", "test": "test_fold_holdout"}
+
+
+# Per task and size: config values (dotted paths) that configs/fpt.py and eval.py's protocol
+# set. `paper`: the official task sizes, CPU-sized runs (batch, steps); `cpu`: smaller tasks
+# for the CPU protocol run (bit memory over 250 bits: 30 tokens; ListOps up to 45 tokens;
+# 150 steps of batch 16, far from the paper's "to convergence").
+TASK_SETTINGS = {
+    "paper": {
+        "bit-memory": {"data.n_bits": 1000, "data.patch_size": 50, "data.batch_size": 32,
+                       "train.steps": 4000, "evals": 8},
+        "bit-xor": {"data.n_bits": 5, "data.patch_size": 1, "data.batch_size": 32,
+                    "train.steps": 1000, "evals": 4},
+        "listops": {"data.seq_len": 512, "data.listops_min_length": 500,
+                    "data.listops_max_length": 2000, "data.batch_size": 16,
+                    "train.steps": 10000, "evals": 10},
+        "mnist": {"data.batch_size": 32, "train.steps": 5000, "evals": 5},
+        "cifar10": {"data.batch_size": 32, "train.steps": 10000, "evals": 10},
+        "cifar10-gray": {"data.batch_size": 16, "train.steps": 10000, "evals": 10},
+        "digits": {"data.batch_size": 32, "train.steps": 1500, "evals": 5},
+        "remote-homology": {"data.seq_len": 1024, "data.batch_size": 16,
+                            "train.steps": 10000, "evals": 10},
+    },
+    "cpu": {
+        "bit-memory": {"data.n_bits": 250, "data.patch_size": 50, "data.batch_size": 16,
+                       "data.eval_examples": 500, "train.steps": 150, "evals": 2},
+        "bit-xor": {"data.n_bits": 5, "data.patch_size": 1, "data.batch_size": 16,
+                    "data.eval_examples": 500, "train.steps": 150, "evals": 2},
+        "listops": {"data.seq_len": 48, "data.listops_min_length": 10,
+                    "data.listops_max_length": 45, "data.listops_train": 5000,
+                    "data.listops_eval": 500, "data.batch_size": 16, "train.steps": 150,
+                    "evals": 1},
+        "digits": {"data.batch_size": 16, "train.steps": 150, "evals": 2},
+    },
+}
+
+
+def apply_task_settings(c: ConfigDict, task: str, size: str) -> None:
+    """Set `c.data.task` and the task's `TASK_SETTINGS[size]` values (evaluation cadence
+    included) on a configs/fpt.py config."""
+    if size not in TASK_SETTINGS:
+        raise ValueError(f"unknown task size {size!r}; choose one of {sorted(TASK_SETTINGS)}")
+    if task not in TASK_SETTINGS[size]:
+        raise ValueError(f"task {task!r} has no {size!r} settings; choose one of "
+                         f"{sorted(TASK_SETTINGS[size])}")
+    c.data.task = task
+    values = dict(TASK_SETTINGS[size][task])
+    evals = values.pop("evals")
+    for path, value in values.items():
+        section, key = path.split(".")
+        c[section][key] = value
+    every = max(1, c.train.steps // evals)
+    c.train.eval_every = c.train.checkpoint_every = every
+    c.train.log_every = min(50, every)
+
+
+@dataclasses.dataclass
+class Split:
+    """An in-memory split: inputs (N, L[, I]) and labels (N[, T])."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ---------------------------------------------------------------------------- bit tasks
+
+
+def bit_memory(rng: np.random.Generator, batch: int, n_bits: int, patterns: int,
+               patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x (B, (patterns+1)·n_bits/patch, patch) in {-1, 0, 1}, labels (B, n_bits) in {0, 1})."""
+    bits = rng.choice(np.array([-1.0, 1.0], np.float32), size=(batch, patterns, n_bits))
+    which = rng.integers(patterns, size=batch)
+    target = bits[np.arange(batch), which]
+    query = target * (rng.random((batch, n_bits)) >= 0.5)
+    x = np.concatenate([bits, query[:, None]], axis=1)
+    return x.reshape(batch, -1, patch), (target > 0).astype(np.int32)
+
+
+def bit_xor(rng: np.random.Generator, batch: int, n_bits: int,
+            patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x (B, 2·n_bits/patch, patch) in {0, 1}, labels (B, n_bits) = XOR of the two strings)."""
+    bits = rng.integers(2, size=(batch, 2, n_bits))
+    x = bits.astype(np.float32).reshape(batch, -1, patch)
+    return x, np.bitwise_xor(bits[:, 0], bits[:, 1]).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def patches(images_BHWC: np.ndarray, p: int) -> np.ndarray:
+    """(B, H, W, C) → (B, (H/p)(W/p), p·p·C): einops 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)'."""
+    B, H, W, C = images_BHWC.shape
+    x = images_BHWC.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def image_splits(task: str, data_dir: str, val_fraction: float) -> dict[str, Split]:
+    from bigs_jax.data import images
+
+    name, p, gray, (mean, std) = IMAGE_TASKS[task]
+    builder = images.load_builder(name, data_dir)
+    h = builder.info.features["image"].shape[0]
+
+    def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            ex = images.Examples(builder, split, h)
+        except AssertionError:  # tfds's "Dataset ... could not find data in DIR"
+            raise images.not_prepared(name, data_dir) from None
+        x, y = ex.take(np.arange(len(ex)))
+        x = x.astype(np.float32) / 255.0
+        if gray:  # ITU-R 601 luma, as PIL's convert("L") and torchvision's Grayscale
+            x = x @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
+        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        return patches(x, p), y
+
+    x, y = load("train")
+    order = np.random.default_rng(0).permutation(len(y))
+    n_val = int(round(val_fraction * len(y)))
+    val, train = order[:n_val], np.sort(order[n_val:])
+    tx, ty = load("test")
+    return {"train": Split(x[train], y[train]), "validation": Split(x[val], y[val]),
+            "test": Split(tx, ty)}
+
+
+# ---------------------------------------------------------------------------- token tasks
+
+
+def listops_splits(d: ConfigDict) -> tuple[dict[str, Split], int]:
+    """(splits, rows cut at seq_len) of generated ListOps or of LRA's files."""
+    out, cut = {}, 0
+    for i, split in enumerate(("train", "validation", "test")):
+        if d.listops_source == "generate":
+            n = {"train": d.listops_train, "validation": d.listops_eval,
+                 "test": d.listops_eval}[split]
+            src, y = listops.generate(n, seed=d.generator_seed * 3 + i,
+                                      min_length=d.listops_min_length,
+                                      max_length=d.listops_max_length,
+                                      parens=d.listops_parens)
+        elif d.listops_source == "lra":
+            src, y = listops.read_tsv(d.data_dir, {"validation": "val"}.get(split, split))
+        else:
+            raise ValueError(f"unknown config.data.listops_source {d.listops_source!r}; "
+                             "choose generate or lra")
+        ids, c = listops.encode(src, d.seq_len)
+        out[split], cut = Split(ids, y), cut + c
+    return out, cut
+
+
+def homology_splits(data_dir: str, seq_len: int) -> dict[str, Split]:
+    """TAPE remote homology from `remote_homology_{train,valid,test_fold_holdout}.json`
+    (records with `primary` and `fold_label`): <cls> + residues + <sep>, cut at seq_len."""
+    ids = {t: i for i, t in enumerate(TAPE_VOCAB)}
+    out = {}
+    for split, tape in HOMOLOGY_SPLITS.items():
+        path = os.path.join(os.path.expanduser(data_dir), f"remote_homology_{tape}.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: export TAPE's remote_homology_{{train,valid,"
+                "test_fold_holdout}} (data/remote_homology.tar.gz of TAPE) as JSON lists of "
+                "{primary, fold_label} records into config.data.data_dir")
+        with open(path) as f:
+            records = json.load(f)
+        x = np.zeros((len(records), seq_len), np.int32)
+        for k, r in enumerate(records):
+            row = [2] + [ids.get(a, 4) for a in r["primary"]] + [3]
+            x[k, :min(len(row), seq_len)] = row[:seq_len]
+        out[split] = Split(x, np.asarray([r["fold_label"] for r in records], np.int32))
+    return out
+
+
+# ---------------------------------------------------------------------------- the source
+
+
+class FPTSource:
+    """`config.data.source = "fpt"` (see the module docstring)."""
+
+    def __init__(self, config: ConfigDict):
+        d = self.d = config.data
+        if d.task not in TASKS:
+            raise ValueError(f"unknown config.data.task {d.task!r}; choose one of {TASKS}")
+        self.task, self.splits = d.task, {}
+        self.generated = d.task in ("bit-memory", "bit-xor")
+        if self.generated:
+            if d.n_bits % d.patch_size:
+                raise ValueError(f"config.data.n_bits {d.n_bits} is not a multiple of "
+                                 f"config.data.patch_size {d.patch_size}")
+            self.splits = {s: Split(*self._draw(np.random.default_rng([d.generator_seed, k]),
+                                                d.eval_examples))
+                           for k, s in ((1, "validation"), (2, "test"))}
+            kind, dim, classes = "continuous", d.patch_size, 2
+        elif d.task == "listops":
+            self.splits, cut = listops_splits(d)
+            if cut:
+                print(f"listops: {cut} examples longer than seq_len {d.seq_len} were cut",
+                      flush=True)
+            kind, dim, classes = "tokens", len(listops.VOCAB), 10
+        elif d.task == "remote-homology":
+            self.splits = homology_splits(d.data_dir, d.seq_len)
+            kind, dim, classes = "tokens", len(TAPE_VOCAB), HOMOLOGY_CLASSES
+        else:
+            self.splits = image_splits(d.task, d.data_dir, d.val_fraction)
+            kind, dim, classes = "continuous", self.splits["train"].inputs.shape[-1], 10
+        ref = self.splits["test"]
+        predictions = ref.labels.shape[1] if ref.labels.ndim == 2 else 1
+        self.overrides = {"input_kind": kind, "input_dim": int(dim),
+                          "num_tokens": int(ref.inputs.shape[1]), "num_classes": classes,
+                          "predictions": int(predictions),
+                          # bit tasks: each of the last n_bits/patch_size positions gives
+                          # `patch_size` bits (the official `ratio`)
+                          "ratio": predictions // d.patch_size if self.generated else 1}
+
+    def _draw(self, rng: np.random.Generator, n: int):
+        d = self.d
+        if self.task == "bit-memory":
+            return bit_memory(rng, n, d.n_bits, d.num_patterns, d.patch_size)
+        return bit_xor(rng, n, d.n_bits, d.patch_size)
+
+    def model_overrides(self) -> dict:
+        return dict(self.overrides)
+
+    def _batch(self, split: Split, index: np.ndarray, weights=None) -> dict:
+        return {"inputs": split.inputs[index], "labels": split.labels[index],
+                "example_weights": np.ones(len(index), np.float32) if weights is None
+                else weights}
+
+    def train_batches(self, start_step: int) -> Iterator[dict]:
+        import jax
+
+        d, n, p = self.d, jax.process_count(), jax.process_index()
+        if self.generated:
+            step = start_step
+            while True:  # a pure function of (seed, step): resuming needs no replay
+                x, y = self._draw(np.random.default_rng([d.seed, 3, step]), d.batch_size)
+                k = d.batch_size // n
+                yield self._batch(Split(x[p * k:(p + 1) * k], y[p * k:(p + 1) * k]),
+                                  np.arange(k))
+                step += 1
+        train = self.splits["train"]
+        for index in train_indices(len(train), d.batch_size, seed=d.seed,
+                                   start_step=start_step, shard_index=p, num_shards=n):
+            yield self._batch(train, index)
+
+    def eval_batches(self, split: str, limit: int = 0) -> list[dict]:
+        """The split in order, global batches of eval_batch_size, the last padded with
+        weight-0 rows; this host's rows of each."""
+        import jax
+
+        data, g = self.splits[split], self.d.eval_batch_size
+        n, hosts, p = len(data), jax.process_count(), jax.process_index()
+        k = g // hosts
+        count = -(-n // g) if not limit else min(limit, -(-n // g))
+        out = []
+        for b in range(count):
+            pos = b * g + p * k + np.arange(k)
+            out.append(self._batch(data, np.minimum(pos, n - 1), (pos < n).astype(np.float32)))
+        return out
+
+    def iterators(self, start_step: int):
+        return (self.train_batches(start_step),
+                self.eval_batches(self.d.eval_split, self.d.get("eval_batches", 0)))
+
+    def score(self, step: int, predict: Callable[[dict], np.ndarray]) -> dict[str, float]:
+        """Accuracy on validation and test; saved as `dev/step_N.json` under scores_dir."""
+        from bigs_jax.evals.finetune import write_scores
+
+        scores = {}
+        for split in ("validation", "test"):
+            data = self.splits[split]
+            logits = np.concatenate([predict(b) for b in self.eval_batches(split)])[:len(data)]
+            right = np.argmax(logits, axis=-1) == data.labels
+            scores[split] = {"accuracy": float(right.mean())}
+            if right.ndim == 2:
+                scores[split]["exact"] = float(right.all(axis=1).mean())
+        write_scores(self.d.get("scores_dir") or "", step, scores, {})
+        return {f"{s}/{m}": v for s, ms in scores.items() for m, v in ms.items()}
+
+
+def data_source(config: ConfigDict) -> FPTSource:
+    return FPTSource(config)
+
+
+registry.register("fpt", data_source)

