@@ -133,6 +133,35 @@ def layer_norm(
     return LayerNorm(features, eps=eps, axis=axis, dtype=dtype, param_dtype=param_dtype)
 
 
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, y = x / sqrt(mean(x²) + eps) · scale (no bias, no centring).
+
+    Statistics run in fp32 (or the input's wider dtype); the output is in `dtype` (None: the
+    input's dtype promoted with the parameter's).
+    """
+
+    def __init__(self, features: int, *, eps: float, axis: Optional[str] = "embed",
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), **sharded((axis,)))
+        self.epsilon = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.scale[...]
+        dtype = self.dtype or jnp.promote_types(x.dtype, scale.dtype)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale.astype(xf.dtype)).astype(dtype)
+
+
+def rms_norm(features: int, *, eps: float, rngs: Optional[nnx.Rngs] = None,
+             axis: Optional[str] = "embed", dtype: Optional[Dtype] = None,
+             param_dtype: Dtype = jnp.float32) -> RMSNorm:
+    """An `RMSNorm` whose scale carries the logical axis `axis`."""
+    del rngs  # deterministic init, as layer_norm
+    return RMSNorm(features, eps=eps, axis=axis, dtype=dtype, param_dtype=param_dtype)
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
     """erf GELU (BERT, the MLM head of BiGS, HF `gelu`)."""
     return jax.nn.gelu(x, approximate=False)

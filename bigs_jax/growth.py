@@ -1,0 +1,538 @@
+"""Function-preserving growth: the six composable expansions, for every family of the zoo.
+
+Gesmundo & Maile, "Composable Function-preserving Expansions for Transformer Architectures",
+arXiv 2308.06103 (research/fpt_growth.md §2). Each expansion maps (config, params) of a model
+to (config, params) of a larger one computing the same function: MLP width
+(`intermediate_size`), head addition (`num_heads`), value head size (`v_head_dim`), key/query
+head size (`qk_head_dim`), hidden size (`hidden_size`) and depth (`num_layers`), plus the SSM
+state size of BiGS (`ssm_state`). `params` is the pure dict `nnx.to_pure_dict(nnx.state(m))`
+(the train loop's `TrainState.params`).
+
+Blocks the theorem leaves free are drawn from the grown model's own random init (so new units
+differ); blocks it constrains are zero; nothing is a constant placeholder.
+
+Hidden size, by normalization (§2.5):
+  * "zero" (pre-RMSNorm, the paper): new residual dims are 0; norm scales × √(h/ĥ), ε·h/ĥ.
+  * "mean" (pre-LayerNorm with no norm on the embeddings: GPT-2, ViT): new residual dims hold
+    the mean of the old ones (every writer's new columns = mean of its old columns), so LN sees
+    the same mean and a variance × h/ĥ: scales × √(h/ĥ), ε·h/ĥ, new biases 0. Zero padding
+    would shift the LN mean and is not exact.
+  * "duplicate" (any LayerNorm; required by BERT, BiGS and the ablations, whose residual stream
+    starts at the embeddings' LayerNorm output γ⊙n + β, which is not mean-filled for any
+    choice of new parameters, and by post-LN blocks): ĥ = m·h and the stream is [x, x, ...].
+    Writers' columns are tiled; readers' rows are split at random into m parts that sum to the
+    old rows (LEMON-style), which breaks the copies' symmetry; LN of a tiled vector is the
+    tiled LN (same ε); the norm feeding a tied decoder is divided by m.
+
+Depth: a new pre-norm layer has zero output projections (attention out, MLP down, BiGS `do`)
+and is the identity. A post-LN layer (BERT) cannot be: LN(x + 0) ≠ x. We insert it with zero
+branches and move the previous LayerNorm's (γ, β) into the new layer's last norm, the previous
+one becoming (1, 0); the function then differs only by one extra normalization of an already
+normalized vector, a relative change of about ε/2 (1e-12 for BERT; below float32 rounding).
+Exactly the identity is impossible with one shared ε: composing the norms exactly needs the
+previous norm's ε above 1 (derivation in the README's growth section).
+
+M2 has only depth and MLP width here: its filters' decay rates are a fixed linspace over the
+channel count (`modulation_deltas(D)`), so any change of hidden size moves every old channel's
+rate, and its mixer has no attention heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from bigs_jax.models import family_of
+
+# Application order of `grow_params`: per-layer widths first, then the residual width, then depth.
+SIZE_FIELDS = ("intermediate_size", "num_heads", "qk_head_dim", "v_head_dim", "ssm_state",
+               "hidden_size", "num_layers")
+HIDDEN_MODES = ("mean", "zero", "duplicate")
+
+
+class GrowthError(ValueError):
+    """A requested expansion that this model cannot undergo (one line: what and why)."""
+
+
+# ---------------------------------------------------------------------------- architecture
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    family: str
+    attention: bool      # has multi-head attention (heads, qk, v expansions)
+    ssm: bool            # has S4D layers (ssm_state expansion)
+    post_norm: bool      # residual sums are normalized (BERT): depth by LN moving
+    hidden_modes: tuple  # exact hidden-size methods, the default first
+    gated: bool = False  # BiGS layout (one norm, output projection `do`)
+
+
+def _arch(config) -> _Arch:
+    family = family_of(config).name
+    if family == "encoder":
+        modes = ("duplicate",)
+        return _Arch(family, config.mixer == "attention", config.mixer == "ssm",
+                     not config.uses_pre_norm, modes, gated=config.block == "gated")
+    if family == "gpt2":
+        return _Arch(family, True, False, False,
+                     ("mean", "duplicate") if config.norm == "layer" else ("zero", "duplicate"))
+    if family == "vit":
+        return _Arch(family, True, False, False, ("mean", "duplicate"))
+    if family == "m2":
+        return _Arch(family, False, False, True, ())
+    raise GrowthError(f"growth is not implemented for the {family} family; "
+                      "grow an encoder, gpt2, vit or m2 model")
+
+
+def _head_dims(config) -> tuple[int, int]:
+    k = config.qk_head_dim or config.hidden_size // config.num_heads
+    v = config.v_head_dim or config.hidden_size // config.num_heads
+    return k, v
+
+
+def _pinned(config) -> dict:
+    """Fields whose defaults derive from others, pinned to their current values, so that
+    changing hidden_size or num_heads changes nothing else."""
+    pins = {}
+    if hasattr(config, "qk_head_dim"):
+        pins["qk_head_dim"], pins["v_head_dim"] = _head_dims(config)
+    if getattr(config, "intermediate_size", 0) is None:
+        pins["intermediate_size"] = config.mlp_size
+    return pins
+
+
+def _replace(config, **changes):
+    """config with `changes`, the derived fields pinned first (see `_pinned`)."""
+    return dataclasses.replace(config, **{**_pinned(config), **changes})
+
+
+# ---------------------------------------------------------------------------- parameter roles
+# Role of each axis of a leaf: Dw writes the residual stream (or a hidden-sized internal
+# representation), Dr reads it, Dn is a norm on it, Dt a norm feeding the tied decoder, Dc a
+# per-channel parameter, D2r reads [forward, backward] concatenated; Fw/Fr write/read MLP
+# units; Q/K/V are heads·dim columns, O the heads·V rows of the output projection; Nf/Nz the
+# SSM state of A (free) and C (zero).
+
+
+def _roles(arch: _Arch, config, path: str, ndim: int) -> tuple:
+    r = _role_table(arch, config)
+    for pattern, roles in r:
+        if re.search(pattern, path):
+            if len(roles) != ndim:
+                break
+            return roles
+    raise RuntimeError(f"growth has no rule for parameter {path} (ndim {ndim}); "
+                       "bigs_jax.growth must be updated for this model")
+
+
+def _role_table(arch: _Arch, config) -> list:
+    tied_final = arch.family == "gpt2" and config.tie_word_embeddings
+    shared = getattr(config, "ssm_shared", True)
+    s4 = r"(fs4|bs4)/"
+    table = [
+        (r"^embeddings/(word|position|token_type)/embedding$", (None, "Dw")),
+        (r"^embeddings/norm/(scale|bias)$", ("Dn",)),
+        (r"(mixer|attention)/query/kernel$", ("Dr", "Q")),
+        (r"(mixer|attention)/query/bias$", ("Q",)),
+        (r"(mixer|attention)/key/kernel$", ("Dr", "K")),
+        (r"(mixer|attention)/key/bias$", ("K",)),
+        (r"(mixer|attention)/value/kernel$", ("Dr", "V")),
+        (r"(mixer|attention)/value/bias$", ("V",)),
+        (r"mixer/out/kernel$", ("D2r", "Dw") if arch.ssm else ("O", "Dw")),
+        (r"attention/out/kernel$", ("O", "Dw")),
+        (r"(mixer|attention)/out/bias$", ("Dw",)),
+        (r"mlp/up/kernel$", ("Dr", "Fw")),
+        (r"mlp/up/bias$", ("Fw",)),
+        (r"mlp/down/kernel$", ("Fr", "Dw")),
+        (r"mlp/down/bias$", ("Dw",)),
+        (r"/(dv|dol)/kernel$", ("Dr", "Fw")),
+        (r"/(dv|dol)/bias$", ("Fw",)),
+        (r"/do/kernel$", ("Fr", "Dw")),
+        (r"/do/bias$", ("Dw",)),
+        (r"/(du_forward|du_backward|duc_forward|duc_backward)/kernel$", ("Dr", "Dw")),
+        (r"/(du_forward|du_backward|duc_forward|duc_backward)/bias$", ("Dw",)),
+        (s4 + r"(A_re|A_im)$", ("Nf",) if shared else ("Dc", "Nf")),
+        (s4 + r"C$", ("Nz", None) if shared else ("Dc", "Nz", None)),
+        (s4 + r"(D|log_step)$", (None,) if shared else ("Dc",)),
+        (r"^layers/\d+/(mixer_norm|mlp_norm|norm)/(scale|bias)$", ("Dn",)),
+        (r"^final_norm/(scale|bias)$", ("Dt",) if tied_final else ("Dn",)),
+        (r"^lm_head/kernel$", ("Dr", None)),
+        (r"^mlm_head/transform/kernel$", ("Dr", "Dw")),
+        (r"^mlm_head/transform/bias$", ("Dw",)),
+        (r"^mlm_head/norm/(scale|bias)$", ("Dt",)),
+        (r"^mlm_head/bias$", (None,)),
+        (r"^classifier/pooler/kernel$", ("Dr", "Dw")),
+        (r"^classifier/pooler/bias$", ("Dw",)),
+        (r"^classifier/classifier/kernel$", ("Dr", None)),
+        (r"^classifier/classifier/bias$", (None,)),
+        (r"^patch_embed/kernel$", (None, None, None, "Dw")),
+        (r"^(patch_embed/bias|cls)$", ("Dw",)),
+        (r"^position$", (None, "Dw")),
+        (r"^head/kernel$", ("Dr", None)),
+        (r"^head/bias$", (None,)),
+    ]
+    return table
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _flat(params) -> dict:
+    return {"/".join(str(k) for k in key): np.asarray(jax.device_get(v))
+            for key, v in traverse_util.flatten_dict(params).items()}
+
+
+def _unflat(flat: dict, like_keys: dict) -> dict:
+    return traverse_util.unflatten_dict({like_keys[k]: v for k, v in flat.items()})
+
+
+def _keys(params) -> dict:
+    return {"/".join(str(k) for k in key): key
+            for key in traverse_util.flatten_dict(params)}
+
+
+def _fresh(config, seed: int) -> tuple[dict, dict]:
+    """Flat params of a randomly initialized `config` model, and their original keys."""
+    from bigs_jax import build
+    from flax import nnx
+
+    params = nnx.to_pure_dict(nnx.state(build(config, seed=seed)))
+    return _flat(params), _keys(params)
+
+
+def _crop(f: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
+    """f cropped to w's shape on every axis but `axis`."""
+    return f[tuple(slice(None) if a == axis else slice(0, w.shape[a]) for a in range(w.ndim))]
+
+
+def _cat(*parts, axis):
+    return np.concatenate(parts, axis=axis)
+
+
+def _zeros_like_block(w, axis, n):
+    shape = list(w.shape)
+    shape[axis] = n
+    return np.zeros(shape, w.dtype)
+
+
+def _take(x, axis, start, stop):
+    return np.take(x, np.arange(start, stop), axis=axis)
+
+
+def _per_head(w, f, axis, heads, old, new, fill):
+    """Grow each head's block of `old` entries along `axis` to `new` ('fresh' or 'zero')."""
+    shape = list(w.shape)
+    w_h = w.reshape(shape[:axis] + [heads, old] + shape[axis + 1:])
+    if fill == "zero":
+        extra = _zeros_like_block(w_h, axis + 1, new - old)
+    else:
+        fs = list(f.shape)
+        f_h = f.reshape(fs[:axis] + [heads, new] + fs[axis + 1:])
+        extra = _take(f_h, axis + 1, old, new).astype(w.dtype)
+    out = _cat(w_h, extra, axis=axis + 1)
+    return out.reshape(shape[:axis] + [heads * new] + shape[axis + 1:])
+
+
+def _split_rows(w, f, axis, m):
+    """Rows of a reader of an m-times tiled input: m random parts summing to w."""
+    h = w.shape[axis]
+    parts = [_take(f, axis, h * j, h * (j + 1)).astype(w.dtype) for j in range(1, m)]
+    first = w - sum(parts) if parts else w
+    return _cat(first, *parts, axis=axis)
+
+
+# ---------------------------------------------------------------------------- one transform
+
+
+def _grow_leaf(path, w, f, roles, kind, ctx):
+    """Grow every axis of `w` whose role belongs to expansion `kind`."""
+    name = path.rsplit("/", 1)[-1]
+    for axis, role in enumerate(roles):
+        if role is None or w.shape[axis] == f.shape[axis] and kind != "hidden":
+            continue
+        fc = _crop(f, w, axis)
+        n_old, n_new = w.shape[axis], f.shape[axis]
+        if kind == "mlp" and role in ("Fw", "Fr"):
+            w = _cat(w, _take(fc, axis, n_old, n_new).astype(w.dtype) if role == "Fw"
+                     else _zeros_like_block(w, axis, n_new - n_old), axis=axis)
+        elif kind == "ssm" and role in ("Nf", "Nz"):
+            w = _cat(w, _take(fc, axis, n_old, n_new).astype(w.dtype) if role == "Nf"
+                     else _zeros_like_block(w, axis, n_new - n_old), axis=axis)
+        elif kind == "heads" and role in ("Q", "K", "V", "O"):
+            w = _cat(w, _zeros_like_block(w, axis, n_new - n_old) if role == "O"
+                     else _take(fc, axis, n_old, n_new).astype(w.dtype), axis=axis)
+        elif kind == "qk" and role in ("Q", "K"):
+            E, k_old, k_new = ctx["heads"], ctx["old"], ctx["new"]
+            if role == "K":  # key scaled by √(k̂/k) so q·k/√k̂ keeps its value (Thm 3.4)
+                w = (w.astype(np.float64) * math.sqrt(k_new / k_old)).astype(w.dtype)
+            w = _per_head(w, fc, axis, E, k_old, k_new, "fresh" if role == "Q" else "zero")
+        elif kind == "v" and role in ("V", "O"):
+            w = _per_head(w, fc, axis, ctx["heads"], ctx["old"], ctx["new"],
+                          "fresh" if role == "V" else "zero")
+        elif kind == "hidden" and role is not None and role.startswith("D"):
+            w = _grow_hidden_axis(w, fc, axis, role, name, ctx)
+    return w
+
+
+def _grow_hidden_axis(w, f, axis, role, name, ctx):
+    h, h_new, mode = ctx["old"], ctx["new"], ctx["mode"]
+    if role == "D2r":  # [forward | backward] halves, each a reader of the grown width
+        halves = [_take(w, axis, 0, h), _take(w, axis, h, 2 * h)]
+        fresh = [_take(f, axis, 0, h_new), _take(f, axis, h_new, 2 * h_new)]
+        return _cat(*(_grow_hidden_axis(a, b, axis, "Dr", name, ctx)
+                      for a, b in zip(halves, fresh)), axis=axis)
+    n = h_new - h
+    if mode == "duplicate":
+        m = h_new // h
+        if role == "Dr":
+            return _split_rows(w, f, axis, m)
+        tiled = np.concatenate([w] * m, axis=axis)
+        return (tiled / m).astype(w.dtype) if role == "Dt" else tiled
+    if role == "Dr":
+        return _cat(w, _take(f, axis, h, h_new).astype(w.dtype), axis=axis)
+    if role == "Dw":
+        if mode == "zero":
+            return _cat(w, _zeros_like_block(w, axis, n), axis=axis)
+        mean = w.astype(np.float64).mean(axis=axis, keepdims=True)
+        return _cat(w, np.repeat(mean, n, axis=axis).astype(w.dtype), axis=axis)
+    if role in ("Dn", "Dt"):
+        if name == "bias":
+            return _cat(w, _zeros_like_block(w, axis, n), axis=axis)
+        scaled = (w.astype(np.float64) * math.sqrt(h / h_new)).astype(w.dtype)
+        return _cat(scaled, _take(f, axis, h, h_new).astype(w.dtype), axis=axis)
+    raise GrowthError(f"hidden mode {mode!r} cannot grow a per-channel parameter; "
+                      "use mode='duplicate'")
+
+
+def _apply(config, params, new_config, kind, ctx, seed):
+    arch = _arch(config)
+    flat, keys = _flat(params), _keys(params)
+    fresh, _ = _fresh(new_config, seed)
+    out = {}
+    for path, w in flat.items():
+        if path not in fresh:
+            raise RuntimeError(f"growth: {path} is missing from the grown model")
+        roles = _roles(arch, config, path, w.ndim)
+        g = _grow_leaf(path, w, fresh[path], roles, kind, ctx)
+        if g.shape != fresh[path].shape:
+            raise RuntimeError(f"growth: {path} grew to {g.shape}, the grown model has "
+                               f"{fresh[path].shape}")
+        out[path] = g
+    return new_config, _to_jax(_unflat(out, keys))
+
+
+def _to_jax(tree):
+    return jax.tree.map(lambda x: jax.numpy.asarray(x), tree)
+
+
+def _check_larger(config, field, new, current):
+    if new < current:
+        raise GrowthError(f"{field} {new} is smaller than the model's {current}; growth only "
+                          "enlarges a model")
+
+
+# ---------------------------------------------------------------------------- the expansions
+
+
+def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
+    """MLP width F → F̂ (Thm 3.1): new input columns random, new output rows zero."""
+    arch = _arch(config)
+    current = getattr(config, "mlp_size", None) or config.intermediate_size
+    _check_larger(config, "intermediate_size", intermediate_size, current)
+    if arch.family == "m2":
+        from bigs_jax.growth_m2 import expand_mlp as m2_mlp
+        return m2_mlp(config, params, intermediate_size, seed=seed)
+    new = _replace(config, intermediate_size=intermediate_size)
+    return _apply(config, params, new, "mlp", {}, seed)
+
+
+def _need_attention(config, what: str):
+    arch = _arch(config)
+    if not arch.attention:
+        raise GrowthError(f"{what}: this {arch.family} model has no attention heads "
+                          f"(mixer {getattr(config, 'mixer', 'M2')}); grow intermediate_size, "
+                          "hidden_size, num_layers" + (" or ssm_state" if arch.ssm else ""))
+
+
+def add_heads(config, params, num_heads: int, *, seed: int = 0):
+    """Attention heads E → Ê (Thm 3.2): new heads random, their output-projection rows zero."""
+    _need_attention(config, "num_heads")
+    _check_larger(config, "num_heads", num_heads, config.num_heads)
+    new = _replace(config, num_heads=num_heads)
+    return _apply(config, params, new, "heads", {}, seed)
+
+
+def expand_keys(config, params, qk_head_dim: int, *, seed: int = 0):
+    """Query/key head size k → k̂ (Thm 3.4): new query columns random, new key columns zero,
+    old key weights and biases × √(k̂/k)."""
+    _need_attention(config, "qk_head_dim")
+    k, _ = _head_dims(config)
+    _check_larger(config, "qk_head_dim", qk_head_dim, k)
+    new = _replace(config, qk_head_dim=qk_head_dim)
+    return _apply(config, params, new, "qk",
+                  {"heads": config.num_heads, "old": k, "new": qk_head_dim}, seed)
+
+
+def expand_values(config, params, v_head_dim: int, *, seed: int = 0):
+    """Value head size v → v̂ (Thm 3.3): new value columns random, and inside each head's block
+    of the output projection the new rows are zero."""
+    _need_attention(config, "v_head_dim")
+    _, v = _head_dims(config)
+    _check_larger(config, "v_head_dim", v_head_dim, v)
+    new = _replace(config, v_head_dim=v_head_dim)
+    return _apply(config, params, new, "v",
+                  {"heads": config.num_heads, "old": v, "new": v_head_dim}, seed)
+
+
+def expand_ssm_state(config, params, ssm_state: int, *, seed: int = 0):
+    """S4D state size N → N̂ (BiGS): new modes' A from the init, their C zero, so the kernel
+    Re Σ_n C_n ... is unchanged."""
+    arch = _arch(config)
+    if not arch.ssm:
+        raise GrowthError(f"ssm_state: this {arch.family} model has no SSM; "
+                          "only BiGS-style encoders (mixer='ssm') have a state size")
+    _check_larger(config, "ssm_state", ssm_state, config.ssm_state)
+    new = dataclasses.replace(config, ssm_state=ssm_state)
+    return _apply(config, params, new, "ssm", {}, seed)
+
+
+def expand_hidden(config, params, hidden_size: int, *, mode: Optional[str] = None,
+                  seed: int = 0):
+    """Residual width h → ĥ (Thm 3.5, with the LayerNorm handling of the module docstring).
+
+    `mode` is "zero" (RMSNorm), "mean" (pre-LN without an embedding norm) or "duplicate"
+    (ĥ a multiple of h); None picks the model's default exact method.
+    """
+    arch = _arch(config)
+    h = config.hidden_size
+    _check_larger(config, "hidden_size", hidden_size, h)
+    if not arch.hidden_modes:
+        raise GrowthError("hidden_size: M2's long-conv filters fix each channel's decay rate "
+                          "from the channel count, so no wider M2 computes the same function; "
+                          "grow intermediate_size or num_layers")
+    mode = mode or arch.hidden_modes[0]
+    if mode not in arch.hidden_modes:
+        raise GrowthError(f"hidden mode {mode!r} is not exact for this {arch.family} model; "
+                          f"choose one of {arch.hidden_modes}")
+    if mode == "duplicate" and hidden_size % h:
+        raise GrowthError(
+            f"hidden_size {hidden_size} is not a multiple of {h}: this {arch.family} model "
+            "grows its width exactly only by duplication (its residual stream starts at a "
+            f"LayerNorm output); pick a multiple of {h}")
+    eps = config.norm_eps if mode == "duplicate" else config.norm_eps * h / hidden_size
+    new = _replace(config, hidden_size=hidden_size,
+                              norm_eps=eps)
+    return _apply(config, params, new, "hidden", {"old": h, "new": hidden_size, "mode": mode},
+                  seed)
+
+
+# Leaves of a new layer that must be zero for it to start as the identity (Thm 3.6).
+_BRANCH_OUT = r"^(mixer/out|attention/out|mlp/down|do|mlp/wo)/(kernel|bias)$"
+
+
+def add_layers(config, params, num_layers: int, *, positions: Optional[list[int]] = None,
+               seed: int = 0):
+    """Depth N → N̂ (Thm 3.6): new layers at `positions` (indices in the grown model, default
+    the top), random except zero output projections; post-LN models move the preceding
+    LayerNorm's affine into the new layer (module docstring)."""
+    arch = _arch(config)
+    N = config.num_layers
+    _check_larger(config, "num_layers", num_layers, N)
+    if arch.family == "m2":
+        from bigs_jax.growth_m2 import add_layers as m2_layers
+        return m2_layers(config, params, num_layers, positions=positions, seed=seed)
+    positions = list(range(N, num_layers)) if positions is None else sorted(positions)
+    if len(positions) != num_layers - N or len(set(positions)) != len(positions) or any(
+            not 0 <= p < num_layers for p in positions):
+        raise GrowthError(f"positions {positions} must be {num_layers - N} distinct layer "
+                          f"indices in [0, {num_layers})")
+    new_config = dataclasses.replace(config, num_layers=num_layers)
+    fresh, fresh_keys = _fresh(new_config, seed)
+    flat = _flat(params)
+    old_of = [i for i in range(num_layers) if i not in positions]  # grown index of old layers
+    out = {}
+    for path, w in flat.items():
+        m = re.match(r"^layers/(\d+)/(.*)$", path)
+        out[path if m is None else f"layers/{old_of[int(m.group(1))]}/{m.group(2)}"] = w
+    for i in positions:
+        for path, f in fresh.items():
+            m = re.match(rf"^layers/{i}/(.*)$", path)
+            if m:
+                out[path] = np.zeros_like(f) if re.search(_BRANCH_OUT, m.group(1)) else f
+        if arch.post_norm:
+            _move_norm(out, i, arch)
+    missing = set(fresh) ^ set(out)
+    if missing:
+        raise RuntimeError(f"growth: parameter sets differ after adding layers: {sorted(missing)}")
+    out = {k: out[k].astype(flat[_old_path(k, old_of)].dtype) if _old_path(k, old_of) in flat
+           else out[k] for k in out}
+    return new_config, _to_jax(_unflat(out, fresh_keys))
+
+
+def _old_path(path, old_of):
+    m = re.match(r"^layers/(\d+)/(.*)$", path)
+    if m is None:
+        return path
+    i = int(m.group(1))
+    return f"layers/{old_of.index(i)}/{m.group(2)}" if i in old_of else path
+
+
+def _move_norm(out: dict, i: int, arch: _Arch) -> None:
+    """Post-LN: the norm producing layer i's input hands its (γ, β) to new layer i's last norm
+    and becomes (1, 0); the new layer's other norms are (1, 0)."""
+    prev = "embeddings/norm" if i == 0 else (
+        f"layers/{i - 1}/norm" if arch.gated else f"layers/{i - 1}/mlp_norm")
+    last = f"layers/{i}/norm" if arch.gated else f"layers/{i}/mlp_norm"
+    for leaf, unit in (("scale", 1.0), ("bias", 0.0)):
+        out[f"{last}/{leaf}"] = out[f"{prev}/{leaf}"].copy()
+        out[f"{prev}/{leaf}"] = np.full_like(out[f"{prev}/{leaf}"], unit)
+        if not arch.gated:
+            out[f"layers/{i}/mixer_norm/{leaf}"] = np.full_like(out[f"{prev}/{leaf}"], unit)
+
+
+_EXPANSIONS = {
+    "intermediate_size": expand_mlp,
+    "num_heads": add_heads,
+    "qk_head_dim": expand_keys,
+    "v_head_dim": expand_values,
+    "ssm_state": expand_ssm_state,
+    "hidden_size": expand_hidden,
+    "num_layers": add_layers,
+}
+
+
+def grow_params(config, params, *, seed: int = 0, hidden_mode: Optional[str] = None,
+                layer_positions: Optional[list[int]] = None, **sizes: Any):
+    """Apply every requested expansion (`SIZE_FIELDS` as keywords) in `SIZE_FIELDS` order.
+
+    Returns the grown (config, params). Unchanged sizes are skipped; an unknown or impossible
+    size raises GrowthError.
+    """
+    unknown = sorted(set(sizes) - set(SIZE_FIELDS))
+    if unknown:
+        raise GrowthError(f"unknown growth size(s) {unknown}; choose from {list(SIZE_FIELDS)}")
+    for j, field in enumerate(SIZE_FIELDS):
+        new = sizes.get(field)
+        if new is None:
+            continue
+        current = {"intermediate_size": getattr(config, "mlp_size", None)
+                   or getattr(config, "intermediate_size", None),
+                   "qk_head_dim": _head_dims(config)[0] if hasattr(config, "qk_head_dim")
+                   else None,
+                   "v_head_dim": _head_dims(config)[1] if hasattr(config, "v_head_dim")
+                   else None}.get(field, getattr(config, field, None))
+        if current == new:
+            continue
+        kw = {"seed": seed + 1000 * j}
+        if field == "hidden_size":
+            kw["mode"] = hidden_mode
+        if field == "num_layers":
+            kw["positions"] = layer_positions
+        config, params = _EXPANSIONS[field](config, params, int(new), **kw)
+    return config, params
