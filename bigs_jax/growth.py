@@ -51,7 +51,7 @@ from flax import traverse_util
 from bigs_jax.models import family_of
 
 # Application order of `grow_params`: per-layer widths first, then the residual width, then depth.
-SIZE_FIELDS = ("intermediate_size", "num_heads", "qk_head_dim", "v_head_dim", "ssm_state",
+SIZE_FIELDS = ("intermediate_size", "mlp_nblocks", "num_heads", "qk_head_dim", "v_head_dim", "ssm_state",
                "hidden_size", "num_layers")
 HIDDEN_MODES = ("mean", "zero", "duplicate")
 
@@ -352,6 +352,14 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
     return _apply(config, params, new, "mlp", {}, seed)
 
 
+def merge_mlp_blocks(config, params, mlp_nblocks: int, *, seed: int = 0):
+    """M2 only: fewer, larger diagonal blocks in the MLP projections (zero off-diagonal)."""
+    if _arch(config).family != "m2":
+        raise GrowthError("mlp_nblocks: only M2 models have block-diagonal MLPs")
+    from bigs_jax.growth_m2 import merge_mlp_blocks as merge
+    return merge(config, params, mlp_nblocks, seed=seed)
+
+
 def _need_attention(config, what: str):
     arch = _arch(config)
     if not arch.attention:
@@ -498,6 +506,7 @@ def _move_norm(out: dict, i: int, arch: _Arch) -> None:
 
 _EXPANSIONS = {
     "intermediate_size": expand_mlp,
+    "mlp_nblocks": merge_mlp_blocks,
     "num_heads": add_heads,
     "qk_head_dim": expand_keys,
     "v_head_dim": expand_values,
