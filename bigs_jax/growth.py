@@ -39,6 +39,7 @@ rate, and its mixer has no attention heads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -54,6 +55,22 @@ from bigs_jax.models import family_of
 SIZE_FIELDS = ("intermediate_size", "mlp_nblocks", "num_heads", "qk_head_dim", "v_head_dim", "ssm_state",
                "hidden_size", "num_layers")
 HIDDEN_MODES = ("mean", "zero", "duplicate")
+
+
+# Index mode (see `index_maps`): the transforms run on arrays of old-element indices (1-based,
+# 0 = new entry), with every value change (rescale, mean, split) left out, so the result says
+# where each old entry went. The optimizer-state growth reads its moments through it.
+_INDEX_MODE = False
+
+
+@contextlib.contextmanager
+def _index_mode():
+    global _INDEX_MODE
+    _INDEX_MODE = True
+    try:
+        yield
+    finally:
+        _INDEX_MODE = False
 
 
 class GrowthError(ValueError):
@@ -202,8 +219,17 @@ def _fresh(config, seed: int) -> tuple[dict, dict]:
     from bigs_jax import build
     from flax import nnx
 
+    if _INDEX_MODE:
+        abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(config, seed=seed))))
+        zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.int64), abstract)
+        return {k: v for k, v in _flat_np(zeros).items()}, _keys(abstract)
     params = nnx.to_pure_dict(nnx.state(build(config, seed=seed)))
     return _flat(params), _keys(params)
+
+
+def _flat_np(params) -> dict:
+    return {"/".join(str(k) for k in key): v
+            for key, v in traverse_util.flatten_dict(params).items()}
 
 
 def _crop(f: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
@@ -269,7 +295,7 @@ def _grow_leaf(path, w, f, roles, kind, ctx):
                      else _take(fc, axis, n_old, n_new).astype(w.dtype), axis=axis)
         elif kind == "qk" and role in ("Q", "K"):
             E, k_old, k_new = ctx["heads"], ctx["old"], ctx["new"]
-            if role == "K":  # key scaled by √(k̂/k) so q·k/√k̂ keeps its value (Thm 3.4)
+            if role == "K" and not _INDEX_MODE:  # key scaled by √(k̂/k) so q·k/√k̂ keeps its value (Thm 3.4)
                 w = (w.astype(np.float64) * math.sqrt(k_new / k_old)).astype(w.dtype)
             w = _per_head(w, fc, axis, E, k_old, k_new, "fresh" if role == "Q" else "zero")
         elif kind == "v" and role in ("V", "O"):
@@ -292,19 +318,22 @@ def _grow_hidden_axis(w, f, axis, role, name, ctx):
         m = h_new // h
         if role == "Dr":
             return _split_rows(w, f, axis, m)
+        if _INDEX_MODE:  # the copies are new entries
+            return _cat(w, _zeros_like_block(w, axis, n), axis=axis)
         tiled = np.concatenate([w] * m, axis=axis)
         return (tiled / m).astype(w.dtype) if role == "Dt" else tiled
     if role == "Dr":
         return _cat(w, _take(f, axis, h, h_new).astype(w.dtype), axis=axis)
     if role == "Dw":
-        if mode == "zero":
+        if mode == "zero" or _INDEX_MODE:
             return _cat(w, _zeros_like_block(w, axis, n), axis=axis)
         mean = w.astype(np.float64).mean(axis=axis, keepdims=True)
         return _cat(w, np.repeat(mean, n, axis=axis).astype(w.dtype), axis=axis)
     if role in ("Dn", "Dt"):
         if name == "bias":
             return _cat(w, _zeros_like_block(w, axis, n), axis=axis)
-        scaled = (w.astype(np.float64) * math.sqrt(h / h_new)).astype(w.dtype)
+        scaled = w if _INDEX_MODE else (
+            w.astype(np.float64) * math.sqrt(h / h_new)).astype(w.dtype)
         return _cat(scaled, _take(f, axis, h, h_new).astype(w.dtype), axis=axis)
     raise GrowthError(f"hidden mode {mode!r} cannot grow a per-channel parameter; "
                       "use mode='duplicate'")
@@ -328,7 +357,7 @@ def _apply(config, params, new_config, kind, ctx, seed):
 
 
 def _to_jax(tree):
-    return jax.tree.map(lambda x: jax.numpy.asarray(x), tree)
+    return tree if _INDEX_MODE else jax.tree.map(lambda x: jax.numpy.asarray(x), tree)
 
 
 def _check_larger(config, field, new, current):
@@ -499,6 +528,7 @@ def _move_norm(out: dict, i: int, arch: _Arch) -> None:
     last = f"layers/{i}/norm" if arch.gated else f"layers/{i}/mlp_norm"
     for leaf, unit in (("scale", 1.0), ("bias", 0.0)):
         out[f"{last}/{leaf}"] = out[f"{prev}/{leaf}"].copy()
+        unit = 0 if _INDEX_MODE else unit  # reset entries are new ones
         out[f"{prev}/{leaf}"] = np.full_like(out[f"{prev}/{leaf}"], unit)
         if not arch.gated:
             out[f"layers/{i}/mixer_norm/{leaf}"] = np.full_like(out[f"{prev}/{leaf}"], unit)
@@ -545,3 +575,26 @@ def grow_params(config, params, *, seed: int = 0, hidden_mode: Optional[str] = N
             kw["positions"] = layer_positions
         config, params = _EXPANSIONS[field](config, params, int(new), **kw)
     return config, params
+
+
+def index_maps(config, params, **grow_kwargs) -> tuple[Any, dict, list]:
+    """Where every old parameter entry lands in the model `grow_params(config, params,
+    **grow_kwargs)` builds.
+
+    Returns (grown config, {grown path: int64 array of the grown leaf's shape holding 1 + the
+    entry's position in the concatenation of the old leaves' flattened values, 0 for a new
+    entry}, [old paths in concatenation order]). Entries whose value growth changes (rescaled
+    keys and norm scales, split reader rows) still count as old: they are reparametrizations
+    of the same weights.
+    """
+    flat = _flat_np(params)
+    order = sorted(flat)
+    offsets, total, tagged = {}, 0, {}
+    for path in order:
+        size = int(np.prod(np.shape(flat[path])))
+        tagged[path] = (np.arange(size, dtype=np.int64) + total + 1).reshape(np.shape(flat[path]))
+        total += size
+    keys = _keys(params)
+    with _index_mode():
+        new_config, grown = grow_params(config, _unflat(tagged, keys), **grow_kwargs)
+    return new_config, _flat_np(grown), order
