@@ -59,6 +59,8 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
         raise g.GrowthError(f"intermediate_size {intermediate_size} must be a multiple of "
                             f"mlp_nblocks {K}")
     new_config = dataclasses.replace(config, intermediate_size=intermediate_size)
+    if g._CONFIG_MODE:
+        return new_config, params
     fresh, keys = g._fresh(new_config, seed)
     flat = g._flat(params)
     units = _units_map(F, intermediate_size, K)
@@ -88,6 +90,8 @@ def merge_mlp_blocks(config, params, mlp_nblocks: int, *, seed: int = 0):
         raise g.GrowthError(f"mlp_nblocks {mlp_nblocks}: growth merges blocks, so it must "
                             f"divide the model's {K} (fewer blocks = more parameters)")
     new_config = dataclasses.replace(config, mlp_nblocks=mlp_nblocks)
+    if g._CONFIG_MODE:
+        return new_config, params
     flat, keys = g._flat(params), g._keys(params)
     for path, w in flat.items():
         if re.search(r"mlp/(gated_layers|wo)/kernel$", path):
@@ -108,6 +112,8 @@ def add_layers(config, params, num_layers: int, *, positions: Optional[list[int]
         raise g.GrowthError("num_layers: an M2 layer without residual_long_conv has no path "
                             "that can carry its input, so no new layer is the identity")
     new_config = dataclasses.replace(config, num_layers=num_layers)
+    if g._CONFIG_MODE:
+        return new_config, params
     fresh, keys = g._fresh(new_config, seed)
     flat = g._flat(params)
     old_of = [i for i in range(num_layers) if i not in positions]

@@ -200,10 +200,10 @@ class GPT2(nnx.Module):
         if self.lm_head is None:
             w_CD = self.embeddings.word.embedding[...]
             return jnp.einsum("BLD,CD->BLC", h_BLD, w_CD.astype(h_BLD.dtype),
-                              preferred_element_type=jnp.float32)
+                              preferred_element_type=jnp.promote_types(h_BLD.dtype, "float32"))
         w_DC = self.lm_head.kernel[...]
         return jnp.einsum("BLD,DC->BLC", h_BLD, w_DC.astype(h_BLD.dtype),
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=jnp.promote_types(h_BLD.dtype, "float32"))
 
 
 # ---------------------------------------------------------------------------- registry

@@ -206,7 +206,8 @@ class ViT(nnx.Module):
             x_BND = apply(layer, x_BND, rngs)
         h_BND = self.final_norm(x_BND)
         pooled_BD = h_BND[:, 0] if self.cls is not None else h_BND.mean(axis=1)
-        logits_BY = self.head(pooled_BD).astype(jnp.float32)
+        logits_BY = self.head(pooled_BD)
+        logits_BY = logits_BY.astype(jnp.promote_types(logits_BY.dtype, "float32"))
         return ModelOutput(hidden_states=h_BND, logits=logits_BY, pooled=pooled_BD)
 
 

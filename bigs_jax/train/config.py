@@ -94,6 +94,9 @@ def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
         "log_grad_norm": True,
     })
     c.mesh = mesh_config()
+    # Function-preserving growth schedule (train/growth.py), a JSON list of
+    # {"step": s, "<size field>": n, ...}, e.g. '[{"step": 200, "hidden_size": 256}]'.
+    c.growth = ""
     return c
 
 

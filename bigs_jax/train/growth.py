@@ -24,7 +24,6 @@ after growth; /tmp script reproduced by tests/test_growth_train.py's policy test
     nu_mean    0.01                              0.01                     none
     nu_median  0.14 (0.4-0.7 by step 100)        0.17 (0.1-0.5 by 100)    none
 
-An lr re-warm after growth (`rewarm_steps` in a schedule entry) can be added to any policy.
 
 The schedule (`config.growth`, a list of {"step": s, <size>: n, ...}) is read by
 `growth_events`; the loop calls `grow_state` when it reaches each step.
@@ -45,7 +44,10 @@ from bigs_jax.train.step import TrainState
 
 POLICIES = ("own_count", "nu_mean", "nu_median", "zero")
 # Keys of a schedule entry that are not sizes.
-_EVENT_OPTIONS = ("step", "hidden_mode", "layer_positions", "rewarm_steps")
+_EVENT_OPTIONS = ("step", "hidden_mode", "layer_positions", "policy", "seed")
+# Policies a train run can use: own_count changes the optimizer state's structure, which a
+# resumed run (built from the config) could not restore.
+LOOP_POLICIES = ("nu_median", "nu_mean", "zero")
 
 
 def _key_name(k) -> Optional[str]:
@@ -212,6 +214,9 @@ def growth_events(config) -> list[dict]:
         if unknown:
             raise ValueError(f"config.growth entry {e} has unknown keys {unknown}; sizes are "
                              f"{list(growth.SIZE_FIELDS)}, options {list(_EVENT_OPTIONS)}")
+        if e.get("policy", "nu_median") not in LOOP_POLICIES:
+            raise ValueError(f"config.growth entry {e}: policy must be one of {LOOP_POLICIES} "
+                             "in a train run")
         events.append(e)
     steps = [int(e["step"]) for e in events]
     if len(set(steps)) != len(steps):
@@ -227,3 +232,75 @@ def event_kwargs(event: dict) -> dict:
         if event.get(k) is not None:
             kw[k] = event[k]
     return kw
+
+
+# ---------------------------------------------------------------------------- the train loop
+# A run with a schedule trains in segments: the loop stops at each growth step s (evaluating,
+# not saving the small state), `grow_checkpoint` grows the state and saves it as checkpoint s
+# (then writes the grown model.json), and the loop resumes from s as from any checkpoint,
+# with the model config `config_at(base, events, s)`: re-sharded, re-compiled. A run killed
+# at any point resumes to the same losses as an uninterrupted one.
+
+
+def config_at(base_config, events: list[dict], step: int):
+    """The model config after every growth event at or before `step`."""
+    config = base_config
+    for e in events:
+        if int(e["step"]) <= step:
+            config = growth.grow_config(config, **event_kwargs(e))
+    return config
+
+
+def next_stop(events: list[dict], step: int, total: int) -> int:
+    """The first growth step after `step`, or `total`."""
+    return min([int(e["step"]) for e in events if step < int(e["step"]) < total] + [total])
+
+
+def sync_model_json(workdir: str, base_config, events: list[dict], model_config) -> None:
+    """Rewrite model.json for `model_config` when it holds another stage of this schedule
+    (a run killed between a growth checkpoint and its model.json); other models are left for
+    the loop's own check to refuse."""
+    import os
+
+    from bigs_jax.train import checkpointing
+
+    path = os.path.join(workdir, checkpointing.MODEL_JSON)
+    if not os.path.exists(path):
+        return
+    existing = checkpointing.read_model_config(workdir)
+    stages = [config_at(base_config, events, s)
+              for s in [0] + [int(e["step"]) for e in events]]
+    if existing != model_config and existing in stages:
+        checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
+
+
+def grow_checkpoint(config, workdir: str, state: TrainState, base_config, events, step: int,
+                    ckpt, writer) -> None:
+    """At growth step `step`: grow `state`, save it as checkpoint `step`, write model.json and
+    log the growth to TensorBoard."""
+    import os
+
+    from bigs_jax.train import checkpointing, optim
+
+    event = next(e for e in events if int(e["step"]) == step)
+    model_config = config_at(base_config, events, step - 1)
+    t = config.train
+    make_tx = lambda p: optim.make_optimizer(config.optim, p, t.steps)[0]
+    grown, new_config, _ = grow_state(
+        state, model_config, make_tx, seed=int(event.get("seed", t.seed + step)),
+        policy=event.get("policy", "nu_median"), betas=(config.optim.b1, config.optim.b2),
+        **event_kwargs(event))
+    ckpt.save(step, grown.params, grown.opt_state,
+              {"rng": np.asarray(grown.rng).tolist(), "step": step,
+               "data": {"task": config.data.task, "batches_consumed": step}}, force=True)
+    ckpt.wait()
+    if jax.process_index() == 0:
+        checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.MODEL_JSON),
+                                        checkpointing.model_json(new_config))
+    n_old, n_new = (checkpointing.param_count(x) for x in (state.params, grown.params))
+    scalars = {"growth/params": n_new, "growth/params_ratio": n_new / n_old}
+    scalars.update({f"growth/{k}": float(v) for k, v in event_kwargs(event).items()
+                    if k in growth.SIZE_FIELDS})
+    writer.write_scalars(step, scalars)
+    print(f"step {step}: grew {n_old:,} -> {n_new:,} params ({event_kwargs(event)})",
+          flush=True)

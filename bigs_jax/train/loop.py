@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 
 from bigs_jax.models import make_config
 from bigs_jax.train import checkpointing, metrics, optim, partitioning
+from bigs_jax.train import growth as train_growth
 from bigs_jax.train.objectives import OBJECTIVES
 from bigs_jax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -242,6 +243,19 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     t = config.train
     source = make_data_source(config)
     model_config = model_config_from(config, source.model_overrides())
+    # Growth schedule (train/growth.py): the model of the stage the run resumes in.
+    base_model_config = model_config
+    try:
+        events = train_growth.growth_events(config)
+        train_growth.config_at(base_model_config, events, t.steps)  # every stage is valid
+    except ValueError as e:
+        raise ConfigError(f"config.growth: {e}") from None
+    if events:
+        ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINTS)
+        resumed = checkpointing.Checkpointer(workdir).latest_step() if os.path.isdir(
+            ckpt_dir) else None
+        model_config = train_growth.config_at(base_model_config, events, resumed or 0)
+        train_growth.sync_model_json(workdir, base_model_config, events, model_config)
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"unknown config.objective {config.objective!r}; choose one of "
                           f"{sorted(OBJECTIVES)}")
@@ -335,8 +349,27 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                 state = state.replace(params=params)
                 print(report, flush=True)
 
-        return _run(config, workdir, state, compiled, eval_step, train_iter, eval_batches,
-                    data_sharding, ckpt, lr_schedule, cost, start, scorer)
+        grow = None
+        if events:
+            def grow(state, step, ckpt, writer):
+                train_growth.grow_checkpoint(config, workdir, state, base_model_config, events,
+                                             step, ckpt, writer)
+        summary = _run(config, workdir, state, compiled, eval_step, train_iter, eval_batches,
+                       data_sharding, ckpt, lr_schedule, cost, start, scorer,
+                       stop_step=train_growth.next_stop(events, start or 0, t.steps), grow=grow,
+                       eval_first=start in {int(e["step"]) for e in events})
+    if summary["steps"] < t.steps and not summary["preempted"]:  # stopped to grow: resume
+        before = summary
+        summary = train_and_evaluate(config, workdir)
+        for key in ("eval_loss", "eval_metrics", "train_loss"):
+            summary[key] = {**before[key], **summary[key]}
+        step = before["steps"]
+        summary["growth"] = {step: {"eval_loss_before": before["eval_loss"].get(step),
+                                    "eval_loss_after": summary["eval_loss"].get(step)},
+                             **before.get("growth", {}), **summary.get("growth", {})}
+        summary["elapsed_sec"] = round(before["elapsed_sec"] + summary["elapsed_sec"], 1)
+        summary["tokens"] += before["tokens"]
+    return summary
 
 
 def _make_predict_step(graphdef):
@@ -381,8 +414,13 @@ def _opt_shardings(tx, abstract_params):
 
 
 def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches,
-         data_sharding, ckpt, lr_schedule, cost, start, scorer=None):
+         data_sharding, ckpt, lr_schedule, cost, start, scorer=None, stop_step=None, grow=None,
+         eval_first=False):
+    """Train from `state` to step `stop_step` (default train.steps). At a growth stop (< steps)
+    the small state is evaluated, not saved, and `grow(state, step, ckpt, writer)` saves the
+    grown one; a run resumed at a growth step (`eval_first`) evaluates the grown model first."""
     t = config.train
+    stop_step = t.steps if stop_step is None else stop_step
     step = int(state.step)
     writer = metrics.writer(os.path.join(workdir, "tb"))
     print(f"workdir: {workdir}", flush=True)
@@ -412,8 +450,8 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
 
     history, train_history, eval_metrics = {}, {}, {}
     bar = metrics.Progress(step, t.steps)
-    if start is None and t.get("eval_at_start", True):
-        log_eval(0)
+    if (start is None and t.get("eval_at_start", True)) or eval_first:
+        log_eval(step)
     peak = metrics.peak_flops(t.get("peak_flops_per_device", 0.0))
     profiler = metrics.Profiler(os.path.join(workdir, "profile"), t.get("profile_start_step", 0),
                                 t.get("profile_num_steps", 5))
@@ -423,7 +461,7 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
     preempted = False
     stop = metrics.StopSignal()
     try:
-        while step < t.steps:
+        while step < stop_step:
             profiler.before(step)
             batch = next(train_iter)
             tokens = batch_units(batch)
@@ -434,7 +472,9 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
             profiler.after(step, stats)
             preempted = stop.received or (
                 jax.process_count() > 1 and ckpt.reached_preemption(step) and "preemption")
-            saving = step % t.checkpoint_every == 0 or step == t.steps or preempted
+            growing = step == stop_step < t.steps and not preempted
+            saving = (step % t.checkpoint_every == 0 or step == t.steps or preempted
+                      ) and not growing
             if step % t.log_every == 0 or saving:
                 # Checked before every save, so a checkpoint never holds non-finite params.
                 stats = jax.device_get(stats)
@@ -460,8 +500,10 @@ def _run(config, workdir, state, train_step, eval_step, train_iter, eval_batches
                     scalars.get("perf/tokens_per_sec", 0.0))})
             else:
                 bar.update(step, tokens, {})
-            if step % t.eval_every == 0 or step == t.steps:
+            if step % t.eval_every == 0 or step == t.steps or growing:
                 log_eval(step)
+            if growing:
+                grow(state, step, ckpt, writer)
             if saving:
                 ckpt.save(step, state.params, state.opt_state,
                           {"rng": np.asarray(state.rng).tolist(), "step": step,
