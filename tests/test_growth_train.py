@@ -99,7 +99,7 @@ def train(config, state, tx, steps, seed=0):
     return state, history
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("bert", marks=pytest.mark.slow)])
 def test_new_parameters_get_gradients_and_differ_within_three_steps(family):
     sizes = {"gpt2": dict(intermediate_size=300, num_heads=3, qk_head_dim=40, v_head_dim=36,
                           hidden_size=100, num_layers=3),
