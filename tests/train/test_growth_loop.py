@@ -88,9 +88,13 @@ def _train_py(workdir, steps, extra=()):
 def _losses(workdir):
     from tensorboard.backend.event_processing import event_accumulator
 
-    acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"))
+    from tensorboard.util import tensor_util
+
+    acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"),
+                                             size_guidance={"tensors": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/loss")}
+    return {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+            for e in acc.Tensors("train/loss")}
 
 
 @pytest.mark.slow
