@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from bigs_jax import growth as g
+from bigs_jax import growth_rules as rules
 
 
 def _units_map(F: int, F_new: int, K: int) -> np.ndarray:
@@ -136,7 +137,7 @@ def _new_layer_leaf(rel: str, f: np.ndarray, config) -> np.ndarray:
                         r"|mixer/filter_fn/implicit_filter(_rev)?/3/kernel"
                         r"|mixer/filter_fn2/implicit_filter(_rev)?/3/kernel", rel):
             return np.zeros_like(f)
-        if g._INDEX_MODE:
+        if rules._INDEX_MODE:
             return np.zeros_like(f)
         if rel == "mixer/filter_fn2/bias":
             return np.ones_like(f)
@@ -151,7 +152,7 @@ def _move_norm(out: dict, i: int, config) -> None:
     last = "mlp/norm" if config.mlp else "norm"
     prev = "embeddings/norm" if i == 0 else f"layers/{i - 1}/{last}"
     for leaf, unit in (("scale", 1.0), ("bias", 0.0)):
-        unit = 0 if g._INDEX_MODE else unit
+        unit = 0 if rules._INDEX_MODE else unit
         out[f"layers/{i}/{last}/{leaf}"] = out[f"{prev}/{leaf}"].copy()
         out[f"{prev}/{leaf}"] = np.full_like(out[f"{prev}/{leaf}"], unit)
         if config.mixer_norm:
