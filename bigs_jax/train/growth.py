@@ -16,7 +16,7 @@ growth moved it (`growth.index_maps`). New entries get μ = 0 and ν by `policy`
 
 Measured (GPT-2 tiny, 300 steps, then intermediate 256→512, hidden 64→128, layers 2→3; median
 |update| of new vs old entries of layer-0/1 mlp/up and layer-0 query kernels, steps 2-100
-after growth; /tmp script reproduced by tests/test_growth_train.py's policy test):
+after growth; `python bench/growth_policies.py`):
 
     policy     β2=0.98: max ratio, steps 2-10   β2=0.999: max ratio      loss spike
     zero       4.3                               26.7                     2.04 → 3.44 (β2=.999)
