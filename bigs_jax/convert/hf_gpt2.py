@@ -108,6 +108,11 @@ def hf_config(config: GPT2Config) -> dict:
     """The HF config.json of one of our GPT-2 models."""
     if config.hidden_act not in ("gelu_new", "gelu", "relu"):
         raise ConversionError(f"hidden_act {config.hidden_act!r} has no HF GPT-2 equivalent")
+    head_dim = config.hidden_size // config.num_heads
+    if config.norm != "layer" or {config.qk_head_dim, config.v_head_dim} - {None, head_dim}:
+        raise ConversionError("HF GPT-2 has LayerNorm and head dims hidden_size // num_heads; "
+                              "this model (norm or head dims changed, e.g. by growth) has no "
+                              "HF equivalent")
     out = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.max_len,

@@ -115,6 +115,9 @@ def hf_config(config: ViTConfig) -> dict:
     if config.pool != "cls":
         raise ConversionError(f"HF ViT pools the [CLS] token; a pool={config.pool!r} model has "
                               "no HF equivalent")
+    if {config.qk_head_dim, config.v_head_dim} - {None, config.hidden_size // config.num_heads}:
+        raise ConversionError("HF ViT has head dims hidden_size // num_heads; this model's "
+                              "(changed, e.g. by growth) have no HF equivalent")
     return {
         "architectures": ["ViTForImageClassification"], "model_type": "vit",
         "image_size": config.image_size, "patch_size": config.patch_size,

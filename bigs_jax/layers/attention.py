@@ -117,11 +117,11 @@ class SelfAttention(nnx.Module):
 def attention_probs(q_BLHK: jax.Array, k_BSHK: jax.Array,
                     mask: Optional[jax.Array]) -> jax.Array:
     """fp32 softmax(q kᵀ / sqrt(K)) (B, H, L, S), zero where `mask` is False."""
-    logits_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK,
-                             preferred_element_type=jnp.float32)
-    logits_BHLS = logits_BHLS / jnp.sqrt(q_BLHK.shape[-1]).astype(jnp.float32)
+    acc = jnp.promote_types(q_BLHK.dtype, jnp.float32)  # float64 stays float64 (tests)
+    logits_BHLS = jnp.einsum("BLHK,BSHK->BHLS", q_BLHK, k_BSHK, preferred_element_type=acc)
+    logits_BHLS = logits_BHLS / jnp.sqrt(q_BLHK.shape[-1]).astype(acc)
     if mask is not None:
-        logits_BHLS = jnp.where(mask, logits_BHLS, jnp.finfo(jnp.float32).min)
+        logits_BHLS = jnp.where(mask, logits_BHLS, jnp.finfo(acc).min)
     return jax.nn.softmax(logits_BHLS, axis=-1)
 
 

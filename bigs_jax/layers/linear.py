@@ -75,11 +75,11 @@ def _normalize(x, scale, bias, eps: float):
 
 
 def _normalize_fwd(x, scale, bias, eps: float):
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64 (tests)
     centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     inv_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
     x_hat = centered * inv_std
-    y = x_hat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    y = x_hat * scale.astype(x32.dtype) + bias.astype(x32.dtype)
     # An empty array of x's dtype: the gradient must come back in it (bf16 activations).
     return y, (x_hat, inv_std, scale, bias, jnp.zeros((0,), x.dtype))
 
@@ -87,9 +87,9 @@ def _normalize_fwd(x, scale, bias, eps: float):
 def _normalize_bwd(eps, residuals, dy):
     del eps
     x_hat, inv_std, scale, bias, x_like = residuals
-    dy = dy.astype(jnp.float32)
+    dy = dy.astype(x_hat.dtype)
     rows = tuple(range(dy.ndim - 1))
-    g = dy * scale.astype(jnp.float32)
+    g = dy * scale.astype(x_hat.dtype)
     dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True)
                     - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
     return (dx.astype(x_like.dtype), jnp.sum(dy * x_hat, axis=rows).astype(scale.dtype),
@@ -131,6 +131,35 @@ def layer_norm(
     """A `LayerNorm` whose parameters carry the logical axis `axis`."""
     del rngs  # deterministic init; kept so every layer factory takes the same arguments
     return LayerNorm(features, eps=eps, axis=axis, dtype=dtype, param_dtype=param_dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, y = x / sqrt(mean(x²) + eps) · scale (no bias, no centring).
+
+    Statistics run in fp32 (or the input's wider dtype); the output is in `dtype` (None: the
+    input's dtype promoted with the parameter's).
+    """
+
+    def __init__(self, features: int, *, eps: float, axis: Optional[str] = "embed",
+                 dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), **sharded((axis,)))
+        self.epsilon = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.scale[...]
+        dtype = self.dtype or jnp.promote_types(x.dtype, scale.dtype)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale.astype(xf.dtype)).astype(dtype)
+
+
+def rms_norm(features: int, *, eps: float, rngs: Optional[nnx.Rngs] = None,
+             axis: Optional[str] = "embed", dtype: Optional[Dtype] = None,
+             param_dtype: Dtype = jnp.float32) -> RMSNorm:
+    """An `RMSNorm` whose scale carries the logical axis `axis`."""
+    del rngs  # deterministic init, as layer_norm
+    return RMSNorm(features, eps=eps, axis=axis, dtype=dtype, param_dtype=param_dtype)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:

@@ -29,9 +29,17 @@ from flax import nnx
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
 from bigs_jax.layers.blocks import block_call, check_remat
 from bigs_jax.layers.embeddings import embed
-from bigs_jax.layers.linear import activation, dense, layer_norm
+from bigs_jax.layers.linear import activation, dense, layer_norm, rms_norm
 from bigs_jax.layers.mlp import MLP
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
+
+NORMS = ("layer", "rms")
+
+
+def _norm(c: "GPT2Config", dt):
+    """The config's normalization layer over hidden_size (LayerNorm, or RMSNorm)."""
+    make = layer_norm if c.norm == "layer" else rms_norm
+    return make(c.hidden_size, eps=c.norm_eps, rngs=None, dtype=dt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +51,12 @@ class GPT2Config:
     hidden_size: int = 768                   # n_embd
     num_layers: int = 12                     # n_layer
     num_heads: int = 12                      # n_head
+    qk_head_dim: Optional[int] = None        # None: hidden_size // num_heads (HF GPT-2)
+    v_head_dim: Optional[int] = None         # None: hidden_size // num_heads
     intermediate_size: Optional[int] = None  # n_inner; None means 4 * hidden_size
     hidden_act: str = "gelu_new"             # activation_function (tanh GELU)
     norm_eps: float = 1e-5                   # layer_norm_epsilon
+    norm: str = "layer"                      # layer (GPT-2) | rms (RMSNorm, no bias)
     dropout: float = 0.1                     # embd_pdrop and resid_pdrop
     attention_dropout: float = 0.1           # attn_pdrop
     attention_dropout_broadcast: bool = False  # one (L, L) mask for all examples and heads
@@ -61,9 +72,13 @@ class GPT2Config:
         check_dtype_policy(self)
         check_remat(self.remat)
         activation(self.hidden_act)
-        if self.hidden_size % self.num_heads:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
+        if (self.qk_head_dim is None or self.v_head_dim is None) and \
+                self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}; pick sizes with hidden_size % num_heads == 0")
+                             f"{self.num_heads}; pick sizes with hidden_size % num_heads == 0 or set "
+                             "qk_head_dim and v_head_dim")
 
     @property
     def mlp_size(self) -> int:
@@ -100,13 +115,15 @@ class Block(nnx.Module):
     def __init__(self, c: GPT2Config, *, rngs: nnx.Rngs):
         d, dt = c.hidden_size, jnp.dtype(c.dtype)
         residual_std = c.init_std / math.sqrt(2 * c.num_layers)
-        self.mixer_norm = layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
-        self.mixer = SelfAttention(d, c.num_heads, dropout=c.attention_dropout,
+        self.mixer_norm = _norm(c, dt)
+        self.mixer = SelfAttention(d, c.num_heads, qk_head_dim=c.qk_head_dim,
+                                   v_head_dim=c.v_head_dim, dropout=c.attention_dropout,
                                    broadcast_dropout=c.attention_dropout_broadcast,
                                    init_std=c.init_std, dtype=dt, rngs=rngs)
-        self.mixer.out = dense(d, d, ("heads", "embed"), rngs=rngs, init_std=residual_std,
+        hv = c.num_heads * self.mixer.v_head_dim
+        self.mixer.out = dense(hv, d, ("heads", "embed"), rngs=rngs, init_std=residual_std,
                                dtype=dt)
-        self.mlp_norm = layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
+        self.mlp_norm = _norm(c, dt)
         self.mlp = MLP(d, c.mlp_size, act=c.hidden_act, dropout=c.dropout,
                        init_std=c.init_std, dtype=dt, rngs=rngs)
         self.mlp.down = dense(c.mlp_size, d, ("mlp", "embed"), rngs=rngs,
@@ -128,7 +145,7 @@ class GPT2(nnx.Module):
         dt = jnp.dtype(c.dtype)
         self.embeddings = Embeddings(c, rngs=rngs)
         self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
-        self.final_norm = layer_norm(c.hidden_size, eps=c.norm_eps, rngs=rngs, dtype=dt)
+        self.final_norm = _norm(c, dt)
         self.lm_head = nnx.data(None if c.tie_word_embeddings else dense(
             c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, init_std=c.init_std,
             use_bias=False, dtype=dt))
@@ -187,10 +204,10 @@ class GPT2(nnx.Module):
         if self.lm_head is None:
             w_CD = self.embeddings.word.embedding[...]
             return jnp.einsum("BLD,CD->BLC", h_BLD, w_CD.astype(h_BLD.dtype),
-                              preferred_element_type=jnp.float32)
+                              preferred_element_type=jnp.promote_types(h_BLD.dtype, "float32"))
         w_DC = self.lm_head.kernel[...]
         return jnp.einsum("BLD,DC->BLC", h_BLD, w_DC.astype(h_BLD.dtype),
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=jnp.promote_types(h_BLD.dtype, "float32"))
 
 
 # ---------------------------------------------------------------------------- registry
@@ -208,4 +225,7 @@ SIZES: dict[str, dict] = {
     "gpt2-xl": dict(hidden_size=1600, num_layers=48, num_heads=25),
     "gpt2-tiny": dict(hidden_size=64, num_layers=2, num_heads=2, max_len=128),
     "gpt2-mini": dict(hidden_size=256, num_layers=4, num_heads=4, max_len=256),
+    # A pre-RMSNorm GPT-2 (the norm of the function-preserving growth paper, arXiv 2308.06103).
+    "gpt2-rms-tiny": dict(hidden_size=64, num_layers=2, num_heads=2, max_len=128, norm="rms",
+                          norm_eps=1e-6),
 }

@@ -32,8 +32,9 @@ class MLMHead(nnx.Module):
         h_BPD = self.norm(gelu_exact(self.transform(h_BPD)))
         # Logits and the loss stay in fp32 whatever the compute dtype.
         logits_BPC = jnp.einsum("BPD,CD->BPC", h_BPD, embedding_CD.astype(h_BPD.dtype),
-                                preferred_element_type=jnp.float32)
-        return logits_BPC + self.bias[...].astype(jnp.float32)
+                                preferred_element_type=jnp.promote_types(h_BPD.dtype,
+                                                                         "float32"))
+        return logits_BPC + self.bias[...].astype(logits_BPC.dtype)
 
 
 def pool(h_BLD: jax.Array, mask_BL: Optional[jax.Array], kind: str) -> jax.Array:
@@ -69,4 +70,5 @@ class ClassificationHead(nnx.Module):
                  deterministic: bool = True, rngs: Optional[nnx.Rngs] = None):
         pooled_BD = jnp.tanh(self.pooler(pool(h_BLD, mask_BL, self.pooler_type)))
         x_BD = self.dropout(pooled_BD, deterministic=deterministic, rngs=rngs)
-        return self.classifier(x_BD).astype(jnp.float32), pooled_BD
+        logits_BY = self.classifier(x_BD)
+        return logits_BY.astype(jnp.promote_types(logits_BY.dtype, "float32")), pooled_BD

@@ -30,7 +30,8 @@ class ModelOutput:
 # the optimizer moments), `dtype` (compute: matmul inputs, activations) and `output_dtype`
 # (the logits handed to the loss). Numerically delicate parts (softmax, LayerNorm statistics,
 # SSM kernels, FFT convolutions) run in float32 whatever the policy says.
-DTYPES = ("float32", "bfloat16", "float16")
+# float64 needs jax_enable_x64; it exists for exactness tests (function-preserving growth).
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def check_dtype_policy(config) -> None:

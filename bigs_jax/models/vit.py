@@ -53,6 +53,8 @@ class ViTConfig:
     hidden_size: int = 768
     num_layers: int = 12                     # num_hidden_layers
     num_heads: int = 12                      # num_attention_heads
+    qk_head_dim: Optional[int] = None        # None: hidden_size // num_heads
+    v_head_dim: Optional[int] = None         # None: hidden_size // num_heads
     intermediate_size: int = 3072            # the paper's "MLP size"
     hidden_act: str = "gelu"
     norm_eps: float = 1e-6                   # layer_norm_eps (HF defaults to 1e-12)
@@ -75,9 +77,11 @@ class ViTConfig:
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose one of {POOLS}")
         check_remat(self.remat)
-        if self.hidden_size % self.num_heads:
+        if (self.qk_head_dim is None or self.v_head_dim is None) and \
+                self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}; pick sizes with hidden_size % num_heads == 0")
+                             f"{self.num_heads}; pick sizes with hidden_size % num_heads == 0 "
+                             "or set qk_head_dim and v_head_dim")
 
     @property
     def num_patches(self) -> int:
@@ -116,7 +120,8 @@ class Block(nnx.Module):
     def __init__(self, c: ViTConfig, *, rngs: nnx.Rngs):
         d, dt = c.hidden_size, jnp.dtype(c.dtype)
         self.mixer_norm = layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
-        self.mixer = SelfAttention(d, c.num_heads, dropout=c.attention_dropout,
+        self.mixer = SelfAttention(d, c.num_heads, qk_head_dim=c.qk_head_dim,
+                                   v_head_dim=c.v_head_dim, dropout=c.attention_dropout,
                                    init_std=c.init_std, dtype=dt, rngs=rngs)
         self.mlp_norm = layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
         self.mlp = MLP(d, c.intermediate_size, act=c.hidden_act, dropout=c.dropout,
@@ -197,7 +202,9 @@ def classify_patches(model: nnx.Module, x_BND: jax.Array, *, cls_token: bool,
         x_BND = apply(layer, x_BND, rngs)
     h_BND = model.final_norm(x_BND)
     pooled_BD = h_BND[:, 0] if cls_token else h_BND.mean(axis=1)
-    logits_BY = model.head(pooled_BD).astype(jnp.float32)
+    logits_BY = model.head(pooled_BD)
+    # float64 growth-exactness runs keep float64 logits; bf16/fp32 models give fp32
+    logits_BY = logits_BY.astype(jnp.promote_types(logits_BY.dtype, "float32"))
     return ModelOutput(hidden_states=h_BND, logits=logits_BY, pooled=pooled_BD)
 
 

@@ -122,6 +122,9 @@ def run_config(*, model: ConfigDict, data: ConfigDict, objective: str,
     c.optim = optim_config()
     c.train = train_config()
     c.mesh = mesh_config()
+    # Function-preserving growth schedule (train/growth.py), a JSON list of
+    # {"step": s, "<size field>": n, ...}, e.g. '[{"step": 200, "hidden_size": 256}]'.
+    c.growth = ""
     return c
 
 

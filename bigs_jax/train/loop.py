@@ -28,6 +28,7 @@ from bigs_jax.data import fpt_tasks, images, registry, seqio_source  # noqa: F40
 from bigs_jax.errors import ConfigError
 from bigs_jax.models import build, family_of
 from bigs_jax.train import checkpointing, metrics, optim, partitioning
+from bigs_jax.train import growth as train_growth
 from bigs_jax.train.objectives import OBJECTIVES, forward
 from bigs_jax.train.step import TrainState, make_eval_step, make_train_step
 from bigs_jax.train.workdir import check_workdir, model_config_from, prepare_workdir
@@ -42,7 +43,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     """
     workdir = check_workdir(workdir)
     source = registry.make_data_source(config)
-    model_config = model_config_from(config, source.model_overrides())
+    base_model_config = model_config_from(config, source.model_overrides())
+    events = _growth_events(config, base_model_config)
+    model_config = _stage_model_config(workdir, base_model_config, events)
     mesh = partitioning.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -64,8 +67,59 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
                                                   save_every=config.train.checkpoint_every)
         state = _restore_or_init(config, program, ckpt, start)
         scorer = getattr(source, "score", None)
-        return _run(config, workdir, program, state, compiled, train_iter,
-                    Evaluator(program, eval_batches, scorer), ckpt, cost, start)
+        grow = None
+        if events:
+            def grow(state, step, log):
+                train_growth.grow_checkpoint(config, workdir, state, base_model_config, events,
+                                             step, ckpt, log.writer)
+        summary = _run(config, workdir, program, state, compiled, train_iter,
+                       Evaluator(program, eval_batches, scorer), ckpt, cost, start,
+                       stop_step=train_growth.next_stop(events, start or 0, config.train.steps),
+                       grow=grow, eval_first=start in {int(e["step"]) for e in events})
+    if summary["steps"] < config.train.steps and not summary["preempted"]:
+        # Stopped at a growth step with the grown state saved: resume it as a new stage
+        # (rebuilt, re-sharded and re-compiled for the grown model).
+        summary = _join_stages(summary, train_and_evaluate(config, workdir))
+    return summary
+
+
+# ---------------------------------------------------------------------------- growth
+
+
+def _growth_events(config: ConfigDict, base_model_config) -> list[dict]:
+    """The run's growth schedule (`config.growth`), every stage's model checked."""
+    try:
+        events = train_growth.growth_events(config)
+        train_growth.config_at(base_model_config, events, config.train.steps)
+    except ValueError as e:
+        raise ConfigError(f"config.growth: {e}") from None
+    return events
+
+
+def _stage_model_config(workdir: str, base_model_config, events: list[dict]):
+    """The model of the growth stage the run resumes in (the base model without growth)."""
+    if not events:
+        return base_model_config
+    ckpt = _existing_checkpointer(workdir, None)
+    model_config = train_growth.config_at(base_model_config, events,
+                                          (ckpt.latest_step() if ckpt else None) or 0)
+    train_growth.sync_model_json(workdir, base_model_config, events, model_config)
+    return model_config
+
+
+def _join_stages(before: dict, after: dict) -> dict:
+    """One summary of two growth stages, with each growth's eval loss before and after."""
+    summary = dict(after)
+    for key in ("eval_loss", "eval_metrics", "train_loss"):
+        summary[key] = {**before[key], **after[key]}
+    step = before["steps"]
+    summary["growth"] = {**before.get("growth", {}),
+                         step: {"eval_loss_before": before["eval_loss"].get(step),
+                                "eval_loss_after": after["eval_loss"].get(step)},
+                         **after.get("growth", {})}
+    summary["elapsed_sec"] = round(before["elapsed_sec"] + after["elapsed_sec"], 1)
+    summary["tokens"] = before["tokens"] + after["tokens"]
+    return summary
 
 
 # ---------------------------------------------------------------------------- program
@@ -189,10 +243,14 @@ def _refuse_unsupported_packing(batch: dict, model_config, config: ConfigDict) -
 # ---------------------------------------------------------------------------- state
 
 
-def _existing_checkpointer(workdir: str, t: ConfigDict) -> Optional[checkpointing.Checkpointer]:
-    """The workdir's checkpoints, if it has any (opening none creates nothing)."""
+def _existing_checkpointer(workdir: str, t: Optional[ConfigDict]
+                           ) -> Optional[checkpointing.Checkpointer]:
+    """The workdir's checkpoints, if it has any (opening none creates nothing); `t` (the
+    train section) sets retention, None opens them read-only in effect."""
     if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINTS)):
         return None
+    if t is None:
+        return checkpointing.Checkpointer(workdir)
     return checkpointing.Checkpointer(workdir, keep=t.keep_checkpoints,
                                       save_every=t.checkpoint_every)
 
@@ -276,9 +334,14 @@ def _save(ckpt, config: ConfigDict, state: TrainState, step: int, force: bool) -
 
 def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, compiled,
          train_iter: Iterator[dict], evaluate: Evaluator, ckpt, cost: dict,
-         start: Optional[int]) -> dict:
-    """Train from `state` to `config.train.steps`, evaluating, logging and checkpointing."""
+         start: Optional[int], stop_step: Optional[int] = None,
+         grow: Optional[Callable] = None, eval_first: bool = False) -> dict:
+    """Train from `state` to `stop_step` (default `config.train.steps`), evaluating, logging
+    and checkpointing. At a growth stop (< steps) the small state is evaluated, not saved, and
+    `grow(state, step, log)` saves the grown one; a run resumed at a growth step
+    (`eval_first`) evaluates the grown model first."""
     t = config.train
+    stop_step = t.steps if stop_step is None else stop_step
     step = int(state.step)
     log = metrics.RunLog(workdir, step, t.steps, cost["flops"], t.peak_flops_per_device)
     print(f"workdir: {workdir}", flush=True)
@@ -287,13 +350,13 @@ def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, 
           f"training to step {t.steps}", flush=True)
     if config.optim.freeze:
         print(_trainable_line(config, state), flush=True)
-    if start is None and t.eval_at_start:
-        log.eval(0, evaluate(state.params, 0))
+    if (start is None and t.eval_at_start) or eval_first:
+        log.eval(step, evaluate(state.params, step))
     profiler = metrics.Profiler(os.path.join(workdir, "profile"), t.profile_start_step,
                                 t.profile_num_steps)
     t_start, preempted, stop = time.perf_counter(), False, metrics.StopSignal()
     try:
-        while step < t.steps:
+        while step < stop_step:
             profiler.before(step)
             batch = next(train_iter)
             state, stats = compiled(state, program.to_global(batch))
@@ -302,13 +365,17 @@ def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, 
             profiler.after(step, stats)
             preempted = stop.received or (
                 jax.process_count() > 1 and ckpt.reached_preemption(step) and "preemption")
-            saving = step % t.checkpoint_every == 0 or step == t.steps or preempted
+            growing = step == stop_step < t.steps and not preempted
+            saving = (step % t.checkpoint_every == 0 or step == t.steps or preempted
+                      ) and not growing
             if step % t.log_every == 0 or saving:
                 _log_train(log, step, stats, program, ckpt)
             else:
                 log.quiet(step)
-            if step % t.eval_every == 0 or step == t.steps:
+            if step % t.eval_every == 0 or step == t.steps or growing:
                 log.eval(step, evaluate(state.params, step))
+            if growing:
+                grow(state, step, log)
             if saving:
                 _save(ckpt, config, state, step, force=step == t.steps or bool(preempted))
             if preempted:

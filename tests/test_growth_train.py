@@ -1,0 +1,200 @@
+"""Training through growth: gradients at the growth point, new units that train and differ,
+the optimizer state carried over (old moments bit for bit, new-entry policies measured)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bigs_jax
+from bigs_jax import growth
+from bigs_jax.train import config as train_config
+from bigs_jax.train import growth as train_growth
+from bigs_jax.train import optim
+from bigs_jax.train.objectives import OBJECTIVES
+from bigs_jax.train.step import TrainState, make_train_step
+from tests.test_growth import small_model
+
+B, L = 4, 12
+
+
+def lm_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, config.vocab_size, (B, L))
+    weights = np.ones((B, L), np.float32)
+    weights[:, -1] = 0
+    weights[1, 7:] = 0
+    mask = np.ones((B, L), np.int32)
+    mask[1, 8:] = 0
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+            "labels": jnp.asarray(np.roll(ids, -1, 1)), "loss_weights": jnp.asarray(weights)}
+
+
+def objective(config):
+    return "lm" if getattr(config, "causal", type(config).__name__ == "GPT2Config") else "mlm"
+
+
+def loss_and_grads(config, params, batch):
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: bigs_jax.build(config)))
+    loss_fn = OBJECTIVES[objective(config)]
+
+    @jax.jit
+    def f(p):
+        s, w, _ = loss_fn(nnx.merge(graphdef, p), batch, deterministic=True, rngs=None)
+        return s / w
+
+    return jax.value_and_grad(f)(params)
+
+
+def flat(tree):
+    return growth._flat_np(jax.tree.map(np.asarray, tree))
+
+
+@pytest.mark.parametrize("family,sizes", [
+    ("gpt2", dict(intermediate_size=300, num_heads=3, v_head_dim=40, num_layers=4)),
+    pytest.param("bigs", dict(intermediate_size=300, ssm_state=24, num_layers=3),
+                 marks=pytest.mark.slow),
+    pytest.param("m2-gpt", dict(intermediate_size=320, mlp_nblocks=2), marks=pytest.mark.slow),
+])
+def test_old_gradients_equal_the_small_models(family, sizes):
+    """MLP, heads, value size, SSM state, block merging and pre-LN depth leave the function
+    unchanged near θ_old, so the old entries' gradients are the small model's."""
+    config, params = small_model(family)
+    b = lm_batch(config)
+    loss0, g0 = loss_and_grads(config, params, b)
+    new_config, new_params = growth.grow_params(config, params, seed=1, **sizes)
+    _, maps, order = growth.index_maps(config, params, **sizes)
+    loss1, g1 = loss_and_grads(new_config, new_params, b)
+    assert abs(float(loss0) - float(loss1)) < 1e-6
+    g0_cat = np.concatenate([flat(g0)[p].ravel() for p in order])
+    worst = 0.0
+    for path, g in flat(g1).items():
+        old = maps[path] > 0
+        worst = max(worst, float(np.abs(g[old] - g0_cat[maps[path][old] - 1]).max(initial=0)))
+    assert worst < 1e-6, worst
+
+
+def adam_state(config, params, b2=0.98):
+    c = train_config.base_config(model="gpt2-tiny", task="x", objective=objective(config))
+    c.optim.update(b2=b2, warmup_steps=0, schedule="constant", lr=3e-3)
+    make_tx = lambda p: optim.make_optimizer(c.optim, p, 1000)[0]
+    tx = make_tx(params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
+    return state, tx, make_tx
+
+
+def train(config, state, tx, steps, seed=0):
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: bigs_jax.build(config)))
+    step = jax.jit(make_train_step(graphdef, tx, functools.partial(
+        OBJECTIVES[objective(config)], max_predictions=0)))
+    history = []
+    for i in range(steps):
+        state, stats = step(state, lm_batch(config, seed + i))
+        history.append(state.params)
+    return state, history
+
+
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("bert", marks=pytest.mark.slow)])
+def test_new_parameters_get_gradients_and_differ_within_three_steps(family):
+    sizes = {"gpt2": dict(intermediate_size=300, num_heads=3, qk_head_dim=40, v_head_dim=36,
+                          hidden_size=100, num_layers=3),
+             "bert": dict(intermediate_size=300, num_heads=3, hidden_size=128,
+                          num_layers=3)}[family]
+    config, params = small_model(family)
+    state, _, make_tx = adam_state(config, params)
+    grown, new_config, tx = train_growth.grow_state(state, config, make_tx, seed=2, **sizes)
+    _, maps, _ = growth.index_maps(config, params, **sizes)
+    grown, _ = train(new_config, grown, tx, 3)
+    b = lm_batch(new_config, 9)
+    _, g = loss_and_grads(new_config, grown.params, b)
+    g = flat(g)
+    # Embedding rows the batch does not use get no gradient, new columns or old.
+    used = {"embeddings/word/embedding": np.unique(np.asarray(b["input_ids"])),
+            "embeddings/position/embedding": np.arange(L - 1),  # the last one has no loss
+            "embeddings/token_type/embedding": np.arange(1)}
+    for path, idx in maps.items():
+        rows = used.get(path, slice(None))
+        new = idx[rows] == 0
+        # A key bias adds q·b to every score of a query: softmax ignores it (zero gradient).
+        if not new.any() or path.endswith("key/bias"):
+            continue
+        frac = np.mean(np.abs(g[path][rows][new]) > 0)
+        assert frac > 0.99, (path, frac)  # no dead new entries
+    p = flat(grown.params)
+    up = p["layers/0/mlp/up/kernel"]  # new MLP units: no two alike, none a copy of an old one
+    cols = up.T
+    d = np.abs(cols[:, None, :] - cols[None, :, :]).sum(-1) + np.eye(len(cols))
+    assert d.min() > 0
+    writer = p["layers/0/mixer/out/kernel"]  # hidden growth: new stream dims differ
+    h = config.hidden_size
+    new_cols = writer[:, h:].T
+    assert min(np.abs(c - o).sum() for c in new_cols for o in writer[:, :h].T) > 0
+
+
+def test_optimizer_state_old_moments_bit_for_bit():
+    config, params = small_model("gpt2")
+    state, tx, make_tx = adam_state(config, params)
+    state, _ = train(config, state, tx, 5)
+    sizes = dict(intermediate_size=300, num_heads=3, hidden_size=100, num_layers=3)
+    grown, _, _ = train_growth.grow_state(state, config, make_tx, **sizes)
+    _, maps, order = growth.index_maps(config, jax.device_get(state.params), **sizes)
+    old_mu = flat(state.opt_state[1].inner_states["default"].inner_state[0].mu)
+    old_nu = flat(state.opt_state[1].inner_states["default"].inner_state[0].nu)
+    adam = grown.opt_state[1].inner_states["default"].inner_state[0]
+    new_mu, new_nu = flat(adam.mu), flat(adam.nu)
+    for old, new, what in ((old_mu, new_mu, "mu"), (old_nu, new_nu, "nu")):
+        cat = np.concatenate([old[p].ravel() for p in order if p in old])
+        offsets = np.cumsum([0] + [old[p].size for p in order if p in old])
+        assert len(old) == len(order)  # every parameter is in the default group
+        del offsets
+        for path, idx in maps.items():
+            sel = idx > 0
+            assert np.array_equal(new[path][sel], cat[idx[sel] - 1]), (what, path)
+            if what == "mu":
+                assert not new[path][~sel].any()
+            elif (~sel).any() and sel.any():
+                np.testing.assert_allclose(new[path][~sel],
+                                           np.median(cat[idx[sel] - 1]), rtol=1e-6)
+    assert int(adam.count) == 5
+
+
+@functools.lru_cache(maxsize=None)
+def pretrained(b2):
+    config, params = small_model("gpt2")
+    state, tx, make_tx = adam_state(config, params, b2=b2)
+    return config, train(config, state, tx, 20)[0], make_tx
+
+
+def update_ratios(policy, b2, steps=10):
+    """Median |update| of the new vs the old entries of layers/0/mlp/up/kernel after growth."""
+    config, state, make_tx = pretrained(b2)
+    sizes = dict(intermediate_size=300, num_layers=3)
+    grown, new_config, tx = train_growth.grow_state(state, config, make_tx, policy=policy,
+                                                    betas=(0.9, b2), **sizes)
+    _, maps, _ = growth.index_maps(config, jax.device_get(state.params), **sizes)
+    new = maps["layers/0/mlp/up/kernel"] == 0
+    _, history = train(new_config, grown, tx, steps, seed=100)
+    before = [grown.params] + history[:-1]
+    ratios = []
+    for a, b in zip(before, history):
+        d = np.abs(np.asarray(b["layers"][0]["mlp"]["up"]["kernel"])
+                   - np.asarray(a["layers"][0]["mlp"]["up"]["kernel"]))
+        ratios.append(float(np.median(d[new]) / np.median(d[~new])))
+    return ratios
+
+
+def test_new_entries_first_updates_not_inflated():
+    """The default policy keeps new entries' updates ≤ 1.5x the old ones' over the first
+    steps; zero moments with the old count (MSG's transfer) inflate them at β2 = 0.999."""
+    ours = update_ratios("nu_median", 0.999)
+    zero = update_ratios("zero", 0.999)
+    print("new/old median |update|, steps 1-10: nu_median", np.round(ours, 2),
+          "zero", np.round(zero, 2))
+    assert max(ours) <= 1.5, ours
+    assert max(zero) > 1.5, zero
+    assert max(ours[5:]) > 0  # the new entries do move
