@@ -33,10 +33,11 @@ import json
 import os
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from bigs_jax.data import listops, registry
+from bigs_jax.data import images, listops, registry
 from bigs_jax.data.images import train_indices
 
 TASKS = ("bit-memory", "bit-xor", "listops", "mnist", "cifar10", "cifar10-gray", "digits",
@@ -151,8 +152,6 @@ def patches(images_BHWC: np.ndarray, p: int) -> np.ndarray:
 
 
 def image_splits(task: str, data_dir: str, val_fraction: float) -> dict[str, Split]:
-    from bigs_jax.data import images
-
     name, p, gray, (mean, std) = IMAGE_TASKS[task]
     builder = images.load_builder(name, data_dir)
     h = builder.info.features["image"].shape[0]
@@ -280,8 +279,6 @@ class FPTSource:
                 else weights}
 
     def train_batches(self, start_step: int) -> Iterator[dict]:
-        import jax
-
         d, n, p = self.d, jax.process_count(), jax.process_index()
         if self.generated:
             step = start_step
@@ -299,8 +296,6 @@ class FPTSource:
     def eval_batches(self, split: str, limit: int = 0) -> list[dict]:
         """The split in order, global batches of eval_batch_size, the last padded with
         weight-0 rows; this host's rows of each."""
-        import jax
-
         data, g = self.splits[split], self.d.eval_batch_size
         n, hosts, p = len(data), jax.process_count(), jax.process_index()
         k = g // hosts

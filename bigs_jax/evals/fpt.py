@@ -29,7 +29,12 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from bigs_jax.train import checkpointing
+from bigs_jax import fpt
+from bigs_jax.data.fpt_tasks import apply_task_settings
+from bigs_jax.evals.finetune import read_scores
+from bigs_jax.fpt import freeze_patterns
+from bigs_jax.train import checkpointing, loop
+from bigs_jax.train.workdir import check_workdir
 from bigs_jax.errors import ConfigError
 
 MODES = ("pretrained", "random", "full")
@@ -54,8 +59,6 @@ def run_config(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
                run_dir: str) -> ConfigDict:
     """The train-loop config of one run: `c` with the task's settings and the mode's init and
     freeze spec."""
-    from bigs_jax.data.fpt_tasks import apply_task_settings
-    from bigs_jax.fpt import freeze_patterns
 
     rc = ConfigDict(c.to_dict())
     del rc["protocol"], rc["benchmark"]
@@ -79,10 +82,6 @@ def run_config(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
 def run_one(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
             out: str) -> Optional[dict]:
     """Train and score one run; None if it was preempted."""
-    from bigs_jax import fpt
-    from bigs_jax.evals.finetune import read_scores
-    from bigs_jax.train import loop
-
     run_dir = os.path.join(out, task, mode, f"lr{lr:g}", f"seed{seed}")
     path = os.path.join(run_dir, RESULT_JSON)
     if os.path.exists(path):
@@ -156,8 +155,6 @@ def markdown(rows: list[dict]) -> str:
 
 def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     """Run the protocol of `c.protocol`; returns the summary (None if preempted)."""
-    from bigs_jax.train.workdir import check_workdir
-
     tasks = _list(c.protocol.tasks, "tasks")
     modes = _list(c.protocol.modes, "modes")
     unknown = sorted(set(modes) - set(MODES))
