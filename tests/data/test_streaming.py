@@ -299,9 +299,8 @@ def test_inspect_honours_streaming(corpus, capsys):
 
 
 def test_train_loop_streams_evaluates_and_resumes(corpus, tmp_path):
-    from tests.train.test_loop import smoke
-
     from bigs_jax.train import loop
+    from tests.runs import smoke
 
     def config(steps):
         c = smoke(steps)

@@ -11,7 +11,7 @@ from flax import nnx
 import bigs_jax
 from bigs_jax.models import FAMILIES, family_of
 from bigs_jax.train import loop
-from tests.train.test_loop import smoke
+from tests.runs import smoke
 
 NAMES = ("bigs-tiny", "bert-tiny", "gpt2-tiny", "m2-bert-tiny")
 
