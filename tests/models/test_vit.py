@@ -153,7 +153,7 @@ def test_patch_embedding_is_the_strided_conv():
     conv = jax.lax.conv_general_dilated(x, k, (4, 4), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision=jax.lax.Precision.HIGHEST)
-    conv = conv.reshape(2, 9, -1) + model.patch_embed.bias[...]
+    conv = conv.reshape(2, 9, -1) + model.patch_embed.bias[...][None, None]
     np.testing.assert_allclose(np.asarray(model.patch_embed(x)), np.asarray(conv), atol=1e-5)
 
 
