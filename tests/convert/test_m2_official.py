@@ -11,7 +11,7 @@ import bigs_jax
 from bigs_jax.convert.common import ConversionError
 from bigs_jax.convert.m2_official import convert, import_tensors
 from bigs_jax.layers.longconv import modulation_deltas, positional_features
-from tests.models.test_m2 import official_shapes
+from tests.reference.m2_shapes import official_shapes
 
 torch = pytest.importorskip("torch")
 H, I, LAYERS, V, L, ORDER = 16, 32, 2, 40, 12, 8

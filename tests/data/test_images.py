@@ -8,13 +8,6 @@ import tensorflow_datasets as tfds
 from bigs_jax.data import images
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    images.load_builder("sklearn_digits", path)  # builds it (no network)
-    return path
-
-
 def source(data_dir, **kw):
     return images.ImageSource("sklearn_digits", data_dir=data_dir, **kw)
 

@@ -298,10 +298,10 @@ def test_inspect_honours_streaming(corpus, capsys):
     assert stats["rows"] == 160 and abs(stats["mask_rate"] - 0.15) < 0.03
 
 
+@pytest.mark.slow  # two smoke runs on the streaming path (~40 s on 2 busy cores)
 def test_train_loop_streams_evaluates_and_resumes(corpus, tmp_path):
-    from tests.train.test_loop import smoke
-
     from bigs_jax.train import loop
+    from tests.runs import smoke
 
     def config(steps):
         c = smoke(steps)

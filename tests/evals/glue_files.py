@@ -1,5 +1,7 @@
-"""Hand-made GLUE files in the official layouts (download_glue_data.py), and a tiny vocab."""
+"""Hand-made GLUE files in the official layouts (download_glue_data.py), SCROLLS-style JSONL
+files, and a tiny vocab."""
 
+import json
 import os
 
 WORDS = ("a the cat dog sat on mat it is good bad movie fun not sure who what why man woman "
@@ -10,6 +12,12 @@ def write_vocab(path) -> str:
     with open(path, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     return str(path)
+
+
+def write_jsonl(path, rows) -> None:
+    """One JSON object per line (the SCROLLS files' layout); creates the parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _write(root, folder, name, lines, header=None):

@@ -9,7 +9,6 @@ from ml_collections import ConfigDict
 
 from bigs_jax.evals import finetune, glue
 from bigs_jax.evals.finetune import DataError
-from tests.evals.glue_files import write_glue, write_vocab
 
 
 def data_config(glue_dir, vocab, task, **kw):
@@ -19,12 +18,6 @@ def data_config(glue_dir, vocab, task, **kw):
          "scores_dir": "", "max_train_examples": 0, "max_eval_examples": 0}
     d.update(kw)
     return ConfigDict({"init": "", "data": d})
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glue")
-    return write_glue(root / "glue_data"), write_vocab(root / "vocab.txt")
 
 
 # Expected (first train row's texts, train labels, dev labels) per task, from glue_files.
@@ -42,8 +35,8 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_official_tsv_layouts(files, name, capsys):
-    glue_dir, vocab = files
+def test_official_tsv_layouts(glue_files, name, capsys):
+    glue_dir, vocab = glue_files
     task, cfg = glue.get_task(name), data_config(glue_dir, vocab, name)
     train, dev = glue.read(task, cfg, "train"), glue.read(task, cfg, name)
     first, train_labels, dev_labels = EXPECTED[name]
@@ -54,8 +47,8 @@ def test_official_tsv_layouts(files, name, capsys):
         assert "skipped 1 malformed lines" in capsys.readouterr().out
 
 
-def test_mnli_gold_labels_and_both_dev_sets(files):
-    glue_dir, vocab = files
+def test_mnli_gold_labels_and_both_dev_sets(glue_files):
+    glue_dir, vocab = glue_files
     task, cfg = glue.TASKS["mnli"], data_config(glue_dir, vocab, "mnli")
     assert task.columns == ["mnli_m", "mnli_mm"]
     np.testing.assert_array_equal(glue.read(task, cfg, "train").labels, [0, 1, 2, 0, 1, 2, 0, 1])
@@ -65,8 +58,8 @@ def test_mnli_gold_labels_and_both_dev_sets(files):
     assert mm.texts[0] == ("who is the man ?", "the dog sat")
 
 
-def test_reader_errors_are_one_line(files, tmp_path):
-    glue_dir, vocab = files
+def test_reader_errors_are_one_line(glue_files, tmp_path):
+    glue_dir, vocab = glue_files
     cfg = data_config(tmp_path / "nowhere", vocab, "rte")
     with pytest.raises(DataError, match=r"GLUE rte: .*nowhere/RTE/train.tsv not found; put the "
                                         r"official GLUE files there"):
@@ -108,8 +101,8 @@ def test_pair_encoding_equals_hf_tokenizer(tmp_path):
     assert ids == hf(a, truncation=True, max_length=6)["input_ids"]
 
 
-def test_train_batches_deterministic_resumable_sharded(files, monkeypatch):
-    glue_dir, vocab = files
+def test_train_batches_deterministic_resumable_sharded(glue_files, monkeypatch):
+    glue_dir, vocab = glue_files
     cfg = data_config(glue_dir, vocab, "sst2", batch_size=4)
     source = glue.data_source(cfg)
     assert source.model_overrides() == {"vocab_size": 35, "num_labels": 2}
@@ -137,8 +130,8 @@ def test_train_batches_deterministic_resumable_sharded(files, monkeypatch):
         next(source.iterators(0)[0])
 
 
-def test_eval_batches_padding_and_scoring(files, tmp_path):
-    glue_dir, vocab = files
+def test_eval_batches_padding_and_scoring(glue_files, tmp_path):
+    glue_dir, vocab = glue_files
     cfg = data_config(glue_dir, vocab, "mnli", eval_batch_size=4, scores_dir=str(tmp_path))
     source = glue.data_source(cfg)
     _, evals = source.iterators(0)
@@ -156,8 +149,8 @@ def test_eval_batches_padding_and_scoring(files, tmp_path):
     assert finetune.read_scores(str(tmp_path))[5]["scores"]["mnli_m"] == {"accuracy": 100.0}
 
 
-def test_stsb_regression_on_standardized_scores(files, tmp_path):
-    glue_dir, vocab = files
+def test_stsb_regression_on_standardized_scores(glue_files, tmp_path):
+    glue_dir, vocab = glue_files
     source = glue.data_source(data_config(glue_dir, vocab, "stsb", scores_dir=str(tmp_path)))
     assert source.model_overrides()["num_labels"] == 1
     # Train scores 0, 0.625, ..., 4.375 (mean 2.1875) are regressed standardized.
@@ -177,9 +170,9 @@ def test_stsb_regression_on_standardized_scores(files, tmp_path):
     np.testing.assert_allclose(saved, pred[:, 0] * sigma + mu, rtol=1e-6)  # back on 0-5
 
 
-def test_tfds_builder_path_with_mock_data(files, tmp_path):
+def test_tfds_builder_path_with_mock_data(glue_files, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    _, vocab = files
+    _, vocab = glue_files
     cfg = data_config("", vocab, "mnli", format="tfds", tfds_data_dir=str(tmp_path / "tfds"))
     with tfds.testing.mock_data(num_examples=6):
         source = glue.data_source(cfg)

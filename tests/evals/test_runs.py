@@ -5,6 +5,7 @@ The fine-tuning runs are marked slow (run them with `pytest -m slow tests/evals`
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,18 +18,17 @@ from bigs_jax.train import metrics as train_metrics
 from bigs_jax.train.loop import ConfigError
 from configs import glue as glue_config
 from configs import scrolls as scrolls_config
-from tests.evals.glue_files import write_glue, write_vocab
-from tests.evals.test_scrolls import write_jsonl
+from tests.evals.glue_files import write_jsonl
 from tests.evals.workdirs import tiny_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, glue_files):
     root = tmp_path_factory.mktemp("runs")
-    vocab = write_vocab(root / "vocab.txt")
-    glue_dir = write_glue(root / "glue_data")
+    glue_dir, vocab = glue_files
+    shutil.copyfile(vocab, root / "vocab.txt")
     init = tiny_workdir(root / "bert", "bert-tiny", vocab, vocab_size=35, max_len=64)
     return root, glue_dir, init
 

@@ -9,15 +9,10 @@ from ml_collections import ConfigDict
 import bigs_jax
 from bigs_jax.evals import scrolls
 from bigs_jax.evals.finetune import DataError
-from tests.evals.glue_files import write_vocab
+from tests.evals.glue_files import write_jsonl, write_vocab
 
 QUALITY_INPUT = ("Why did the dog sit?\n\n(A) it is good\n(B) it is bad\n(C) not sure\n"
                  "(D) the man sat\n\nthe dog sat on the mat . the man runs .")
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def config(tmp_path, task, **kw):

@@ -14,6 +14,7 @@ def _reference(x, scale, bias, eps):
     """float64 two-pass LayerNorm, differentiable by autodiff."""
     mu = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+    scale, bias = (jnp.broadcast_to(p, x.shape) for p in (scale, bias))
     return (x - mu) / jnp.sqrt(var + eps) * scale + bias
 
 

@@ -236,7 +236,7 @@ def direct_causal_conv(u, k):
 @pytest.mark.parametrize("L", [100, 1024])
 def test_fft_conv_matches_direct(L):
     u = normal(1, (2, 3, L))
-    k = normal(2, (3, L)) * jnp.exp(-jnp.arange(L) / L)
+    k = normal(2, (3, L)) * jnp.exp(-jnp.arange(L) / L)[None]
     ref = direct_causal_conv(u, k)
     y_jnp = fft_conv(u, k, 2 * L, use_monarch=False)
     y_m2 = jax.jit(fft_conv, static_argnums=(2, 3))(u, k, 2 * L, True)

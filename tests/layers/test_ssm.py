@@ -194,7 +194,8 @@ def test_kernel_gradients_match_float64_autodiff():
         A = jnp.minimum(a_re, -1e-4) + 1j * a_im
         dtA = jnp.exp(ls)[:, None] * A
         cb = (c[..., 0] + 1j * c[..., 1]) * (jnp.exp(dtA) - 1) / A
-        return jnp.einsum("hn,hnl->hl", cb, jnp.exp(dtA[..., None] * jnp.arange(L))).real
+        decay = jnp.exp(dtA[..., None] * jnp.arange(L)[None, None])
+        return jnp.einsum("hn,hnl->hl", cb, decay).real
 
     L = 300
     params = kernel_rows(seed=5, N=16)

@@ -11,7 +11,7 @@ from flax import nnx
 import bigs_jax
 from bigs_jax.models import FAMILIES, family_of
 from bigs_jax.train import loop
-from tests.train.test_loop import smoke
+from tests.runs import smoke
 
 NAMES = ("bigs-tiny", "bert-tiny", "gpt2-tiny", "m2-bert-tiny")
 
@@ -61,6 +61,7 @@ def test_unknown_dtype_is_refused_naming_the_field(field):
         bigs_jax.create("bert-tiny", **{field: "fp8"})
 
 
+@pytest.mark.slow  # a whole smoke run compiled in bfloat16 (~45 s on 2 busy cores)
 def test_training_with_bfloat16_params(tmp_path):
     config = smoke(6)
     config.model.param_dtype = "bfloat16"

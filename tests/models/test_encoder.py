@@ -1,5 +1,6 @@
 """Encoder invariants: padding independence, bidirectionality, official BiGS parity and size."""
 
+import functools
 import re
 
 import jax
@@ -31,9 +32,9 @@ def flat(tree):
 
 
 @pytest.mark.parametrize("block,mixer", VARIANTS)
-def test_padding_independence(block, mixer):
+def test_padding_independence(block, mixer, jitted):
     """A right-padded batch gives, on real tokens, the outputs of each example alone."""
-    model = tiny(block, mixer)
+    model = jitted(tiny(block, mixer))
     rng = np.random.default_rng(0)
     lengths = [7, 33, 1, 20]
     pad_to = 40
@@ -68,14 +69,14 @@ def test_bidirectional(block, mixer):
             x = layer(x, mask, attn)
         return x[0, t] @ w
 
-    g = np.abs(np.asarray(jax.grad(out_t)(x)))[0].sum(-1)
+    g = np.abs(np.asarray(jax.jit(jax.grad(out_t))(x)))[0].sum(-1)
     assert g[:t].min() > 0 and g[t + 1 :].min() > 0, g
 
 
 @pytest.mark.parametrize("mode", ["scan", "toeplitz"])
-def test_ssm_modes_agree_in_model(mode):
-    base = tiny("gated", "ssm")
-    other = tiny("gated", "ssm", ssm_mode=mode)
+def test_ssm_modes_agree_in_model(mode, jitted):
+    base = jitted(tiny("gated", "ssm"))
+    other = jitted(tiny("gated", "ssm", ssm_mode=mode))
     ids = np.random.default_rng(1).integers(1, 97, (2, 40))
     mask = np.ones_like(ids)
     mask[1, 25:] = 0
@@ -83,7 +84,7 @@ def test_ssm_modes_agree_in_model(mode):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max() < 1e-5
 
 
-def test_official_padding_reproduces_official_behaviour():
+def test_official_padding_reproduces_official_behaviour(jitted):
     """official_padding=True equals the float64 numpy reference of the official code (pads
     included); the default mode differs from it on padded rows only."""
     model = tiny("gated", "ssm", official_padding=True, max_len=24)
@@ -102,13 +103,13 @@ def test_official_padding_reproduces_official_behaviour():
     ids[1, 15:] = 0  # padded the way the official scripts pad: [PAD] tokens, no mask
     mask = (ids != 0).astype(np.int32)
     h_ref, logits_ref = bigs_mlm_forward(official, ids)
-    out = model(ids, mask)
+    out = jitted(model)(ids, mask)
     scale = np.abs(logits_ref).max()
     assert np.abs(np.asarray(out.logits) - logits_ref).max() / scale < 1e-5
     assert np.abs(np.asarray(out.hidden_states) - h_ref).max() / np.abs(h_ref).max() < 1e-5
     fixed = nnx.merge(*nnx.split(tiny("gated", "ssm", max_len=24)))
     nnx.update(fixed, nnx.state(model))
-    out_fixed = fixed(ids, mask)
+    out_fixed = jitted(fixed)(ids, mask)
     diff = np.abs(np.asarray(out_fixed.logits) - logits_ref).max(-1).max(-1)
     assert diff[0] / scale < 1e-5  # unpadded row: identical
     assert diff[1] / scale > 1e-3  # padded row: pads no longer leak into real tokens
@@ -159,21 +160,23 @@ def test_registry_errors_list_valid_names():
         bigs_jax.create("bigs-tiny", hiden_size=3)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_gives_identical_loss_and_gradients(policy):
+@functools.cache
+def remat_loss_and_grads(remat):
+    """Jitted value and gradients of a fixed loss of the gated-SSM model under `remat`."""
     ids = np.random.default_rng(3).integers(1, 97, (2, 40))
     mask = np.ones_like(ids)
     mask[0, 30:] = 0
-    results = []
-    for remat in ("none", policy):
-        model = tiny("gated", "ssm", remat=remat)
-        graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(tiny("gated", "ssm", remat=remat))
 
-        def loss(state):
-            return (nnx.merge(graphdef, state)(ids, mask).logits ** 2).mean()
+    def loss(state):
+        return (nnx.merge(graphdef, state)(ids, mask).logits ** 2).mean()
 
-        results.append(jax.value_and_grad(loss)(state))
-    (l0, g0), (l1, g1) = results
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_identical_loss_and_gradients(policy):
+    (l0, g0), (l1, g1) = remat_loss_and_grads("none"), remat_loss_and_grads(policy)
     assert float(l0) == float(l1)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)

@@ -3,6 +3,7 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,45 +13,7 @@ from bigs_jax.paths import flat_paths as flatten
 from bigs_jax.convert.m2_official import KEY_MAP, official_to_ours
 from bigs_jax.models import make_config
 from bigs_jax.models.m2 import M2
-
-
-def official_shapes(H, I, layers, V=30528, L=128, order=128, E=5, legacy=False, nb=4,
-                    positions=True):
-    """{official state-dict name: shape} of an M2-BERT MLM model (research/m2.md §2.6),
-    buffers and the five aliased Sin frequencies included; `positions=False` is
-    `use_positional_encodings: False` (no position table)."""
-    s = {"bert.embeddings.word_embeddings.weight": (V, H),
-         "bert.embeddings.token_type_embeddings.weight": (2, H),
-         "bert.embeddings.LayerNorm.weight": (H,), "bert.embeddings.LayerNorm.bias": (H,),
-         "bert.embeddings.position_ids": (1, L),
-         "cls.predictions.transform.dense.weight": (H, H),
-         "cls.predictions.transform.dense.bias": (H,),
-         "cls.predictions.transform.LayerNorm.weight": (H,),
-         "cls.predictions.transform.LayerNorm.bias": (H,),
-         "cls.predictions.decoder.weight": (V, H), "cls.predictions.decoder.bias": (V,)}
-    if positions:
-        s["bert.embeddings.position_embeddings.weight"] = (L, H)
-    for i in range(layers):
-        a, m = f"bert.encoder.layer.{i}.attention", f"bert.encoder.layer.{i}.mlp"
-        s.update({f"{a}.in_linear.weight": (3 * H, H), f"{a}.in_linear.bias": (3 * H,),
-                  f"{a}.out_linear.weight": (H, H), f"{a}.out_linear.bias": (H,),
-                  f"{a}.short_filter.weight": (3 * H, 1, 3), f"{a}.short_filter.bias": (3 * H,),
-                  f"{m}.gated_layers.weight": (nb, 2 * I // nb, H // nb),
-                  f"{m}.wo.weight": (nb, H // nb, I // nb), f"{m}.wo.bias": (H,),
-                  f"{m}.layernorm.weight": (H,), f"{m}.layernorm.bias": (H,)})
-        if legacy:
-            s.update({f"{a}.layernorm.weight": (H,), f"{a}.layernorm.bias": (H,)})
-        for fn in ("filter_fn", "filter_fn2"):
-            f = f"{a}.{fn}"
-            s.update({f"{f}.bias": (H,), f"{f}.pos_emb.z": (1, L, E), f"{f}.pos_emb.t": (1, L, 1),
-                      f"{f}.modulation.deltas": (1, 1, H)})
-            for mlp in ("implicit_filter", "implicit_filter_rev"):
-                s.update({f"{f}.{mlp}.0.weight": (order, E), f"{f}.{mlp}.0.bias": (order,),
-                          f"{f}.{mlp}.2.weight": (order, order), f"{f}.{mlp}.2.bias": (order,),
-                          f"{f}.{mlp}.4.weight": (order, order), f"{f}.{mlp}.4.bias": (order,),
-                          f"{f}.{mlp}.6.weight": (H, order)})
-                s.update({f"{f}.{mlp}.{k}.freq": (1, order) for k in (1, 3, 5)})
-    return s
+from tests.reference.m2_shapes import official_shapes
 
 
 # (H, I): research/m2.md §2.5. Counts: MLM head included, tied decoder once, no pooler, the
@@ -105,14 +68,14 @@ def _tiny(**overrides):
     return M2(cfg, rngs=nnx.Rngs(0))
 
 
-def test_padding_independence_and_official_mode_differs():
+def test_padding_independence_and_official_mode_differs(jitted):
     rng = np.random.default_rng(0)
     B, L = 3, 24
     lengths = rng.integers(5, L + 1, B)
     ids = rng.integers(1, 50, (B, L))
     mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
     for official, should_match in ((False, True), (True, False)):
-        model = _tiny(official_padding=official)
+        model = jitted(_tiny(official_padding=official))
         h = np.asarray(model(ids, mask).hidden_states)
         errs = []
         for b in range(B):
@@ -137,7 +100,7 @@ def test_bidirectional_gradients_both_ways():
     model = _tiny()
     x = jax.random.normal(jax.random.key(0), (1, 16, 32))
     t = 7
-    g = jax.grad(lambda x: _layers_fn(model)(x)[0, t].sum())(x)
+    g = jax.jit(jax.grad(lambda x: _layers_fn(model)(x)[0, t].sum()))(x)
     mag = np.abs(np.asarray(g))[0].sum(-1)
     # Every position reaches t both ways; the implicit filters decay with distance, so far
     # positions weigh little at init, while the neighbours on each side weigh O(1).
@@ -150,13 +113,16 @@ def test_gpt_causality_exact_toeplitz_bounded_fft(mlp):
     cfg = dict(hidden_size=32, intermediate_size=64, vocab_size=50, max_len=24,
                init_std=1 / np.sqrt(32), mlp=mlp)
     x = jax.random.normal(jax.random.key(1), (1, 16, 32))
+    ts = (0, 5, 14)
     for mode in ("toeplitz", "fft"):
         model = M2(make_config("m2-gpt-tiny", conv_mode=mode, **cfg), rngs=nnx.Rngs(0))
         word, f = model.embeddings.word.embedding[...], _layers_fn(model)
-        for t in (0, 5, 14):
-            def logits_t(x, t=t, f=f, word=word):
-                return (f(x)[0, t] @ word.T).sum()
-            g = np.asarray(jax.grad(logits_t)(x))[0]
+
+        def grad_at(t, f=f, word=word):  # one compiled program for every t
+            return jax.grad(lambda x: (f(x)[0, t] @ word.T).sum())(x)[0]
+
+        g_TLD = np.asarray(jax.jit(jax.vmap(grad_at))(jnp.asarray(ts)))
+        for t, g in zip(ts, g_TLD):
             past, future = np.abs(g[:t + 1]).max(), np.abs(g[t + 1:]).max()
             assert past > 1e-3
             if mode == "toeplitz":
@@ -165,20 +131,35 @@ def test_gpt_causality_exact_toeplitz_bounded_fft(mlp):
                 assert future < 1e-5 * past, (t, future, past)
 
 
-def test_fft_equals_monarch_equals_toeplitz():
+def test_fft_equals_monarch_equals_toeplitz(jitted):
     rng = np.random.default_rng(3)
     ids = rng.integers(1, 50, (2, 24))
-    outs = {m: np.asarray(_tiny(conv_mode=m)(ids).logits) for m in ("fft", "monarch",
-                                                                    "toeplitz")}
+    outs = {m: np.asarray(jitted(_tiny(conv_mode=m))(ids).logits) for m in ("fft", "monarch",
+                                                                            "toeplitz")}
     scale = np.abs(outs["fft"]).max()
     assert np.abs(outs["monarch"] - outs["fft"]).max() < 1e-4 * scale
     assert np.abs(outs["toeplitz"] - outs["fft"]).max() < 1e-4 * scale
 
 
-def test_gpt_lm_logits_and_heads():
-    model = bigs_jax.create("m2-gpt-tiny", vocab_size=50, max_len=32)
+def test_gpt_lm_logits_and_heads(jitted):
+    model = jitted(bigs_jax.create("m2-gpt-tiny", vocab_size=50, max_len=32))
     out = model(np.ones((2, 32), np.int32), attention_mask=np.ones((2, 32)))
     assert out.logits.shape == (2, 32, 50) and np.isfinite(np.asarray(out.logits)).all()
-    pooled = bigs_jax.create("m2-bert-tiny", head="pooler", max_len=16)(
-        np.ones((2, 16), np.int32)).pooled
-    assert pooled.shape == (2, 64) and np.abs(np.asarray(pooled)).max() <= 1.0
+    # The pooler head (the retrieval checkpoints): tanh(dense(first token's hidden state)),
+    # recomputed here in float64 from the model's own parameters; and with non_padding_mean,
+    # the mean over real tokens only.
+    ids = np.random.default_rng(4).integers(1, 50, (2, 16))
+    mask = np.ones((2, 16), np.int32)
+    mask[1, 9:] = 0
+    for kind in ("cls", "non_padding_mean"):
+        encoder = bigs_jax.create("m2-bert-tiny", head="pooler", pooler=kind, max_len=16,
+                                  vocab_size=50, init_std=0.2)
+        out = jitted(encoder)(ids, mask)
+        h = np.asarray(out.hidden_states, np.float64)
+        w = mask[..., None]
+        first = h[:, 0] if kind == "cls" else (h * w).sum(1) / w.sum(1)
+        kernel, bias = (np.asarray(p[...], np.float64) for p in (encoder.pooler.kernel,
+                                                                 encoder.pooler.bias))
+        want = np.tanh(first @ kernel + bias)
+        assert out.pooled.shape == (2, 64) and np.abs(want).max() > 0.1  # not saturated at 0
+        np.testing.assert_allclose(np.asarray(out.pooled), want, atol=1e-5)

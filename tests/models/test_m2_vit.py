@@ -129,8 +129,8 @@ def test_dtype_policy_keeps_filters_fp32():
     assert 0 < err < 5e-2 * float(jnp.abs(out32).max())
 
 
-def test_remat_equals_no_remat():
+def test_remat_equals_no_remat(jitted):
     x = images()
-    a = bigs_jax.create("m2-vit-tiny", **TINY)(x).logits
-    b = bigs_jax.create("m2-vit-tiny", remat="full", **TINY)(x).logits
+    a = jitted(bigs_jax.create("m2-vit-tiny", **TINY))(x).logits
+    b = jitted(bigs_jax.create("m2-vit-tiny", remat="full", **TINY))(x).logits
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

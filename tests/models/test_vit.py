@@ -1,5 +1,7 @@
 """ViT against HF `ViTForImageClassification` (PyTorch, CPU), plus invariants and sizes."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,7 +153,7 @@ def test_patch_embedding_is_the_strided_conv():
     conv = jax.lax.conv_general_dilated(x, k, (4, 4), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision=jax.lax.Precision.HIGHEST)
-    conv = conv.reshape(2, 9, -1) + model.patch_embed.bias[...]
+    conv = conv.reshape(2, 9, -1) + model.patch_embed.bias[...][None, None]
     np.testing.assert_allclose(np.asarray(model.patch_embed(x)), np.asarray(conv), atol=1e-5)
 
 
@@ -201,26 +203,19 @@ def test_bad_inputs_are_refused_with_the_expected_shape():
 
 # ---------------------------------------------------------------------------- training
 
-def _digits_config(module, tmp_path, **train):
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))))
-    import importlib
-
+def _digits_config(module, data_dir, **train):
     c = importlib.import_module(f"configs.{module}").get_config("smoke")
-    c.data.data_dir = str(tmp_path / "tfds")
+    c.data.data_dir = data_dir
     for key, value in train.items():
         c.train[key] = value
     return c
 
 
-def test_smoke_config_trains_through_the_loop(tmp_path):
+def test_smoke_config_trains_through_the_loop(tmp_path, digits_dir):
     """configs/vit.py:smoke wires the digits through train.py's loop (a few steps here)."""
     from bigs_jax.train import loop
 
-    c = _digits_config("vit", tmp_path, steps=4, eval_every=4, checkpoint_every=4)
+    c = _digits_config("vit", digits_dir, steps=4, eval_every=4, checkpoint_every=4)
     c.data.eval_batches = 1
     summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert summary["steps"] == 4 and summary["checkpoints"] == [4]
@@ -239,7 +234,7 @@ def test_smoke_config_reaches_90_percent_on_digits(tmp_path, module):
     from bigs_jax.train import loop
 
     start = time.perf_counter()
-    c = _digits_config(module, tmp_path)
+    c = _digits_config(module, str(tmp_path / "tfds"))  # the dataset build is timed too
     summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert summary["eval_metrics"][c.train.steps]["accuracy"] >= 0.9
     assert time.perf_counter() - start < 300

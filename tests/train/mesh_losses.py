@@ -1,8 +1,10 @@
 """Helper run in a subprocess by test_sharding.py: per-step losses of a smoke run on a mesh.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.train.mesh_losses \
-        MODEL DATA,FSDP,TENSOR STEPS WORKDIR [COORDINATOR NUM_PROCESSES PROCESS_ID]
-prints one JSON line {"losses": [...], "devices": n, "first_batch_rows": [...]}.
+        MODEL DATA,FSDP,TENSOR[;DATA,FSDP,TENSOR...] STEPS WORKDIR \
+        [COORDINATOR NUM_PROCESSES PROCESS_ID]
+prints one JSON line {"losses": [...], "devices": n, "first_batch_rows": [...]} per mesh, in
+order (several meshes run one after the other in this process, in WORKDIR/0, WORKDIR/1, ...).
 MESH_LOSSES_SET='{"data.streaming": true, ...}' overrides config fields (dotted names).
 """
 
@@ -17,13 +19,19 @@ from bigs_jax.train import loop
 from configs import quickstart
 
 
-def main(model: str, mesh: str, steps: str, workdir: str, coordinator: str = "",
+def main(model: str, meshes: str, steps: str, workdir: str, coordinator: str = "",
          num_processes: str = "1", process_id: str = "0") -> None:
     if coordinator:
         from bigs_jax.train import partitioning
 
         partitioning.initialize_distributed(coordinator, int(num_processes), int(process_id),
                                             timeout_s=120)
+    meshes = meshes.split(";")
+    for i, mesh in enumerate(meshes):
+        run(model, mesh, steps, workdir if len(meshes) == 1 else os.path.join(workdir, str(i)))
+
+
+def run(model: str, mesh: str, steps: str, workdir: str) -> None:
     config = quickstart.get_config("smoke")
     config.model.name = model
     config.model.num_heads = 4

@@ -9,17 +9,12 @@ from flax import nnx
 
 import bigs_jax
 from bigs_jax.train import checkpointing, loop, partitioning
-from tests.train.test_loop import smoke
-
-
-SUMMARY = {}  # of the pretraining run
+from tests.runs import smoke
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("pretrained"))
-    SUMMARY.update(loop.train_and_evaluate(smoke(2), workdir))
-    return workdir
+def pretrained(smoke_run):
+    return smoke_run[0]
 
 
 def _flat(tree):
@@ -74,11 +69,12 @@ def test_init_refuses_misshaped_parameters(pretrained):
             checkpointing.restore_matching(pretrained, fresh)
 
 
-def test_init_continues_mlm_training_from_the_checkpoint(pretrained, tmp_path):
+def test_init_continues_mlm_training_from_the_checkpoint(smoke_run, tmp_path):
+    pretrained, pretraining = smoke_run
     config = smoke(2)
     config.init = pretrained
     summary = loop.train_and_evaluate(config, str(tmp_path))
     # Step 0 of the new run evaluates the pretrained weights: the same loss as their last
     # eval (same eval batches), not the ~9.03 of a fresh model.
-    assert summary["eval_loss"][0] == pytest.approx(SUMMARY["eval_loss"][2], rel=1e-6)
-    assert summary["eval_loss"][0] < SUMMARY["eval_loss"][0] - 0.1
+    assert summary["eval_loss"][0] == pytest.approx(pretraining["eval_loss"][2], rel=1e-6)
+    assert summary["eval_loss"][0] < pretraining["eval_loss"][0] - 0.1

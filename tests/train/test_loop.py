@@ -1,49 +1,15 @@
 """The train loop end to end on the smoke config: checkpoints, events, exact resume, errors."""
 
 import os
+import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-import bigs_jax
 from bigs_jax.train import checkpointing, loop
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-from configs import quickstart  # noqa: E402
-
-
-def smoke(steps: int):
-    config = quickstart.get_config("smoke")
-    config.train.steps = steps
-    # A schedule independent of the run length: "train to 4, then continue to 6" must take
-    # the same updates as "train to 6" (with warmup/decay the plan itself would differ).
-    config.optim.schedule = "constant"
-    config.optim.warmup_steps = 0
-    config.train.checkpoint_every = 2
-    config.train.eval_every = 2
-    return config
-
-
-def snapshot(path):
-    """{relative path: (size, mtime)} of every file under `path`."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            st = os.stat(p)
-            out[os.path.relpath(p, path)] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def params_of(workdir, step=None):
-    model = bigs_jax.load(workdir) if step is None else bigs_jax.load(workdir, step=step)
-    from flax import nnx
-
-    return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
+from tests.runs import ROOT, params_of, smoke, snapshot
 
 
 def test_train_writes_workdir_and_resumes_exactly(tmp_path):
@@ -64,9 +30,9 @@ def test_train_writes_workdir_and_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_workdir_of_another_model_is_refused(tmp_path):
+def test_workdir_of_another_model_is_refused(smoke_run, tmp_path):
     workdir = str(tmp_path / "run")
-    loop.train_and_evaluate(smoke(2), workdir)
+    shutil.copytree(smoke_run[0], workdir)  # a finished smoke(2) run
     before = snapshot(workdir)
     config = smoke(4)
     config.model.hidden_size = 32

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bigs_jax.train.checkpointing import Checkpointer
-from tests.train.test_loop import ROOT, params_of
+from tests.runs import ROOT, params_of
 
 STEPS = 24
 ARGS = ["--config=configs/quickstart.py:smoke", f"--config.train.steps={STEPS}",

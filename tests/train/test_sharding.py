@@ -11,27 +11,35 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def losses(model, mesh, steps, workdir, devices=8):
+def mesh_losses(model, meshes, steps, workdir, devices=8):
+    """[per-step train losses] of each mesh in `meshes`, run one after the other in one
+    process with `devices` CPU devices."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-m", "tests.train.mesh_losses", model, mesh,
-                          str(steps), str(workdir)], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=900)
+    out = subprocess.run([sys.executable, "-m", "tests.train.mesh_losses", model,
+                          ";".join(meshes), str(steps), str(workdir)], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["devices"] == devices
-    return np.array(result["losses"])
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads(line) for line in lines[-len(meshes):]]
+    assert [r["devices"] for r in results] == [devices] * len(meshes)
+    return [np.array(r["losses"]) for r in results]
+
+
+def losses(model, mesh, steps, workdir, devices=8):
+    return mesh_losses(model, [mesh], steps, workdir, devices)[0]
 
 
 def check_meshes(model, meshes, steps, tmp_path):
     reference = losses(model, "1,1,1", steps, tmp_path / "single", devices=1)
     assert len(reference) == steps and reference[-1] < reference[0]
-    for mesh in meshes:
-        got = losses(model, mesh, steps, tmp_path / mesh.replace(",", "x"))
+    for mesh, got in zip(meshes, mesh_losses(model, meshes, steps, tmp_path / "meshes"),
+                         strict=True):
         np.testing.assert_allclose(got, reference, rtol=1e-5, err_msg=f"{model} {mesh}")
 
 
-def test_bigs_losses_match_across_meshes(tmp_path):
+@pytest.mark.slow  # three 8-device compiles (~80 s); test_losses_match_across_meshes_20_steps
+def test_bigs_losses_match_across_meshes(tmp_path):  # runs these meshes and more, longer
     check_meshes("bigs-tiny", ["8,1,1", "2,2,2"], 5, tmp_path)
 
 

