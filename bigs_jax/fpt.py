@@ -330,5 +330,5 @@ Config = FPTConfig
 Model = FPT
 # The backbones' float32 generators (encoder SSMs, M2 filters), under `backbone/`.
 FP32_PARAMS = (r"(^|/)(fs4|bs4)/", r"(^|/)filter_fn2?/")
-# The registry entry; the backbone and task come from the run (bigs_jax.fpt_run).
+# The registry entry; the backbone and the task come from the run (model_config_from_run).
 SIZES: dict[str, dict] = {"fpt": {}}

@@ -14,7 +14,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
@@ -447,3 +446,28 @@ def test_bit_xor_reaches_100_percent_with_frozen_pretrained_minilm(minilm_workdi
     of 1000 fresh test examples right after 300 steps of batch 32 (measured: from step 250)."""
     s = _final_scores("bit-xor", minilm_workdir, str(tmp_path / "xor"), "paper", steps=300)
     assert s["test"]["accuracy"] == 1.0 and s["test"]["exact"] == 1.0, s
+
+
+def test_protocol_picks_the_lr_on_validation_and_reports_test_there():
+    """bigs_jax.evals.fpt: the lr of the best validation accuracy over the seeds every lr ran
+    with; the test score is the chosen lr's, mean ± std over its seeds."""
+    from bigs_jax.evals import fpt as protocol
+
+    def run(lr, seed, val, test):
+        return {"lr": lr, "seed": seed, "validation": {"accuracy": val},
+                "test": {"accuracy": test}, "trainable": 10, "params": 1000}
+
+    # first_seed: lr 1e-3 wins on seed 0 (0.6 > 0.5), then seeds 1, 2 ran there only.
+    runs = {1e-4: [run(1e-4, 0, 0.5, 0.9)],
+            1e-3: [run(1e-3, 0, 0.6, 0.2), run(1e-3, 1, 0.1, 0.4), run(1e-3, 2, 0.2, 0.6)]}
+    row = protocol.summarize("digits", "random", runs)
+    assert row["lr"] == 1e-3 and row["seeds"] == [0, 1, 2]
+    assert row["test"]["accuracy"]["mean"] == pytest.approx(0.4)
+    assert row["test"]["accuracy"]["std"] == pytest.approx(0.2)
+    assert row["sweep"] == {"0.0001": 0.5, "0.001": 0.6} and row["fraction"] == 0.01
+    # all: the mean over seeds decides (1e-4: 0.55 beats 1e-3: 0.35 despite seed 0).
+    runs[1e-4].append(run(1e-4, 1, 0.6, 0.9))
+    runs[1e-3] = runs[1e-3][:2]
+    assert protocol.summarize("digits", "random", runs)["lr"] == 1e-4
+    table = protocol.markdown([row])
+    assert "| digits | frozen random | 40.0 ± 20.0 | 30.0 ± 26.5 | 0.001 | 0,1,2 |" in table

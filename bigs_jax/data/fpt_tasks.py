@@ -5,7 +5,7 @@ Lu et al. 2021 (arXiv 2103.05247), inputs built as the official code builds them
 
 | task | tokens × features fed to the backbone | predictions |
 |---|---|---|
-| bit-memory | 5 patterns + 1 query of 1000 ±1 bits (query bits zeroed w.p. 0.5) → 120 × 50 | 1000 bits, last 20 positions |
+| bit-memory | 5 patterns + a query (bits zeroed w.p. 0.5) of 1000 ±1 → 120 × 50 | 1000 bits |
 | bit-xor | two 5-bit strings → 10 × 1 | 5 bits, last 5 positions |
 | listops | LRA ListOps ids (generated, or LRA's basic_*.tsv) → seq_len ids | 10 classes |
 | mnist | 28×28, 4×4 patches (p1 p2 c) → 49 × 16, pixels in [0, 1] | 10 classes |
@@ -145,7 +145,8 @@ def bit_xor(rng: np.random.Generator, batch: int, n_bits: int,
 
 
 def patches(images_BHWC: np.ndarray, p: int) -> np.ndarray:
-    """(B, H, W, C) → (B, (H/p)(W/p), p·p·C): einops 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)'."""
+    """(B, H, W, C) → (B, (H/p)(W/p), p·p·C), as einops
+    'b (h p1) (w p2) c -> b (h w) (p1 p2 c)' (the official code's rearrange)."""
     B, H, W, C = images_BHWC.shape
     x = images_BHWC.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(B, (H // p) * (W // p), p * p * C)

@@ -138,19 +138,19 @@ def summarize(task: str, mode: str, runs: dict[float, list[dict]]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| task | setting | test acc (%) | val acc (%) | lr | trainable params "
-             "(fraction) | val acc by lr |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | setting | test acc (%) | val acc (%) | lr | seeds | trainable params "
+             "(fraction) | val acc by lr |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, v = r["test"]["accuracy"], r["validation"]["accuracy"]
         sweep = ", ".join(f"{lr}: {100 * a:.1f}" for lr, a in r["sweep"].items())
         lines.append(
             f"| {r['task']} | {MODE_TITLES[r['mode']]} | {100 * t['mean']:.1f} ± "
             f"{100 * t['std']:.1f} | {100 * v['mean']:.1f} ± {100 * v['std']:.1f} | "
-            f"{r['lr']:g} | {r['trainable']:,} of {r['params']:,} "
-            f"({100 * r['fraction']:.3g}%) | {sweep} |")
-    return "\n".join(lines) + "\n\nmean ± std over seeds " + \
-        ", ".join(str(s) for s in rows[0]["seeds"]) + \
-        " at the lr of the best validation accuracy; accuracy per bit for bit tasks.\n"
+            f"{r['lr']:g} | {','.join(str(s) for s in r['seeds'])} | {r['trainable']:,} of "
+            f"{r['params']:,} ({100 * r['fraction']:.3g}%) | {sweep} |")
+    return "\n".join(lines) + (
+        "\n\nmean ± std over the seeds at the lr of the best validation accuracy (its last "
+        "evaluation); accuracy per bit for bit tasks.\n")
 
 
 def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
