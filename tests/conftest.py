@@ -1,5 +1,5 @@
-"""Shared test setup: strict rank promotion, one compilation cache for the session, and the
-fixtures several test files build once.
+"""Shared test setup: rank promotion by choice, fast XLA:CPU compiles, one compilation cache for
+the session, and the fixtures several test files build once.
 
 Rank promotion follows JAX_NUMPY_RANK_PROMOTION (default "allow"): with "raise", `x_BLD *
 scale_D` must be written as the broadcast it means, so a shape mistake cannot pass as one.
@@ -15,6 +15,11 @@ import os
 import shutil
 import tempfile
 
+# XLA:CPU at optimization level 0: the suite's programs are tiny, so compiling them is most of
+# its time, and level 0 halves that. Results agree with the default level to ~1e-7 (the golden
+# one-step values are the same at both levels); drop the flag to test the default pipeline.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 _CACHE = tempfile.mkdtemp(prefix="bigs_jax_test_xla_cache_")
 # "raise" is the goal (issue 13), but the package still has implicit broadcasts (LayerNorm's
 # affine map, ...) that it would reject; opt in with JAX_NUMPY_RANK_PROMOTION=raise.
