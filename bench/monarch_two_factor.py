@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigs_jax.layers.linear import leading_ones
 from bigs_jax.layers.monarch import (
     _fit_features,
     _param,
@@ -117,4 +118,5 @@ class MonarchLinear(nnx.Module):
         """Applies the layer to x of shape (..., in_features); returns (..., out_features)."""
         K, P, _ = self.kernel1.shape
         y = monarch_matmul(_fit_features(x, K * P), self.kernel1[...], self.kernel2[...])
-        return _fit_features(y, self.out_features) + self.bias[...]
+        y = _fit_features(y, self.out_features)
+        return y + leading_ones(self.bias[...], y.ndim)

@@ -25,6 +25,12 @@ def sharded(axes: Sequence[Optional[str]]) -> dict:
     return {"out_sharding": tuple(axes), "eager_sharding": False}
 
 
+def leading_ones(v: jax.Array, ndim: int) -> jax.Array:
+    """`v` with unit axes in front up to rank `ndim`: NumPy's trailing-axis broadcast written
+    out, for rank-generic code (the package runs under jax_numpy_rank_promotion="raise")."""
+    return jnp.expand_dims(v, tuple(range(ndim - v.ndim)))
+
+
 def dense(
     in_features: int,
     out_features: int,
@@ -79,7 +85,8 @@ def _normalize_fwd(x, scale, bias, eps: float):
     centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     inv_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
     x_hat = centered * inv_std
-    y = x_hat * scale.astype(x32.dtype) + bias.astype(x32.dtype)
+    y = (x_hat * leading_ones(scale.astype(x32.dtype), x.ndim)
+         + leading_ones(bias.astype(x32.dtype), x.ndim))
     # An empty array of x's dtype: the gradient must come back in it (bf16 activations).
     return y, (x_hat, inv_std, scale, bias, jnp.zeros((0,), x.dtype))
 
@@ -89,7 +96,7 @@ def _normalize_bwd(eps, residuals, dy):
     x_hat, inv_std, scale, bias, x_like = residuals
     dy = dy.astype(x_hat.dtype)
     rows = tuple(range(dy.ndim - 1))
-    g = dy * scale.astype(x_hat.dtype)
+    g = dy * leading_ones(scale.astype(x_hat.dtype), dy.ndim)
     dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True)
                     - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
     return (dx.astype(x_like.dtype), jnp.sum(dy * x_hat, axis=rows).astype(scale.dtype),
@@ -151,7 +158,7 @@ class RMSNorm(nnx.Module):
         dtype = self.dtype or jnp.promote_types(x.dtype, scale.dtype)
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
-        return (y * scale.astype(xf.dtype)).astype(dtype)
+        return (y * leading_ones(scale.astype(xf.dtype), y.ndim)).astype(dtype)
 
 
 def rms_norm(features: int, *, eps: float, rngs: Optional[nnx.Rngs] = None,

@@ -135,10 +135,10 @@ class ImplicitFilter(nnx.Module):
 
     def _mlp(self, layers: nnx.List, z_LE: jax.Array) -> jax.Array:
         """The filter MLP on rows of z, returned channel-major: (D, L)."""
-        freq_O = self.w_mod * self.freq[...]
+        freq_1O = self.w_mod * self.freq[...][None, :]
         h = z_LE
         for layer in layers[:-1]:
-            h = jnp.sin(freq_O * layer(h))
+            h = jnp.sin(freq_1O * layer(h))
         # The bias-free last layer writes (D, L) directly, the layout the FFT wants.
         return jnp.einsum("LO,OD->DL", h, layers[-1].kernel[...],
                           precision=jax.lax.Precision.HIGHEST)
@@ -184,7 +184,7 @@ class ImplicitFilter(nnx.Module):
     def __call__(self, u_BLD: jax.Array, *, mode: str = "fft") -> jax.Array:
         """y = long_conv(u, k_fwd, k_rev) + D ⊙ u, in float32."""
         u_BLD = u_BLD.astype(jnp.float32)
-        skip_BLD = self.bias[...] * u_BLD
+        skip_BLD = self.bias[...][None, None, :] * u_BLD
         if mode == "toeplitz":
             return long_conv(u_BLD, *self.kernels(u_BLD.shape[1]), mode=mode) + skip_BLD
         if mode not in CONV_MODES:
@@ -264,5 +264,5 @@ class ShortConv(nnx.Module):
         K, L = kernel_KC.shape[0], x_BLC.shape[1]
         # Explicit shifted sums: future taps are structurally absent, so causality is exact.
         xp_BLC = jnp.pad(x_BLC, ((0, 0), (K - 1, 0), (0, 0)))
-        y_BLC = sum(kernel_KC[j] * xp_BLC[:, j:j + L] for j in range(K))
-        return y_BLC + self.bias[...].astype(x_BLC.dtype)
+        y_BLC = sum(kernel_KC[j][None, None, :] * xp_BLC[:, j:j + L] for j in range(K))
+        return y_BLC + self.bias[...].astype(x_BLC.dtype)[None, None, :]

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigs_jax.layers.linear import leading_ones
+
 Array = jax.Array
 Dtype = Any
 PrecisionLike = Any
@@ -202,7 +204,7 @@ class BlockdiagLinear(nnx.Module):
                              precision=self.precision)
         y = _fit_features(y, self.out_features)
         if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
+            y = y + leading_ones(self.bias[...].astype(dtype), y.ndim)
         return y
 
 
@@ -248,7 +250,8 @@ def _dft_last(x: Array, inverse: bool) -> Array:
     U, V = dft_factors(N)
     f_VV, tw_UV, f_UU = _dft_plan(N, inverse)
     x_BVU = x.reshape(*lead, V, U)
-    y_BUV = jnp.einsum("...vu,vw->...uw", x_BVU, f_VV, precision=_DFT_PRECISION) * tw_UV
+    y_BUV = jnp.einsum("...vu,vw->...uw", x_BVU, f_VV, precision=_DFT_PRECISION)
+    y_BUV = y_BUV * leading_ones(tw_UV, y_BUV.ndim)
     z_BUV = jnp.einsum("ku,...uw->...kw", f_UU, y_BUV, precision=_DFT_PRECISION)
     return z_BUV.reshape(*lead, N)
 
@@ -310,7 +313,7 @@ def monarch_rfft(x: Array, n: int | None = None, axis: int = -1) -> Array:
         z = jnp.concatenate([z, z[..., :1]], axis=-1)  # Z[n/2] = Z[0]
         zc_rev = jnp.conj(z[..., ::-1])  # conj(Z[n/2 - k])
         even, odd = 0.5 * (z + zc_rev), -0.5j * (z - zc_rev)
-        return even + _half_twiddle(N, inverse=False) * odd
+        return even + leading_ones(_half_twiddle(N, inverse=False), odd.ndim) * odd
     return _on_last_axis(jnp.asarray(x), axis, last)
 
 
@@ -329,7 +332,7 @@ def monarch_irfft(x: Array, n: int | None = None, axis: int = -1) -> Array:
         x = x.at[..., -1].set(x[..., -1].real)
         xc_rev = jnp.conj(x[..., ::-1])  # conj(X[n/2 - k])
         even = 0.5 * (x + xc_rev)
-        odd = 0.5 * (x - xc_rev) * _half_twiddle(N, inverse=True)
+        odd = 0.5 * (x - xc_rev) * leading_ones(_half_twiddle(N, inverse=True), x.ndim)
         zf = (even + 1j * odd)[..., : N // 2]
         z = _dft_last(zf, inverse=True)
         return jnp.stack([z.real, z.imag], axis=-1).reshape(*z.shape[:-1], N)
@@ -362,4 +365,5 @@ def fft_conv(u: Array, k: Array, n_fft: int, use_monarch: bool = False) -> Array
     rfft, irfft = (monarch_rfft, monarch_irfft) if use_monarch else (jnp.fft.rfft, jnp.fft.irfft)
     u_f = rfft(u.astype(jnp.float32), n=n_fft)
     k_f = rfft(k.astype(jnp.float32), n=n_fft)
-    return irfft(u_f * k_f, n=n_fft)[..., :L]
+    rank = max(u_f.ndim, k_f.ndim)
+    return irfft(leading_ones(u_f, rank) * leading_ones(k_f, rank), n=n_fft)[..., :L]

@@ -135,9 +135,9 @@ def _exp_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _phase_turns(log_step_H: jax.Array, a_im_HN: jax.Array, length: int) -> jax.Array:
     """frac(l Delta A_im / 2pi) in [-1/2, 1/2] for l = 0..length-1, shape (H, N, length)."""
-    l = jnp.arange(length, dtype=a_im_HN.dtype)
+    l_11L = jnp.arange(length, dtype=a_im_HN.dtype)[None, None, :]
     if a_im_HN.dtype != jnp.float32:
-        turns = jnp.exp(log_step_H)[:, None, None] * a_im_HN[..., None] * l / (2 * np.pi)
+        turns = jnp.exp(log_step_H)[:, None, None] * a_im_HN[..., None] * l_11L / (2 * np.pi)
         return turns - jnp.round(turns)
     dt_hi, dt_lo = _exp_hi_lo(log_step_H[:, None])
     p, e = _two_prod(jnp.broadcast_to(dt_hi, a_im_HN.shape), a_im_HN)
@@ -147,9 +147,9 @@ def _phase_turns(log_step_H: jax.Array, a_im_HN: jax.Array, length: int) -> jax.
     k = min(23, max(1, math.ceil(math.log2(length))))  # l < 2^k for every l
     t_top = _clear_low_bits(t, k)
     t_rest = (t - t_top) + t_lo
-    f = t_top[..., None] * l  # exact
+    f = t_top[..., None] * l_11L  # exact
     f = f - jnp.round(f)  # exact
-    f = f + t_rest[..., None] * l
+    f = f + t_rest[..., None] * l_11L
     return f - jnp.round(f)
 
 
@@ -159,10 +159,10 @@ def _phase_turns_jvp(length, primals, tangents):
     # dA_im) / 2pi, linear in the tangents, so reverse mode works too.
     log_step_H, a_im_HN = primals
     dlog_step_H, da_im_HN = tangents
-    l = jnp.arange(length, dtype=a_im_HN.dtype)
+    l_11L = jnp.arange(length, dtype=a_im_HN.dtype)[None, None, :]
     dturns_HN = jnp.exp(log_step_H)[:, None] * (dlog_step_H[:, None] * a_im_HN + da_im_HN)
     return (_phase_turns(log_step_H, a_im_HN, length),
-            dturns_HN[..., None] * l / (2 * np.pi))
+            dturns_HN[..., None] * l_11L / (2 * np.pi))
 
 
 def _zoh(a_re_HN, a_im_HN, log_step_H):
@@ -193,8 +193,8 @@ def s4d_kernel(a_re_HN: jax.Array, a_im_HN: jax.Array, c_HN2: jax.Array, log_ste
         x.astype(dtype) for x in (a_re_HN, a_im_HN, c_HN2, log_step_H))
     decay_HN, _, b_bar_HN = _zoh(a_re_HN, a_im_HN, log_step_H)
     cb_HN = jax.lax.complex(c_HN2[..., 0], c_HN2[..., 1]) * b_bar_HN
-    l = jnp.arange(length, dtype=dtype)
-    mag_HNL = jnp.exp(decay_HN[..., None] * l)
+    l_11L = jnp.arange(length, dtype=dtype)[None, None, :]
+    mag_HNL = jnp.exp(decay_HN[..., None] * l_11L)
     angle_HNL = 2 * np.pi * _phase_turns(log_step_H, a_im_HN, length)
     # Re(cb · vander) in real arithmetic: half the work of a complex contraction, and a real
     # dot is what rematerialization policies such as `dots_saveable` can handle.
@@ -327,7 +327,7 @@ class S4D(nnx.Module):
             # Zero padding to 2L turns the FFT's circular convolution into the linear one.
             k_FH = jnp.fft.rfft(self.kernel(L), n=2 * L, axis=-1).T
             u_BFD = jnp.fft.rfft(u_BLD, n=2 * L, axis=1)
-            y_BLD = jnp.fft.irfft(u_BFD * k_FH, n=2 * L, axis=1)[:, :L]
+            y_BLD = jnp.fft.irfft(u_BFD * k_FH[None], n=2 * L, axis=1)[:, :L]
         elif mode == "toeplitz":
             K_HL = self.kernel(L)
             lag_LL = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
@@ -349,19 +349,20 @@ class S4D(nnx.Module):
             keep_LB11 = (jnp.ones((L, 1, 1, 1), a_bar_HN.dtype) if segment_ids_BL is None else
                          (~start_BL).T[..., None, None].astype(a_bar_HN.dtype))
             if mode == "scan":
-                a_LBHN = keep_LB11 * a_bar_HN
+                a_LBHN = keep_LB11 * a_bar_HN[None, None]
                 _, x_LBDN = jax.lax.associative_scan(
                     lambda e1, e2: (e2[0] * e1[0], e2[0] * e1[1] + e2[1]),
-                    (a_LBHN, b_bar_HN * u_LBD[..., None]))
+                    (a_LBHN, b_bar_HN[None, None] * u_LBD[..., None]))
             else:
                 def body(x_BDN, xs):
                     u_BD, keep_B11 = xs
-                    x_BDN = keep_B11 * a_bar_HN * x_BDN + b_bar_HN * u_BD[..., None]
+                    x_BDN = (keep_B11 * a_bar_HN[None] * x_BDN
+                             + b_bar_HN[None] * u_BD[..., None])
                     return x_BDN, x_BDN
                 x_BDN = jnp.zeros((B, D, self.state_size), a_bar_HN.dtype)
                 _, x_LBDN = jax.lax.scan(body, x_BDN, (u_LBD, keep_LB11))
-            y_BLD = jnp.swapaxes(jnp.sum((c_HN * x_LBDN).real, axis=-1), 0, 1)
-        return (y_BLD + self.D[...].astype(dtype) * u_BLD).astype(out_dtype)
+            y_BLD = jnp.swapaxes(jnp.sum((c_HN[None, None] * x_LBDN).real, axis=-1), 0, 1)
+        return (y_BLD + self.D[...].astype(dtype)[None, None, :] * u_BLD).astype(out_dtype)
 
     def init_state(self, batch: int, features: Optional[int] = None) -> jax.Array:
         """Zero recurrent state (batch, D, N), complex; D defaults to `self.features`."""
@@ -381,6 +382,7 @@ class S4D(nnx.Module):
         """
         a_bar_HN, b_bar_HN, c_HN = self._recurrence()
         u32_BD = u_BD.astype(a_bar_HN.real.dtype)
-        x_BDN = a_bar_HN * x_BDN + b_bar_HN * u32_BD[..., None]
-        y_BD = jnp.sum((c_HN * x_BDN).real, axis=-1) + self.D[...].astype(u32_BD.dtype) * u32_BD
+        x_BDN = a_bar_HN[None] * x_BDN + b_bar_HN[None] * u32_BD[..., None]
+        y_BD = (jnp.sum((c_HN[None] * x_BDN).real, axis=-1)
+                + self.D[...].astype(u32_BD.dtype)[None, :] * u32_BD)
         return x_BDN, y_BD.astype(u_BD.dtype)

@@ -34,7 +34,7 @@ class MLMHead(nnx.Module):
         logits_BPC = jnp.einsum("BPD,CD->BPC", h_BPD, embedding_CD.astype(h_BPD.dtype),
                                 preferred_element_type=jnp.promote_types(h_BPD.dtype,
                                                                          "float32"))
-        return logits_BPC + self.bias[...].astype(logits_BPC.dtype)
+        return logits_BPC + self.bias[...].astype(logits_BPC.dtype)[None, None, :]
 
 
 def pool(h_BLD: jax.Array, mask_BL: Optional[jax.Array], kind: str) -> jax.Array:

@@ -110,7 +110,7 @@ class PatchEmbed(nnx.Module):
         dt = self.dtype or x_BHWC.dtype
         x_BhPwQC = x_BHWC.astype(dt).reshape(B, H // P, P, W // P, P, C)
         y_BhwD = jnp.einsum("BhpwqC,pqCD->BhwD", x_BhPwQC, self.kernel[...].astype(dt))
-        y_BhwD = y_BhwD + self.bias[...].astype(dt)
+        y_BhwD = y_BhwD + self.bias[...].astype(dt)[None, None, None, :]
         return y_BhwD.reshape(B, (H // P) * (W // P), -1)
 
 
@@ -187,7 +187,7 @@ class ViT(nnx.Module):
             cls_B1D = jnp.broadcast_to(self.cls[...].astype(x_BND.dtype),
                                        (x_BND.shape[0], 1, x_BND.shape[2]))
             x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1)
-        x_BND = x_BND + self.position[...].astype(x_BND.dtype)
+        x_BND = x_BND + self.position[...].astype(x_BND.dtype)[None]
         return classify_patches(self, x_BND, cls_token=self.cls is not None,
                                 deterministic=deterministic, rngs=rngs)
 
