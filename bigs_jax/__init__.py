@@ -5,6 +5,10 @@
     model = bigs_jax.load("WORKDIR")                     # a train.py / convert workdir
     out = model(input_ids, attention_mask=mask)          # out.hidden_states, out.logits
     bigs_jax.count_params(model)
+
+The zoo is composed here: `bigs_jax.models` registers its model families, and this package
+registers the wrapper family `bigs_jax.fpt` (a frozen backbone of any of them), so the
+registry (`MODELS`) is complete whichever bigs_jax module is imported first.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from bigs_jax.models import MODELS, build, make_config
+from bigs_jax import fpt
+from bigs_jax.models import MODELS, build, make_config, register
 from bigs_jax.models.outputs import ModelOutput
 from bigs_jax.train.checkpointing import load_model
+
+register(fpt)
 
 __all__ = ["MODELS", "ModelOutput", "build", "count_params", "create", "load"]
 

@@ -23,6 +23,9 @@ GPT-2 and BERT backbones are built with max_len = the number of tokens, so the p
 holds exactly the rows the task uses (a pretrained table's first rows are loaded): the
 trainable count is the official code path's (only used rows get gradient there).
 
+This module is the registry family "fpt" (one entry, "fpt"): it builds its backbones through
+`bigs_jax.models`, so the `bigs_jax` package registers it after the model families.
+
 Dimension key: B batch, L tokens, I input features (or vocabulary), D model, R positions read,
 O outputs per read position, T predictions, C classes per prediction.
 """
@@ -30,6 +33,7 @@ O outputs per read position, T predictions, C classes per prediction.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Optional
 
 import jax
@@ -38,6 +42,8 @@ from flax import nnx
 
 from bigs_jax.layers.blocks import block_call
 from bigs_jax.models.outputs import ModelOutput
+from bigs_jax.models.registry import FAMILIES, build, family_of, make_config
+from bigs_jax.train import checkpointing
 
 INPUT_KINDS = ("continuous", "tokens")
 # Backbones whose own input stem (patches, [CLS], fixed position table) FPT bypasses.
@@ -64,8 +70,6 @@ class FPTConfig:
     orth_gain: float = 1.41          # the official `orth_gain` of the input layer
 
     def __post_init__(self):
-        from bigs_jax.models import FAMILIES
-
         if self.backbone_family not in FAMILIES or self.backbone_family == FAMILY:
             raise ValueError(f"unknown backbone family {self.backbone_family!r}; choose one of "
                              f"{sorted(set(FAMILIES) - {FAMILY})}")
@@ -111,8 +115,6 @@ class FPT(nnx.Module):
     """Input layer → backbone on embeddings → output layer on the last `ratio` positions."""
 
     def __init__(self, config: FPTConfig, *, rngs: nnx.Rngs):
-        from bigs_jax.models import FAMILIES
-
         c = self.config = config
         d = c.hidden_size
         self.backbone = FAMILIES[c.backbone_family].model_cls(c.backbone, rngs=rngs)
@@ -207,9 +209,6 @@ def model_config_from_run(config, data_overrides: dict) -> FPTConfig:
     The backbone architecture is `config.init`'s model.json when set, else the registry
     entry `config.fpt.backbone`; the data fixes the task fields (`data_overrides`).
     """
-    from bigs_jax.models import make_config
-    from bigs_jax.train import checkpointing
-
     f = config.fpt
     if config.get("init"):
         backbone = checkpointing.read_model_config(checkpointing.resolve(config.init)[0])
@@ -219,7 +218,7 @@ def model_config_from_run(config, data_overrides: dict) -> FPTConfig:
                              "checkpoint or a trained workdir); pass it, or set "
                              "config.fpt.pretrained=False for a random backbone")
         backbone = make_config(f.backbone)
-    family = _family_name(backbone)
+    family = family_of(backbone).name
     if family == FAMILY:
         raise ValueError(f"config.init {config.init} holds an FPT model, not a backbone; "
                          "pass the backbone's workdir")
@@ -254,8 +253,6 @@ def restore_init(config, params) -> tuple[Any, str]:
     rows. With config.fpt.pretrained=False nothing is loaded: the control keeps the same
     architecture at random init.
     """
-    from bigs_jax.train import checkpointing
-
     if not pretrained(config):
         return params, f"backbone at random init (config.fpt.pretrained=False, seed " \
                        f"{config.train.seed}); architecture from {config.init}"
@@ -304,18 +301,8 @@ def _flat(tree) -> dict:
     return {_key(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _family_name(config) -> str:
-    from bigs_jax.models import family_of
-
-    return family_of(config).name
-
-
 def trainable_count(config: FPTConfig, freeze: list[str]) -> tuple[int, int]:
     """(trainable, total) parameter counts of an FPT model under `freeze`, from shapes."""
-    import re
-
-    from bigs_jax import build
-
     shapes = _flat(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(config)))))
     total = sum(int(x.size) for x in shapes.values())
     frozen = sum(int(x.size) for k, x in shapes.items()
@@ -325,6 +312,8 @@ def trainable_count(config: FPTConfig, freeze: list[str]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- registry
 
+# What bigs_jax.models.registry.register reads; the `bigs_jax` package registers this module
+# (it wraps the families of bigs_jax.models, which must exist first).
 FAMILY = "fpt"
 Config = FPTConfig
 Model = FPT

@@ -44,21 +44,18 @@ import dataclasses
 import re
 from typing import Any, Optional
 
-import jax
 import numpy as np
-from flax import traverse_util
 
+from bigs_jax import growth_m2
 from bigs_jax import growth_rules as rules
-from bigs_jax.growth_rules import (GrowthError, _arch, _Arch, _grow_leaf, _head_dims, _replace,
-                                   _roles)
+from bigs_jax.growth_rules import (GrowthError, _Arch, _arch, _flat, _flat_np, _fresh,
+                                   _grow_leaf, _head_dims, _keys, _layer_positions,
+                                   _reindex_layers, _replace, _roles, _to_jax, _unflat)
 
 # Application order of `grow_params`: per-layer widths first, then the residual width, then depth.
 SIZE_FIELDS = ("intermediate_size", "mlp_nblocks", "num_heads", "qk_head_dim", "v_head_dim",
                "ssm_state", "hidden_size", "num_layers")
 HIDDEN_MODES = ("mean", "zero", "duplicate")
-
-# Config mode (see `grow_config`): the transforms validate and return the grown config only.
-_CONFIG_MODE = False
 
 
 @contextlib.contextmanager
@@ -71,59 +68,11 @@ def _index_mode():
         rules._INDEX_MODE = False
 
 
-_FRESH_SOURCE: dict = {}  # {"flat": fresh params of the final config} during grow_params
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
-def _flat(params) -> dict:
-    return {"/".join(str(k) for k in key): np.asarray(jax.device_get(v))
-            for key, v in traverse_util.flatten_dict(params).items()}
-
-
-def _unflat(flat: dict, like_keys: dict) -> dict:
-    return traverse_util.unflatten_dict({like_keys[k]: v for k, v in flat.items()})
-
-
-def _keys(params) -> dict:
-    return {"/".join(str(k) for k in key): key
-            for key in traverse_util.flatten_dict(params)}
-
-
-def _fresh(config, seed: int) -> tuple[dict, dict]:
-    """Flat params of a randomly initialized `config` model, and their original keys."""
-    from bigs_jax import build
-    from flax import nnx
-
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(config, seed=seed))))
-    if rules._INDEX_MODE:
-        zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.int64), abstract)
-        return {k: v for k, v in _flat_np(zeros).items()}, _keys(abstract)
-    shapes = {k: v.shape for k, v in _flat_np(abstract).items()}
-    source = _FRESH_SOURCE.get("flat")
-    if source is not None and all(k in source and all(
-            a <= b for a, b in zip(s, source[k].shape)) for k, s in shapes.items()):
-        # A crop of the final grown model's init: the same family init, one compile per
-        # grow_params call instead of one per expansion.
-        return ({k: source[k][tuple(slice(0, a) for a in s)] for k, s in shapes.items()},
-                _keys(abstract))
-    # One compiled init instead of an eager one (which compiles every initializer per shape),
-    # compiled without optimizations: it runs once, and that halves the compile time.
-    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(config, seed=seed)))).lower(
-    ).compile(_FAST_COMPILE)()
-    return _flat(params), _keys(params)
-
-
-def _flat_np(params) -> dict:
-    return {"/".join(str(k) for k in key): v
-            for key, v in traverse_util.flatten_dict(params).items()}
-
-
-
 def _apply(config, params, new_config, kind, ctx, seed):
-    if _CONFIG_MODE:
+    if rules._CONFIG_MODE:
         return new_config, params
     arch = _arch(config)
     flat, keys = _flat(params), _keys(params)
@@ -141,10 +90,6 @@ def _apply(config, params, new_config, kind, ctx, seed):
     return new_config, _to_jax(_unflat(out, keys))
 
 
-def _to_jax(tree):
-    return tree if rules._INDEX_MODE else jax.tree.map(lambda x: jax.numpy.asarray(x), tree)
-
-
 def _check_larger(config, field, new, current):
     if new < current:
         raise GrowthError(f"{field} {new} is smaller than the model's {current}; growth only "
@@ -160,8 +105,7 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
     current = getattr(config, "mlp_size", None) or config.intermediate_size
     _check_larger(config, "intermediate_size", intermediate_size, current)
     if arch.family == "m2":
-        from bigs_jax.growth_m2 import expand_mlp as m2_mlp
-        return m2_mlp(config, params, intermediate_size, seed=seed)
+        return growth_m2.expand_mlp(config, params, intermediate_size, seed=seed)
     new = _replace(config, intermediate_size=intermediate_size)
     return _apply(config, params, new, "mlp", {}, seed)
 
@@ -170,8 +114,7 @@ def merge_mlp_blocks(config, params, mlp_nblocks: int, *, seed: int = 0):
     """M2 only: fewer, larger diagonal blocks in the MLP projections (zero off-diagonal)."""
     if _arch(config).family != "m2":
         raise GrowthError("mlp_nblocks: only M2 models have block-diagonal MLPs")
-    from bigs_jax.growth_m2 import merge_mlp_blocks as merge
-    return merge(config, params, mlp_nblocks, seed=seed)
+    return growth_m2.merge_mlp_blocks(config, params, mlp_nblocks, seed=seed)
 
 
 def _need_attention(config, what: str):
@@ -267,23 +210,14 @@ def add_layers(config, params, num_layers: int, *, positions: Optional[list[int]
     N = config.num_layers
     _check_larger(config, "num_layers", num_layers, N)
     if arch.family == "m2":
-        from bigs_jax.growth_m2 import add_layers as m2_layers
-        return m2_layers(config, params, num_layers, positions=positions, seed=seed)
-    positions = list(range(N, num_layers)) if positions is None else sorted(positions)
-    if len(positions) != num_layers - N or len(set(positions)) != len(positions) or any(
-            not 0 <= p < num_layers for p in positions):
-        raise GrowthError(f"positions {positions} must be {num_layers - N} distinct layer "
-                          f"indices in [0, {num_layers})")
+        return growth_m2.add_layers(config, params, num_layers, positions=positions, seed=seed)
+    positions = _layer_positions(N, num_layers, positions)
     new_config = dataclasses.replace(config, num_layers=num_layers)
-    if _CONFIG_MODE:
+    if rules._CONFIG_MODE:
         return new_config, params
     fresh, fresh_keys = _fresh(new_config, seed)
     flat = _flat(params)
-    old_of = [i for i in range(num_layers) if i not in positions]  # grown index of old layers
-    out = {}
-    for path, w in flat.items():
-        m = re.match(r"^layers/(\d+)/(.*)$", path)
-        out[path if m is None else f"layers/{old_of[int(m.group(1))]}/{m.group(2)}"] = w
+    out, old_of = _reindex_layers(flat, num_layers, positions)
     for i in positions:
         for path, f in fresh.items():
             m = re.match(rf"^layers/{i}/(.*)$", path)
@@ -343,14 +277,14 @@ def grow_params(config, params, *, seed: int = 0, hidden_mode: Optional[str] = N
     unknown = sorted(set(sizes) - set(SIZE_FIELDS))
     if unknown:
         raise GrowthError(f"unknown growth size(s) {unknown}; choose from {list(SIZE_FIELDS)}")
-    if not (rules._INDEX_MODE or _CONFIG_MODE):
+    if not (rules._INDEX_MODE or rules._CONFIG_MODE):
         final = grow_config(config, hidden_mode=hidden_mode, layer_positions=layer_positions,
                             **sizes)
-        _FRESH_SOURCE["flat"] = _fresh(final, seed)[0]
+        rules._FRESH_SOURCE["flat"] = _fresh(final, seed)[0]
     try:
         return _grow_each(config, params, seed, hidden_mode, layer_positions, sizes)
     finally:
-        _FRESH_SOURCE.clear()
+        rules._FRESH_SOURCE.clear()
 
 
 def _grow_each(config, params, seed, hidden_mode, layer_positions, sizes):
@@ -400,9 +334,8 @@ def index_maps(config, params, **grow_kwargs) -> tuple[Any, dict, list]:
 
 def grow_config(config, **grow_kwargs):
     """The config `grow_params(config, params, **grow_kwargs)` returns, without params."""
-    global _CONFIG_MODE
-    _CONFIG_MODE = True
+    rules._CONFIG_MODE = True
     try:
         return grow_params(config, None, **grow_kwargs)[0]
     finally:
-        _CONFIG_MODE = False
+        rules._CONFIG_MODE = False

@@ -25,8 +25,8 @@ from typing import Optional
 
 import numpy as np
 
-from bigs_jax import growth as g
 from bigs_jax import growth_rules as rules
+from bigs_jax.growth_rules import GrowthError
 
 
 def _units_map(F: int, F_new: int, K: int) -> np.ndarray:
@@ -54,16 +54,16 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
     """GLU width F → F̂ (module docstring)."""
     F, K = config.intermediate_size, config.mlp_nblocks
     if not config.mlp:
-        raise g.GrowthError("intermediate_size: this M2 model has mlp=False; there is no MLP "
-                            "to widen")
+        raise GrowthError("intermediate_size: this M2 model has mlp=False; there is no MLP "
+                          "to widen")
     if intermediate_size % K:
-        raise g.GrowthError(f"intermediate_size {intermediate_size} must be a multiple of "
-                            f"mlp_nblocks {K}")
+        raise GrowthError(f"intermediate_size {intermediate_size} must be a multiple of "
+                          f"mlp_nblocks {K}")
     new_config = dataclasses.replace(config, intermediate_size=intermediate_size)
-    if g._CONFIG_MODE:
+    if rules._CONFIG_MODE:
         return new_config, params
-    fresh, keys = g._fresh(new_config, seed)
-    flat = g._flat(params)
+    fresh, keys = rules._fresh(new_config, seed)
+    flat = rules._flat(params)
     units = _units_map(F, intermediate_size, K)
     out_map = np.concatenate([units, intermediate_size + units])  # gate then value halves
     for path, w in flat.items():
@@ -72,7 +72,7 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
         elif path.endswith("mlp/wo/kernel"):
             pad = fresh[path].shape[1] - w.shape[1]
             flat[path] = np.concatenate([w, np.zeros((K, pad, w.shape[2]), w.dtype)], axis=1)
-    return new_config, g._to_jax(g._unflat(flat, keys))
+    return new_config, rules._to_jax(rules._unflat(flat, keys))
 
 
 def _merge_blocks(w_KPQ: np.ndarray, r: int) -> np.ndarray:
@@ -88,47 +88,38 @@ def merge_mlp_blocks(config, params, mlp_nblocks: int, *, seed: int = 0):
     del seed  # nothing random: the new entries are the zero off-diagonal blocks
     K = config.mlp_nblocks
     if mlp_nblocks > K or K % mlp_nblocks:
-        raise g.GrowthError(f"mlp_nblocks {mlp_nblocks}: growth merges blocks, so it must "
-                            f"divide the model's {K} (fewer blocks = more parameters)")
+        raise GrowthError(f"mlp_nblocks {mlp_nblocks}: growth merges blocks, so it must "
+                          f"divide the model's {K} (fewer blocks = more parameters)")
     new_config = dataclasses.replace(config, mlp_nblocks=mlp_nblocks)
-    if g._CONFIG_MODE:
+    if rules._CONFIG_MODE:
         return new_config, params
-    flat, keys = g._flat(params), g._keys(params)
+    flat, keys = rules._flat(params), rules._keys(params)
     for path, w in flat.items():
         if re.search(r"mlp/(gated_layers|wo)/kernel$", path):
             flat[path] = _merge_blocks(w, K // mlp_nblocks)
-    return new_config, g._to_jax(g._unflat(flat, keys))
+    return new_config, rules._to_jax(rules._unflat(flat, keys))
 
 
 def add_layers(config, params, num_layers: int, *, positions: Optional[list[int]] = None,
                seed: int = 0):
     """Depth N → N̂ with identity-initialized mixers (module docstring)."""
     N = config.num_layers
-    positions = list(range(N, num_layers)) if positions is None else sorted(positions)
-    if len(positions) != num_layers - N or len(set(positions)) != len(positions) or any(
-            not 0 <= p < num_layers for p in positions):
-        raise g.GrowthError(f"positions {positions} must be {num_layers - N} distinct layer "
-                            f"indices in [0, {num_layers})")
+    positions = rules._layer_positions(N, num_layers, positions)
     if config.mlp and not config.residual_long_conv:
-        raise g.GrowthError("num_layers: an M2 layer without residual_long_conv has no path "
-                            "that can carry its input, so no new layer is the identity")
+        raise GrowthError("num_layers: an M2 layer without residual_long_conv has no path "
+                          "that can carry its input, so no new layer is the identity")
     new_config = dataclasses.replace(config, num_layers=num_layers)
-    if g._CONFIG_MODE:
+    if rules._CONFIG_MODE:
         return new_config, params
-    fresh, keys = g._fresh(new_config, seed)
-    flat = g._flat(params)
-    old_of = [i for i in range(num_layers) if i not in positions]
-    out = {}
-    for path, w in flat.items():
-        m = re.match(r"^layers/(\d+)/(.*)$", path)
-        out[path if m is None else f"layers/{old_of[int(m.group(1))]}/{m.group(2)}"] = w
+    fresh, keys = rules._fresh(new_config, seed)
+    out, _ = rules._reindex_layers(rules._flat(params), num_layers, positions)
     for i in positions:
         for path, f in fresh.items():
             m = re.match(rf"^layers/{i}/(.*)$", path)
             if m:
                 out[path] = _new_layer_leaf(m.group(1), f, config)
         _move_norm(out, i, config)
-    return new_config, g._to_jax(g._unflat(out, keys))
+    return new_config, rules._to_jax(rules._unflat(out, keys))
 
 
 def _new_layer_leaf(rel: str, f: np.ndarray, config) -> np.ndarray:

@@ -1,7 +1,10 @@
 """Per-parameter rules of function-preserving growth (see `bigs_jax.growth`).
 
 The role of every axis of every parameter of the zoo's families, and how one leaf grows along
-an axis for each expansion; `bigs_jax.growth` applies these to whole models.
+an axis for each expansion; `bigs_jax.growth` applies these to whole models. Also what
+`bigs_jax.growth` and `bigs_jax.growth_m2` share: the flat parameter dicts, the fresh init of
+a grown config, the re-indexing of old layers around new ones, and the module flags of the
+index and config modes (set by `bigs_jax.growth`, read here and by both).
 """
 
 from __future__ import annotations
@@ -10,18 +13,96 @@ import dataclasses
 import math
 import re
 
+import jax
 import numpy as np
+from flax import nnx, traverse_util
 
-from bigs_jax.models import family_of
-# Index mode (see `index_maps`): the transforms run on arrays of old-element indices (1-based,
-# 0 = new entry), with every value change (rescale, mean, split) left out, so the result says
-# where each old entry went. The optimizer-state growth reads its moments through it.
+from bigs_jax.models import build, family_of
+
+# Index mode (see `growth.index_maps`): the transforms run on arrays of old-element indices
+# (1-based, 0 = new entry), with every value change (rescale, mean, split) left out, so the
+# result says where each old entry went. The optimizer-state growth reads its moments through it.
 _INDEX_MODE = False
+# Config mode (see `growth.grow_config`): the transforms validate and return the grown config
+# only.
+_CONFIG_MODE = False
+_FRESH_SOURCE: dict = {}  # {"flat": fresh params of the final config} during growth.grow_params
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class GrowthError(ValueError):
     """A requested expansion that this model cannot undergo (one line: what and why)."""
 
+
+# ---------------------------------------------------------------------------- flat params
+
+
+def _flat(params) -> dict:
+    return {"/".join(str(k) for k in key): np.asarray(jax.device_get(v))
+            for key, v in traverse_util.flatten_dict(params).items()}
+
+
+def _flat_np(params) -> dict:
+    return {"/".join(str(k) for k in key): v
+            for key, v in traverse_util.flatten_dict(params).items()}
+
+
+def _unflat(flat: dict, like_keys: dict) -> dict:
+    return traverse_util.unflatten_dict({like_keys[k]: v for k, v in flat.items()})
+
+
+def _keys(params) -> dict:
+    return {"/".join(str(k) for k in key): key
+            for key in traverse_util.flatten_dict(params)}
+
+
+def _to_jax(tree):
+    return tree if _INDEX_MODE else jax.tree.map(lambda x: jax.numpy.asarray(x), tree)
+
+
+def _fresh(config, seed: int) -> tuple[dict, dict]:
+    """Flat params of a randomly initialized `config` model, and their original keys."""
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build(config, seed=seed))))
+    if _INDEX_MODE:
+        zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.int64), abstract)
+        return {k: v for k, v in _flat_np(zeros).items()}, _keys(abstract)
+    shapes = {k: v.shape for k, v in _flat_np(abstract).items()}
+    source = _FRESH_SOURCE.get("flat")
+    if source is not None and all(k in source and all(
+            a <= b for a, b in zip(s, source[k].shape)) for k, s in shapes.items()):
+        # A crop of the final grown model's init: the same family init, one compile per
+        # grow_params call instead of one per expansion.
+        return ({k: source[k][tuple(slice(0, a) for a in s)] for k, s in shapes.items()},
+                _keys(abstract))
+    # One compiled init instead of an eager one (which compiles every initializer per shape),
+    # compiled without optimizations: it runs once, and that halves the compile time.
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(config, seed=seed)))).lower(
+    ).compile(_FAST_COMPILE)()
+    return _flat(params), _keys(params)
+
+
+# ---------------------------------------------------------------------------- depth
+
+
+def _layer_positions(n_old: int, n_new: int, positions) -> list[int]:
+    """The grown model's indices of the new layers (default the top), checked."""
+    positions = list(range(n_old, n_new)) if positions is None else sorted(positions)
+    if len(positions) != n_new - n_old or len(set(positions)) != len(positions) or any(
+            not 0 <= p < n_new for p in positions):
+        raise GrowthError(f"positions {positions} must be {n_new - n_old} distinct layer "
+                          f"indices in [0, {n_new})")
+    return positions
+
+
+def _reindex_layers(flat: dict, n_new: int, positions: list[int]) -> tuple[dict, list[int]]:
+    """`flat` with old layer j renamed to its grown index `old_of[j]` (the new layers'
+    `positions` left free), and `old_of`."""
+    old_of = [i for i in range(n_new) if i not in positions]
+    out = {}
+    for path, w in flat.items():
+        m = re.match(r"^layers/(\d+)/(.*)$", path)
+        out[path if m is None else f"layers/{old_of[int(m.group(1))]}/{m.group(2)}"] = w
+    return out, old_of
 
 
 # ---------------------------------------------------------------------------- architecture

@@ -424,8 +424,8 @@ def minilm_workdir(tmp_path_factory):
 
 
 def _final_scores(task: str, init: str, run_dir: str, size: str, **train) -> dict:
-    from bigs_jax.evals.finetune import read_scores
     from bigs_jax.train import loop
+    from bigs_jax.train.metrics import read_scores
 
     c = _loop_config(task, init)
     fpt_tasks.apply_task_settings(c, task, size)

@@ -39,6 +39,7 @@ from ml_collections import ConfigDict
 
 from bigs_jax.data import images, listops, registry
 from bigs_jax.data.images import train_indices
+from bigs_jax.train.metrics import write_scores
 
 TASKS = ("bit-memory", "bit-xor", "listops", "mnist", "cifar10", "cifar10-gray", "digits",
          "remote-homology")
@@ -313,8 +314,6 @@ class FPTSource:
 
     def score(self, step: int, predict: Callable[[dict], np.ndarray]) -> dict[str, float]:
         """Accuracy on validation and test; saved as `dev/step_N.json` under scores_dir."""
-        from bigs_jax.evals.finetune import write_scores
-
         scores = {}
         for split in ("validation", "test"):
             data = self.splits[split]

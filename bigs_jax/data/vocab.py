@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
-from bigs_jax.data import corpus
+from bigs_jax.data import corpus, hide_accelerators_from_tensorflow
 
 if TYPE_CHECKING:
     import seqio
@@ -149,8 +149,6 @@ def sentencepiece_vocabulary(path: str | pathlib.Path) -> seqio.SentencePieceVoc
     _special_ids_of(_load_processor(path), str(path))  # fail early with a clear message
     # SeqIO imports TensorFlow: keep both out of cheap imports of this module.
     import seqio  # pylint: disable=import-outside-toplevel
-
-    from bigs_jax.data import hide_accelerators_from_tensorflow  # pylint: disable=C0415
 
     hide_accelerators_from_tensorflow()
 

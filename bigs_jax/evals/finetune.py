@@ -16,7 +16,6 @@ batch, train and dev alike, so the global arrays the loop assembles are the glob
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from ml_collections import ConfigDict
 
 from bigs_jax.data.wordpiece import WordPieceVocabulary, truncate_pair
 from bigs_jax.train import checkpointing
+from bigs_jax.train.metrics import write_scores
 
 class DataError(ValueError):
     """Missing or malformed fine-tuning data; reported to the user as one line."""
@@ -204,25 +204,6 @@ class ExampleSource:
         scores, predictions = self.score_fn(by_column)
         write_scores(self.config.data.get("scores_dir") or "", step, scores, predictions)
         return {f"{c}/{m}": v for c, ms in scores.items() for m, v in ms.items()}
-
-
-def write_scores(scores_dir: str, step: int, scores: dict, predictions: dict) -> None:
-    if not scores_dir or jax.process_index() != 0:
-        return
-    os.makedirs(os.path.join(scores_dir, "dev"), exist_ok=True)
-    checkpointing.write_json_atomic(
-        os.path.join(scores_dir, "dev", f"step_{step}.json"),
-        {"step": step, "scores": scores, "predictions": predictions})
-
-
-def read_scores(scores_dir: str) -> dict[int, dict]:
-    """{step: {"scores": ..., "predictions": ...}} of every evaluation written so far."""
-    out = {}
-    for path in glob.glob(os.path.join(scores_dir, "dev", "step_*.json")):
-        with open(path) as f:
-            data = json.load(f)
-        out[int(data["step"])] = data
-    return out
 
 
 def select(scores: dict[int, dict], how: str) -> tuple[int, dict]:

@@ -31,9 +31,9 @@ from ml_collections import ConfigDict
 
 from bigs_jax import fpt
 from bigs_jax.data.fpt_tasks import apply_task_settings
-from bigs_jax.evals.finetune import read_scores
 from bigs_jax.fpt import freeze_patterns
 from bigs_jax.train import checkpointing, loop
+from bigs_jax.train.metrics import read_scores
 from bigs_jax.train.workdir import check_workdir
 from bigs_jax.errors import ConfigError
 

@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 from bigs_jax.data import registry
 from bigs_jax.evals import finetune, metrics
 from bigs_jax.evals.finetune import DataError
+from bigs_jax.train.metrics import read_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +272,7 @@ def data_options(c: ConfigDict) -> dict:
 
 def finish(rc: ConfigDict, run_dir: str, how: str) -> dict:
     """The dev scores of the selected evaluation of a finished run."""
-    step, entry = finetune.select(finetune.read_scores(run_dir), how)
+    step, entry = finetune.select(read_scores(run_dir), how)
     return {"step": step, "select": how, "scores": entry["scores"]}
 
 

@@ -36,6 +36,7 @@ from bigs_jax.data import vocab as vocab_lib
 from bigs_jax.evals import finetune, metrics
 from bigs_jax.evals.finetune import DataError
 from bigs_jax.train import checkpointing
+from bigs_jax.train.metrics import read_scores
 
 NAME = "scrolls"
 TASKS = ("gov_report", "summ_screen_fd", "qmsum", "qasper", "narrative_qa", "quality",
@@ -409,7 +410,7 @@ def finish(rc: ConfigDict, run_dir: str, how: str) -> dict:
             task.name, texts, [ex.outputs for ex in examples]).items() if k != "score"}}
         step, how = rc.train.steps, "last"
     else:
-        step, entry = finetune.select(finetune.read_scores(run_dir), how)
+        step, entry = finetune.select(read_scores(run_dir), how)
         scores, predictions = entry["scores"], entry["predictions"]
     checkpointing.write_json_atomic(os.path.join(run_dir, "predictions.json"), predictions)
     return {"step": step, "select": how, "scores": scores}

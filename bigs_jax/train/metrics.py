@@ -2,10 +2,15 @@
 
 `RunLog` is the train loop's one reporter: train scalars (loss, lr, grad norm, tokens/s,
 TFLOP/s, MFU), eval results, the loss histories of the run's summary and its closing line.
+Data sources that score the model themselves (GLUE, SCROLLS, FPT) keep each evaluated step's
+scores in `<scores_dir>/dev/step_N.json` (`write_scores`, `read_scores`), so a resumed run
+keeps the evaluations made before it was interrupted.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import signal
 import sys
@@ -15,6 +20,8 @@ from typing import Mapping, Optional
 import jax
 from clu import metric_writers
 from tqdm import tqdm
+
+from bigs_jax.train.checkpointing import write_json_atomic
 
 
 def writer(logdir: str) -> metric_writers.MetricWriter:
@@ -229,3 +236,26 @@ class RunLog:
         elif last is not None:
             line += f", eval loss {last:.3f}"
         return line
+
+
+# ---------------------------------------------------------------------------- dev scores
+
+
+def write_scores(scores_dir: str, step: int, scores: dict, predictions: dict) -> None:
+    """Save one evaluation as `<scores_dir>/dev/step_N.json` (first process; no-op without a
+    scores_dir)."""
+    if not scores_dir or jax.process_index() != 0:
+        return
+    os.makedirs(os.path.join(scores_dir, "dev"), exist_ok=True)
+    write_json_atomic(os.path.join(scores_dir, "dev", f"step_{step}.json"),
+                      {"step": step, "scores": scores, "predictions": predictions})
+
+
+def read_scores(scores_dir: str) -> dict[int, dict]:
+    """{step: {"scores": ..., "predictions": ...}} of every evaluation written so far."""
+    out = {}
+    for path in glob.glob(os.path.join(scores_dir, "dev", "step_*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        out[int(data["step"])] = data
+    return out

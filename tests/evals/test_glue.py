@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 
 from bigs_jax.evals import finetune, glue
 from bigs_jax.evals.finetune import DataError
+from bigs_jax.train.metrics import read_scores
 
 
 def data_config(glue_dir, vocab, task, **kw):
@@ -146,7 +147,7 @@ def test_eval_batches_padding_and_scoring(glue_files, tmp_path):
     assert out == {"mnli_m/accuracy": 100.0, "mnli_mm/accuracy": pytest.approx(100 / 3)}
     saved = json.load(open(tmp_path / "dev" / "step_5.json"))
     assert saved["predictions"] == {"mnli_m": [1, 2, 0, 1], "mnli_mm": [0, 0, 0]}
-    assert finetune.read_scores(str(tmp_path))[5]["scores"]["mnli_m"] == {"accuracy": 100.0}
+    assert read_scores(str(tmp_path))[5]["scores"]["mnli_m"] == {"accuracy": 100.0}
 
 
 def test_stsb_regression_on_standardized_scores(glue_files, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from bigs_jax.evals import glue, metrics
-from bigs_jax.evals.finetune import read_scores
+from bigs_jax.train.metrics import read_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GLUE = os.path.join(ROOT, "..", "shared", "data", "glue")
