@@ -163,7 +163,7 @@ class FPT(nnx.Module):
         c, b = self.config, self.backbone
         x_BLD = x_BLD.astype(jnp.dtype(c.backbone.dtype))
         if c.backbone_family in VISION_FAMILIES:
-            x_BLD = x_BLD + self.positions[...].astype(x_BLD.dtype)
+            x_BLD = x_BLD + self.positions[...].astype(x_BLD.dtype)[None]
             apply = block_call(c.backbone.remat, kw["deterministic"])
             for layer in b.layers:
                 x_BLD = apply(layer, x_BLD, kw["rngs"])

@@ -1,8 +1,9 @@
 """Shared test setup: rank promotion by choice, fast XLA:CPU compiles, one compilation cache for
 the session, and the fixtures several test files build once.
 
-Rank promotion follows JAX_NUMPY_RANK_PROMOTION (default "allow"): with "raise", `x_BLD *
-scale_D` must be written as the broadcast it means, so a shape mistake cannot pass as one.
+Rank promotion raises (JAX_NUMPY_RANK_PROMOTION overrides it): `x_BLD * scale_D` must be
+written as the broadcast it means (`scale_D[None, None, :]`, or `leading_ones` in rank-generic
+code), so a shape mistake cannot pass as a broadcast.
 
 Compiled programs are cached on disk for the session (a fresh directory each session, so a
 run measures what a fresh clone pays): the training-loop tests start many runs of the same
@@ -21,9 +22,7 @@ import tempfile
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 _CACHE = tempfile.mkdtemp(prefix="bigs_jax_test_xla_cache_")
-# "raise" is the goal (issue 13), but the package still has implicit broadcasts (LayerNorm's
-# affine map, ...) that it would reject; opt in with JAX_NUMPY_RANK_PROMOTION=raise.
-os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "allow")
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.update({
     "JAX_COMPILATION_CACHE_DIR": _CACHE,
     # Cache only compilations that cost something: the eager op-by-op ones are not worth a
