@@ -162,3 +162,10 @@ def test_gpt2_model_without_lm_head(tmp_path):
     model = bigs_jax.load(str(tmp_path / "ours"))
     hidden = np.asarray(model(ids, mask).hidden_states)
     assert np.abs(hidden - ref)[mask.astype(bool)].max() < 1e-4
+
+    # FPT's path: embeddings from a new input layer instead of the token table (positions are
+    # still added inside the model, as in HF's inputs_embeds).
+    embeds = np.random.default_rng(1).standard_normal((2, 9, 24)).astype(np.float32)
+    ref = torch_out(hf_model, inputs_embeds=embeds).last_hidden_state.numpy()
+    hidden = np.asarray(model(inputs_embeds=embeds).hidden_states)
+    assert np.abs(hidden - ref).max() < 1e-4
