@@ -20,8 +20,13 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception's message on one line (ml_collections wraps KeyErrors in reprs)."""
+    """An exception's message on one line (ml_collections wraps KeyErrors in reprs, and an
+    exception raised by a config file's get_config in the whole traceback: its last line is
+    the message)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if "Error whilst parsing config file" in text and "Traceback" in text:
+        head = text.split("Error whilst parsing config file", 1)[0]
+        text = head + text.strip().splitlines()[-1].strip()
     text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
     if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]

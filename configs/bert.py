@@ -22,7 +22,7 @@ MAX_PREDICTIONS_PER_128 = 20
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("size", "seq_len", "smoke"))
     size = pick_size(args, SIZES, "base")
     c = base_config(model=f"bert-{size}", task="embedded_mlm", objective="mlm")
     c.optim.lr = LR[size]

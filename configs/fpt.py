@@ -44,7 +44,8 @@ def _flag(args: dict, key: str, default: bool) -> bool:
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("task", "size", "mode", "backbone", "freeze_ln", "freeze_pos",
+                           "freeze_ff", "freeze_attn", "smoke"))
     task = args.get("task", "bit-xor")
     size = args.get("size", "paper")
     mode = args.get("mode", "frozen")

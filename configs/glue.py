@@ -44,7 +44,7 @@ CPU_TASK = {
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("recipe", "smoke"))
     recipe = args.get("recipe", "cpu")
     if recipe not in ("cpu", "bigs"):
         raise ValueError(f"unknown recipe {recipe!r}; choose cpu or bigs")

@@ -24,7 +24,7 @@ LR = {"tiny": 3e-3, "mini": 1.5e-3, "small": 6e-4, "medium": 3e-4, "large": 2.5e
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("size", "smoke"))
     size = pick_size(args, SIZES, "small")
     c = base_config(model=SIZES[size], task="embedded_lm", objective="lm")
     c.optim.lr = LR[size]

@@ -22,7 +22,7 @@ FILTER_Z = r"/filter_fn2?/z$"
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("size", "smoke"))
     size = pick_size(args, SIZES, "80m")
     c = base_config(model=f"m2-bert-{size}", task="embedded_mlm", objective="mlm")
     c.data.mask_rate = 0.30

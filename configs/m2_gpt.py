@@ -20,7 +20,7 @@ FILTER_Z = r"/filter_fn2?/z$"
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("size", "nomlp", "smoke"))
     size = pick_size(args, SIZES, "small")
     c = base_config(model=f"m2-gpt-{size}" + ("-nomlp" if args.get("nomlp") else ""),
                     task="embedded_lm", objective="lm")

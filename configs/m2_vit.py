@@ -21,6 +21,6 @@ SIZES = {"tiny": "m2-vit-tiny", "s16": "m2-vit-s16", "b16": "m2-vit-b16"}
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("size", "smoke"))
     size = pick_size(args, SIZES, "b16")
     return image_config(SIZES[size], size, args)

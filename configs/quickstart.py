@@ -11,7 +11,7 @@ from bigs_jax.train.config import base_config, parse_arg, smoke
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("smoke",))
     c = base_config(model="bigs-small", task="embedded_mlm", objective="mlm")
     c.model.hidden_size = 128
     c.model.num_layers = 2

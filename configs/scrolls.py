@@ -25,7 +25,7 @@ TASKS = ("gov_report", "summ_screen_fd", "qmsum", "qasper", "narrative_qa", "qua
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("smoke",))
     c = ConfigDict()
     c.benchmark = "scrolls"
     c.init = ""

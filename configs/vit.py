@@ -67,6 +67,6 @@ def image_config(model: str, size: str, args: dict):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
+    args = parse_arg(arg, ("size", "smoke"))
     size = pick_size(args, SIZES, "b16")
     return image_config(SIZES[size], size, args)

@@ -412,6 +412,7 @@ def import_to_workdir(src: str, dst: str, *, from_: str = "auto",
     params = unflatten_like(imported.params, tree)
     tmp = _fresh_tmp(dst)
     try:
+        checkpointing.write_marker(tmp)
         checkpointing.write_json_atomic(os.path.join(tmp, checkpointing.MODEL_JSON),
                                         checkpointing.model_json(imported.config))
         checkpointing.save_params_only(tmp, 0, params, {

@@ -9,8 +9,9 @@ others, so `train/` never names `evals/`.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
+import numpy as np
 from ml_collections import ConfigDict
 
 from bigs_jax.errors import ConfigError
@@ -53,3 +54,27 @@ def make_data_source(config: ConfigDict) -> DataSource:
         raise ConfigError(f"unknown config.data.source {name!r}; registered: {names()} (a "
                           "source registers when the module that defines it is imported)")
     return _SOURCES[name](config)
+
+
+def check_token_ids(batch: dict, vocab_size: Optional[int], where: str) -> dict:
+    """`batch` after checking its `input_ids` lie in [0, vocab_size) (a host min/max, once per
+    batch): ids from another tokenizer would give NaN or garbage, not an error."""
+    ids = batch.get("input_ids")
+    if vocab_size is None or ids is None or ids.size == 0:
+        return batch
+    low, high = int(np.min(ids)), int(np.max(ids))
+    if low < 0 or high >= vocab_size:
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ConfigError(
+            f"{where} has input_ids outside the model's vocabulary: {bad.size} ids in "
+            f"[{bad.min()}, {bad.max()}], but vocab_size is {vocab_size} (ids "
+            f"0..{vocab_size - 1}); tokenize config.data with the model's vocabulary")
+    return batch
+
+
+def checked_batches(batches: Iterator[dict], vocab_size: Optional[int],
+                    start_step: int) -> Iterator[dict]:
+    """`batches` (the train batches from step `start_step` on), each checked by
+    `check_token_ids`."""
+    for step, batch in enumerate(batches, start_step + 1):
+        yield check_token_ids(batch, vocab_size, f"config.data's train batch of step {step}")

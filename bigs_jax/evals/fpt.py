@@ -169,8 +169,10 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     if c.protocol.sweep not in ("all", "first_seed"):
         raise ConfigError(f"unknown config.protocol.sweep {c.protocol.sweep!r}; choose all "
                           "or first_seed")
-    out = check_workdir(out)
+    out = check_workdir(out, "eval")
     os.makedirs(out, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpointing.write_marker(out, "eval")
     rows = []
     for task in tasks:
         for mode in modes:

@@ -165,6 +165,10 @@ def run_one(c: ConfigDict, bench, task: str, seed: int, out: str) -> Optional[di
         if not c.mnli_init and not os.path.exists(os.path.join(mnli, RESULT_JSON)):
             if run_one(c, bench, "mnli", seed, out) is None:
                 return None
+        # The run directory is ours before its init/ lands in it (train loop's workdir check).
+        os.makedirs(run_dir, exist_ok=True)
+        if jax.process_index() == 0:
+            checkpointing.write_marker(run_dir)
         init = transfer_init(mnli, os.path.join(run_dir, "init"),
                              bench.get_task(task).num_labels, seed)
     rc = run_config(c, task, seed, init, run_dir, bench)
@@ -251,8 +255,10 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
                           "--config.seeds=0,1,2") from None
     if c.select not in ("best", "last"):
         raise ConfigError(f"unknown config.select {c.select!r}; choose best or last")
-    out = check_workdir(out)
+    out = check_workdir(out, "eval")
     os.makedirs(out, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpointing.write_marker(out, "eval")
     results = {}
     for task in tasks:
         runs = []

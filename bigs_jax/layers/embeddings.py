@@ -11,9 +11,26 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bigs_jax.layers.linear import Dtype, layer_norm, sharded
+
+
+def check_token_ids(ids, vocab_size: int) -> None:
+    """ValueError if concrete `ids` fall outside [0, vocab_size): an embedding lookup would
+    clamp or fill them with NaN instead of failing. Traced ids (under jit) and arrays spread
+    over other hosts pass unchecked, so a compiled step pays nothing; the train loop checks
+    every host batch before it reaches the step (data.registry.check_token_ids)."""
+    if isinstance(ids, jax.core.Tracer) or (
+            isinstance(ids, jax.Array) and not ids.is_fully_addressable):
+        return
+    ids = np.asarray(ids)
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"input_ids hold {bad.size} ids outside the vocabulary, in "
+                         f"[{bad.min()}, {bad.max()}]; the model's vocab_size is {vocab_size} "
+                         f"(ids 0..{vocab_size - 1}); tokenize with the model's vocabulary")
 
 
 def embed(num: int, features: int, axes, *, init_std: float, rngs: nnx.Rngs,
@@ -71,6 +88,8 @@ class BertEmbeddings(nnx.Module):
         if L > self.max_len:
             raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "
                              "truncate the input or build the model with a larger max_len")
+        if inputs_embeds_BLD is None:
+            check_token_ids(ids_BL, self.word.num_embeddings)
         x_BLD = self.word(ids_BL) if inputs_embeds_BLD is None else inputs_embeds_BLD
         if self.position is not None:
             if position_ids_BL is None:

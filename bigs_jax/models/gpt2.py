@@ -28,7 +28,7 @@ from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
 from bigs_jax.layers.blocks import block_call, check_remat
-from bigs_jax.layers.embeddings import embed
+from bigs_jax.layers.embeddings import check_token_ids, embed
 from bigs_jax.layers.linear import activation, dense, layer_norm, rms_norm
 from bigs_jax.layers.mlp import MLP
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
@@ -183,6 +183,7 @@ class GPT2(nnx.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         kw = dict(deterministic=deterministic, rngs=rngs)
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
             x_BLD = self.embeddings.word(jnp.asarray(input_ids))
         else:
             x_BLD = jnp.asarray(inputs_embeds)

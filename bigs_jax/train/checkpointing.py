@@ -1,8 +1,9 @@
 """Every Orbax call in the zoo, and the self-describing workdir layout.
 
-A workdir holds `config.json` (the resolved run config), `model.json` (model family + its
-frozen config), `checkpoints/<step>/` (Orbax: items `params`, `opt_state`, `meta`) and
-TensorBoard event files. `load_model` needs nothing but the path.
+A workdir holds `bigs_jax.json` (the marker that makes it ours, written first), `config.json`
+(the resolved run config), `model.json` (model family + its frozen config),
+`checkpoints/<step>/` (Orbax: items `params`, `opt_state`, `meta`) and TensorBoard event files.
+`load_model` needs nothing but the path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from bigs_jax.paths import flat_paths, path_str
 CHECKPOINTS = "checkpoints"
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
+# Written first into every directory bigs_jax creates, so a directory of someone else's (an HF
+# model directory also has a config.json) is never mistaken for ours and written into.
+MARKER_JSON = "bigs_jax.json"
+WORKDIR_FORMAT = 1
 
 
 # ---------------------------------------------------------------------------- model.json
@@ -53,6 +58,14 @@ def write_json_atomic(path: str, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_marker(workdir: str, kind: str = "run") -> None:
+    """Mark `workdir` as a bigs_jax directory of `kind` ("run": train loop / convert output,
+    "eval": eval.py's output); `train.workdir.check_workdir` recognises it."""
+    path = os.path.join(workdir, MARKER_JSON)
+    if not os.path.exists(path):
+        write_json_atomic(path, {"bigs_jax": kind, "format": WORKDIR_FORMAT})
 
 
 def read_model_config(workdir: str):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Optional
+from typing import Optional, Sequence
 
 from ml_collections import ConfigDict, config_dict
 
+from bigs_jax.errors import ConfigError
 from bigs_jax.models import FAMILIES, get_spec
 from bigs_jax.train.partitioning import DEFAULT_RULES
 
@@ -25,12 +26,17 @@ NO_DECAY = (r"(^|/)bias$", r"norm/(scale|bias)$")
 SSM_PARAMS = r"(^|/)(fs4|bs4)/(A_re|A_im|log_step)$"
 
 
-def parse_arg(arg: Optional[str]) -> dict:
-    """'size=large,smoke' → {'size': 'large', 'smoke': True}."""
+def parse_arg(arg: Optional[str], keys: Sequence[str]) -> dict:
+    """'size=large,smoke' → {'size': 'large', 'smoke': True}; `keys` are the names the
+    config accepts, and any other (a typo such as `smok` or `sise`) raises ValueError."""
     out = {}
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() if value else True
+        key = key.strip()
+        if key not in keys:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; valid: "
+                             f"{', '.join(keys)} (as :key=value,flag)")
+        out[key] = value.strip() if value else True
     return out
 
 
@@ -89,7 +95,41 @@ def train_config() -> ConfigDict:
         # The gradient norm in the logs costs ~7% of a small model's step on CPU.
         "log_grad_norm": True,
         "eval_at_start": True,  # evaluate before the first step of a fresh run
+        # Resume although the optimizer/data settings differ from the workdir's config.json
+        # (the change is recorded in config_history.json; workdir.check_resume_config).
+        "allow_config_change": False,
     })
+
+
+# The least value of each key that a run can use (0 = off, e.g. no warmup, no clipping).
+_LOWEST = {
+    "train": {"steps": 1, "log_every": 1, "eval_every": 1, "checkpoint_every": 1,
+              "keep_checkpoints": 1, "grad_accum_steps": 1, "max_predictions": 0,
+              "profile_start_step": 0, "profile_num_steps": 0},
+    "data": {"batch_size": 1, "eval_batch_size": 1, "eval_batches": 0, "seq_len": 0},
+    "optim": {"lr": 0, "warmup_steps": 0, "end_lr_ratio": 0, "weight_decay": 0,
+              "clip_norm": 0, "eps": 0, "b1": 0, "b2": 0},
+}
+# Keys that must also stay below a bound (Adam's betas are < 1).
+_BELOW = {"optim": {"b1": 1, "b2": 1}}
+
+
+def check_values(config: ConfigDict) -> None:
+    """Raise ConfigError naming every value no run can use (steps <= 0, lr < 0, ...)."""
+    problems = []
+    for section, lowest in _LOWEST.items():
+        values = config.get(section) or {}
+        for key, low in lowest.items():
+            value = values.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            high = _BELOW.get(section, {}).get(key)
+            if value < low or (high is not None and value >= high):
+                bound = f">= {low}" if high is None else f"in [{low}, {high})"
+                problems.append(f"config.{section}.{key}={value} (must be {bound})")
+    if problems:
+        raise ConfigError(f"impossible config values: {'; '.join(problems)}; pass values in "
+                          "range with --config.<section>.<key>=...")
 
 
 def seqio_data_config(task: str) -> ConfigDict:

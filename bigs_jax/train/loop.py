@@ -31,7 +31,13 @@ from bigs_jax.train import checkpointing, metrics, optim, partitioning
 from bigs_jax.train import growth as train_growth
 from bigs_jax.train.objectives import OBJECTIVES, forward
 from bigs_jax.train.step import TrainState, make_eval_step, make_train_step
-from bigs_jax.train.workdir import check_workdir, model_config_from, prepare_workdir
+from bigs_jax.train.config import check_values
+from bigs_jax.train.workdir import (
+    check_resume_config,
+    check_workdir,
+    model_config_from,
+    prepare_workdir,
+)
 
 __all__ = ["ConfigError", "train_and_evaluate"]
 
@@ -42,6 +48,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     Nothing is written to the workdir before the config, data and model have been validated.
     """
     workdir = check_workdir(workdir)
+    check_values(config)
+    check_resume_config(workdir, config)
     source = registry.make_data_source(config)
     base_model_config = model_config_from(config, source.model_overrides())
     events = _growth_events(config, base_model_config)
@@ -52,7 +60,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         program = Program.build(config, model_config, mesh, rules, hasattr(source, "score"))
         ckpt = _existing_checkpointer(workdir, config.train)
         start = ckpt.latest_step() if ckpt else None
-        train_iter, eval_batches = source.iterators(start or 0)
+        train_iter, eval_batches = _checked_data(source, start or 0, model_config)
         first = next(train_iter)
         train_iter = itertools.chain([first], train_iter)
         _refuse_unsupported_packing(first, model_config, config)
@@ -230,6 +238,16 @@ def _make_predict_step(graphdef):
                        rngs=None).logits
 
     return predict_step
+
+
+def _checked_data(source, start: int, model_config) -> tuple[Iterator[dict], list[dict]]:
+    """The source's iterators, every batch's token ids checked against the model's
+    vocabulary on the host (the compiled step would turn a foreign id into NaN or garbage)."""
+    train_iter, eval_batches = source.iterators(start)
+    vocab_size = getattr(model_config, "vocab_size", None)
+    for i, batch in enumerate(eval_batches):
+        registry.check_token_ids(batch, vocab_size, f"config.data's eval batch {i}")
+    return registry.checked_batches(train_iter, vocab_size, start), eval_batches
 
 
 def _refuse_unsupported_packing(batch: dict, model_config, config: ConfigDict) -> None:

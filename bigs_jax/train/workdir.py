@@ -1,14 +1,21 @@
 """A run's workdir and model: checked before anything is written, then recorded in it.
 
-`check_workdir` refuses a path that cannot be written; `model_config_from` resolves the frozen
-model config of a run (registry entry, `config.init` checkpoint, what the data fixes);
-`prepare_workdir` writes config.json and model.json, refusing a workdir of another model.
+`check_workdir` refuses a path that cannot be written or a directory that is not ours;
+`model_config_from` resolves the frozen model config of a run (registry entry, `config.init`
+checkpoint, what the data fixes); `prepare_workdir` writes the marker, config.json and
+model.json, refusing a workdir of another model.
+
+A directory is ours when it holds `bigs_jax.json` (checkpointing.MARKER_JSON) of the right kind,
+or, written before the marker existed, a model.json or config.json of ours. Anything else that
+is not empty (an HF model directory, a home directory) is refused before a byte is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
 from typing import Optional
 
 import jax
@@ -19,8 +26,16 @@ from bigs_jax.models import FAMILIES, MODELS, make_config
 from bigs_jax.train import checkpointing
 
 
-def check_workdir(workdir: str) -> str:
-    """Absolute workdir path after checking it can be written, creating nothing."""
+# The sections of every run config (`config.run_config`): a config.json holding them is ours.
+_RUN_CONFIG_KEYS = {"objective", "model", "data", "optim", "train"}
+# How deep a pre-marker eval output is searched for the run workdirs it holds
+# (OUT/<task>/<mode>/lr<lr>/seed<k> for FPT).
+_EVAL_DEPTH = 4
+
+
+def check_workdir(workdir: str, kind: str = "run") -> str:
+    """Absolute workdir path after checking it can be written and is absent, empty or ours
+    (of `kind`: "run" for the train loop, "eval" for eval.py's output), creating nothing."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     probe = workdir
     while not os.path.exists(probe):
@@ -31,7 +46,126 @@ def check_workdir(workdir: str) -> str:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"workdir {workdir} is not writable ({probe} denies writes); "
                           "pass a writable --workdir")
+    if probe == workdir:
+        _check_ours(workdir, kind)
     return workdir
+
+
+def _read_json(path: str):
+    """The JSON object at `path`, or None if it is missing or not a JSON object."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_legacy_run(path: str) -> bool:
+    """A run workdir written before the marker: our model.json or our config.json."""
+    model = _read_json(os.path.join(path, checkpointing.MODEL_JSON))
+    if model is not None and model.get("family") in FAMILIES and isinstance(
+            model.get("config"), dict):
+        return True
+    config = _read_json(os.path.join(path, checkpointing.CONFIG_JSON))
+    return config is not None and _RUN_CONFIG_KEYS <= set(config)
+
+
+def _is_legacy_eval(path: str) -> bool:
+    """An eval output written before the marker: results.json, or run workdirs below it."""
+    if os.path.isfile(os.path.join(path, "results.json")):
+        return True
+    top = path.count(os.sep)
+    for root, dirs, _ in os.walk(path):
+        if root != path and _is_legacy_run(root):
+            return True
+        if root.count(os.sep) - top >= _EVAL_DEPTH:
+            dirs.clear()
+        dirs[:] = [d for d in dirs if d != checkpointing.CHECKPOINTS]
+    return False
+
+
+def _check_ours(workdir: str, kind: str) -> None:
+    """Refuse an existing, non-empty directory that is not a bigs_jax directory of `kind`."""
+    try:
+        entries = sorted(os.listdir(workdir))
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} cannot be read ({e.strerror}); pass a readable "
+                          "--workdir") from None
+    if not entries:
+        return
+    marker = _read_json(os.path.join(workdir, checkpointing.MARKER_JSON))
+    if marker is not None and marker.get("bigs_jax") == kind:
+        return
+    if marker is not None and marker.get("bigs_jax"):
+        why = f"it is a bigs_jax {marker['bigs_jax']!r} directory, not a {kind!r} one"
+    elif (_is_legacy_run if kind == "run" else _is_legacy_eval)(workdir):
+        return
+    else:
+        shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)"
+                                          if len(entries) > 4 else "")
+        why = (f"it is not empty ({shown}) and has no {checkpointing.MARKER_JSON} or run "
+               "files of ours")
+    raise ConfigError(f"workdir {workdir} is not a bigs_jax {kind} directory: {why}; nothing "
+                      "was written; pass an empty or new --workdir")
+
+
+# Run-config keys a resume may change without a word in the way: how long to train, how often
+# to log, evaluate and save, what to evaluate on, the mesh (a checkpoint restores onto any mesh)
+# and the model section (prepare_workdir compares the frozen model configs itself). The rest
+# (optim, data, objective, seeds, growth) shaped the checkpoints already written.
+_RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.dry_run", "train.peak_flops_per_device",
+              "train.profile_start_step", "train.profile_num_steps", "train.log_grad_norm",
+              "train.eval_at_start", "train.allow_config_change", "train.grad_accum_steps",
+              "data.eval_batches", "data.eval_batch_size"}
+_RESUMABLE_SECTIONS = {"mesh", "model"}
+HISTORY_JSON = "config_history.json"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(workdir: str, config: ConfigDict) -> dict:
+    """{dotted key: [stored, new]} of the values that differ from the workdir's config.json
+    (keys it lacks, added to the schema after it was written, are not changes)."""
+    stored = _read_json(os.path.join(workdir, checkpointing.CONFIG_JSON))
+    if stored is None:
+        return {}
+    old, new = _flat(stored), _flat(json.loads(json.dumps(config.to_dict())))
+    return {k: [old[k], new.get(k)] for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+
+
+def check_resume_config(workdir: str, config: ConfigDict) -> dict:
+    """The changes against the workdir's config.json; ConfigError if any would alter what the
+    checkpoints were trained with, unless `config.train.allow_config_change`."""
+    changes = config_changes(workdir, config)
+    shaping = [k for k in changes
+               if k not in _RESUMABLE and k.split(".")[0] not in _RESUMABLE_SECTIONS]
+    if shaping and not config.train.get("allow_config_change", False):
+        shown = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in shaping)
+        raise ConfigError(
+            f"workdir {workdir} holds a run trained with other settings ({shown}); nothing was "
+            "written; use a new --workdir, the original values, or "
+            "--config.train.allow_config_change=True to continue with the new ones (recorded "
+            f"in {HISTORY_JSON})")
+    return changes
+
+
+def _record_changes(workdir: str, changes: dict) -> None:
+    """Append a resume's config changes to config_history.json, oldest first."""
+    path = os.path.join(workdir, HISTORY_JSON)
+    history = _read_json(path) or {"changes": []}
+    history["changes"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "changed": changes})
+    checkpointing.write_json_atomic(path, history)
 
 
 def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None):
@@ -75,7 +209,9 @@ def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None)
 
 
 def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
-    """Write config.json and model.json; a workdir of a different model is refused."""
+    """Write the marker, config.json and model.json (a resume's config changes appended to
+    config_history.json); a workdir of a different model or with changed settings is
+    refused."""
     path = os.path.join(workdir, checkpointing.MODEL_JSON)
     if os.path.exists(path):
         existing = checkpointing.read_model_config(workdir)
@@ -84,8 +220,12 @@ def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
                              if getattr(existing, f.name) != getattr(model_config, f.name, None))
             raise ConfigError(f"workdir {workdir} holds a run of a different model (differs in "
                               f"{changed}); use a new --workdir or the original config")
+    changes = check_resume_config(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
+        checkpointing.write_marker(workdir)
+        if changes:
+            _record_changes(workdir, changes)
         checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.CONFIG_JSON),
                                         config.to_dict())
         checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))

@@ -50,6 +50,7 @@ def run_cli(*args):
     (["--config.model.nme=x"], "nme"),
     (["--config=configs/nope.py"], "nope.py"),
     (["--config.train.steps=abc"], "steps"),
+    (["--config=configs/quickstart.py:smok"], "unknown config argument 'smok'"),
 ])
 def test_cli_bad_flags_fail_in_one_line_and_touch_nothing(tmp_path, args, message):
     workdir = tmp_path / "run"

@@ -1,0 +1,196 @@
+"""Mistakes a user can make that must stop with one line and change nothing on disk (issue 17,
+items 1, 3 and 5): a directory that is not ours as workdir, token ids outside the vocabulary,
+config typos and impossible values, a resume with changed settings."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import bigs_jax
+from bigs_jax.data import registry
+from bigs_jax.train import checkpointing, loop
+from bigs_jax.train.workdir import check_workdir
+from configs import bert, quickstart
+from tests.runs import smoke, snapshot
+from tests.train.test_loop import run_cli
+
+
+def hashes(path) -> dict:
+    """{relative path: sha256} of every file under `path`."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), path)] = hashlib.sha256(
+                    fh.read()).hexdigest()
+    return out
+
+
+def hf_model_dir(path):
+    """A directory laid out as an HF BERT checkpoint: config.json, weights, vocab."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30522}))
+    (path / "model.safetensors").write_bytes(os.urandom(256))
+    (path / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    return path
+
+
+# ---------------------------------------------------------------------------- item 1
+
+
+def test_cli_refuses_a_foreign_workdir_and_leaves_it_byte_identical(tmp_path):
+    foreign = hf_model_dir(tmp_path / "hf_bert")
+    before = hashes(foreign)
+    result = run_cli("--config=configs/quickstart.py:smoke", f"--workdir={foreign}")
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert lines[-1] == (
+        f"error: workdir {foreign} is not a bigs_jax run directory: it is not empty "
+        "(config.json, model.safetensors, vocab.txt) and has no bigs_jax.json or run files of "
+        "ours; nothing was written; pass an empty or new --workdir"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert hashes(foreign) == before and sorted(os.listdir(foreign)) == sorted(before)
+
+
+@pytest.mark.parametrize("layout,why", [
+    ({"notes.txt": "mine"}, "not empty"),
+    ({"model.json": "{not json"}, "not empty"),
+    ({"model.json": json.dumps({"family": "llama", "config": {}})}, "not empty"),
+    ({"config.json": json.dumps({"train": {}, "optim": {}})}, "not empty"),
+    ({"bigs_jax.json": json.dumps({"bigs_jax": "eval", "format": 1})}, "'eval' directory"),
+])
+def test_train_loop_refuses_directories_that_are_not_ours(tmp_path, layout, why):
+    workdir = tmp_path / "dir"
+    workdir.mkdir()
+    for name, text in layout.items():
+        (workdir / name).write_text(text)
+    before = hashes(workdir)
+    with pytest.raises(loop.ConfigError, match=f"is not a bigs_jax run directory: .*{why}"):
+        loop.train_and_evaluate(smoke(2), str(workdir))
+    assert hashes(workdir) == before
+
+
+def test_eval_output_of_someone_else_is_refused(tmp_path):
+    foreign = hf_model_dir(tmp_path / "hf_bert")
+    before = hashes(foreign)
+    with pytest.raises(loop.ConfigError, match="not a bigs_jax eval directory"):
+        check_workdir(str(foreign), "eval")
+    assert hashes(foreign) == before
+
+
+def test_our_workdirs_old_and_new_are_recognised(smoke_run, tmp_path):
+    workdir = smoke_run[0]
+    marker = json.load(open(os.path.join(workdir, checkpointing.MARKER_JSON)))
+    assert marker == {"bigs_jax": "run", "format": checkpointing.WORKDIR_FORMAT}
+    assert check_workdir(workdir) == workdir
+    old = tmp_path / "old"  # written before the marker existed
+    shutil.copytree(workdir, old)
+    os.remove(old / checkpointing.MARKER_JSON)
+    assert check_workdir(str(old)) == str(old)
+    os.remove(old / checkpointing.MODEL_JSON)  # killed between config.json and model.json
+    assert check_workdir(str(old)) == str(old)
+    eval_out = tmp_path / "eval_out" / "sst2"  # an old eval.py output holding one run
+    shutil.copytree(workdir, eval_out / "seed0")
+    os.remove(eval_out / "seed0" / checkpointing.MARKER_JSON)
+    assert check_workdir(str(eval_out.parent), "eval") == str(eval_out.parent)
+    (tmp_path / "empty").mkdir()
+    assert check_workdir(str(tmp_path / "empty")) == str(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------- item 3
+
+
+@pytest.mark.parametrize("name", ["bigs-tiny", "gpt2-tiny"])
+def test_model_call_rejects_ids_outside_the_vocabulary(name):
+    model = bigs_jax.create(name, num_layers=1)  # the check runs before the layers
+    vocab_size = model.config.vocab_size
+    ids = np.array([[5, vocab_size, vocab_size + 7, 3]], np.int32)
+    with pytest.raises(ValueError, match=rf"input_ids hold 2 ids outside the vocabulary, in "
+                       rf"\[{vocab_size}, {vocab_size + 7}\]; the model's vocab_size is "
+                       rf"{vocab_size} \(ids 0..{vocab_size - 1}\)"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"1 ids outside the vocabulary, in \[-1, -1\]"):
+        model(np.array([[5, -1, 3, 3]], np.int32))
+    out = model(np.array([[5, 6, vocab_size - 1, 0]], np.int32))
+    assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_data_check_names_the_batch_and_range():
+    ids = np.array([[2, 9, 40000], [-3, 4, 5]], np.int32)
+    with pytest.raises(loop.ConfigError, match=r"^eval batch 0 has input_ids outside the "
+                       r"model's vocabulary: 2 ids in \[-3, 40000\], but vocab_size is 8192 "
+                       r"\(ids 0\.\.8191\)"):
+        registry.check_token_ids({"input_ids": ids}, 8192, "eval batch 0")
+    batches = registry.checked_batches(iter([{"input_ids": ids[:, :2] + 3}] * 2), 8192, 4)
+    assert len(list(batches)) == 2
+    with pytest.raises(loop.ConfigError, match="train batch of step 5 "):
+        next(registry.checked_batches(iter([{"input_ids": ids}]), 8192, 4))
+
+
+def test_train_loop_refuses_data_from_a_larger_vocabulary(tmp_path):
+    config = smoke(2)
+    config.model.vocab_size = 1000  # the embedded corpus has 8192 ids
+    workdir = str(tmp_path / "run")
+    with pytest.raises(loop.ConfigError, match=r"eval batch 0 has input_ids outside the model's "
+                       r"vocabulary: \d+ ids in \[1000, \d+\], but vocab_size is 1000"):
+        loop.train_and_evaluate(config, workdir)
+    assert not os.path.exists(workdir)
+
+
+# ---------------------------------------------------------------------------- item 5
+
+
+def test_config_arguments_are_checked_against_each_config():
+    with pytest.raises(ValueError, match=r"unknown config argument 'smok' in 'smok'; valid: "
+                       r"smoke"):
+        quickstart.get_config("smok")
+    with pytest.raises(ValueError, match=r"unknown config argument 'sise' in 'sise=tiny'; "
+                       r"valid: size, seq_len, smoke"):
+        bert.get_config("sise=tiny")
+    assert bert.get_config("size=tiny,seq_len=64,smoke").data.seq_len == 64
+
+
+def test_impossible_values_are_refused_before_anything_is_written(tmp_path):
+    config = smoke(2)
+    config.train.steps = -5
+    config.optim.lr = -1e-3
+    config.data.batch_size = 0
+    workdir = str(tmp_path / "run")
+    with pytest.raises(loop.ConfigError) as e:
+        loop.train_and_evaluate(config, workdir)
+    assert str(e.value) == (
+        "impossible config values: config.train.steps=-5 (must be >= 1); "
+        "config.data.batch_size=0 (must be >= 1); config.optim.lr=-0.001 (must be >= 0); "
+        "pass values in range with --config.<section>.<key>=...")
+    assert not os.path.exists(workdir)
+
+
+def test_resume_with_changed_settings_refuses_or_records(smoke_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(smoke_run[0], workdir)  # a finished smoke(2) run
+    before = snapshot(workdir)
+    config = smoke(4)
+    config.optim.lr = 1e-2
+    config.data.batch_size = 4
+    with pytest.raises(loop.ConfigError) as e:
+        loop.train_and_evaluate(config, workdir)
+    assert str(e.value) == (
+        f"workdir {workdir} holds a run trained with other settings (data.batch_size 8 -> 4, "
+        "optim.lr 0.005 -> 0.01); nothing was written; use a new --workdir, the original "
+        "values, or --config.train.allow_config_change=True to continue with the new ones "
+        "(recorded in config_history.json)")
+    assert snapshot(workdir) == before
+
+    config.data.batch_size = 8
+    config.train.allow_config_change = True
+    assert loop.train_and_evaluate(config, workdir)["steps"] == 4
+    with open(os.path.join(workdir, "config_history.json")) as f:
+        (entry,) = json.load(f)["changes"]
+    assert entry["changed"] == {"optim.lr": [0.005, 0.01], "train.steps": [2, 4],
+                                "train.allow_config_change": [False, True]}
+    with open(os.path.join(workdir, checkpointing.CONFIG_JSON)) as f:
+        assert json.load(f)["optim"]["lr"] == 1e-2
