@@ -9,7 +9,8 @@ Compiled programs are cached on disk for the session (a fresh directory each ses
 run measures what a fresh clone pays): the training-loop tests start many runs of the same
 tiny models, and every `train_and_evaluate` jits new closures whose programs XLA would
 otherwise compile again (~35 s of a 40 s smoke run on 2 cores). Subprocesses (train.py,
-eval.py, the mesh runs) inherit both settings through the environment.
+eval.py, the mesh runs) inherit both settings through the environment. Under pytest-xdist
+(`-n 2`, the README's command) each worker process keeps a cache of its own.
 """
 
 import os
