@@ -163,7 +163,8 @@ def run_config(*, model: ConfigDict, data: ConfigDict, objective: str,
     c.train = train_config()
     c.mesh = mesh_config()
     # Function-preserving growth schedule (train/growth.py), a JSON list of
-    # {"step": s, "<size field>": n, ...}, e.g. '[{"step": 200, "hidden_size": 256}]'.
+    # {"step": s, "<size field>": n, ...}, e.g. '[{"step": 200, "hidden_size": 256}]'; an entry's
+    # "rewarm_steps": n ramps the lr from lr/n back to lr over the n updates after growth.
     c.growth = ""
     return c
 

@@ -29,7 +29,10 @@ stream; the committed script at β2 = 0.999 gives zero 27.5x with a spike 2.04 �
 10, nu_median ≤ 0.15x in steps 1-10 and 0.15-0.77x at step 100.)
 
 The schedule (`config.growth`, a list of {"step": s, <size>: n, ...}) is read by
-`growth_events`; the loop calls `grow_state` when it reaches each step.
+`growth_events`; the loop calls `grow_state` when it reaches each step. An entry's
+`"rewarm_steps": n` re-warms the learning rate of every parameter after that growth (linear
+from lr/n to lr over n updates, `optim.rewarmed`): the fourth option, ablated in
+bench/growth.py.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from bigs_jax.train.step import TrainState
 
 POLICIES = ("own_count", "nu_mean", "nu_median", "zero")
 # Keys of a schedule entry that are not sizes.
-_EVENT_OPTIONS = ("step", "hidden_mode", "layer_positions", "policy", "seed")
+_EVENT_OPTIONS = ("step", "hidden_mode", "layer_positions", "policy", "seed", "rewarm_steps")
 # Policies a train run can use: own_count changes the optimizer state's structure, which a
 # resumed run (built from the config) could not restore.
 LOOP_POLICIES = ("nu_median", "nu_mean", "zero")
@@ -218,6 +221,9 @@ def growth_events(config) -> list[dict]:
         if unknown:
             raise ValueError(f"config.growth entry {e} has unknown keys {unknown}; sizes are "
                              f"{list(growth.SIZE_FIELDS)}, options {list(_EVENT_OPTIONS)}")
+        if int(e.get("rewarm_steps", 0)) < 0:
+            raise ValueError(f"config.growth entry {e}: rewarm_steps must be >= 0 (0: no lr "
+                             "re-warm)")
         if e.get("policy", "nu_median") not in LOOP_POLICIES:
             raise ValueError(f"config.growth entry {e}: policy must be one of {LOOP_POLICIES} "
                              "in a train run")
@@ -227,6 +233,13 @@ def growth_events(config) -> list[dict]:
         raise ValueError(f"config.growth has two entries at one step ({sorted(steps)}); "
                          "merge them into one entry")
     return sorted(events, key=lambda e: int(e["step"]))
+
+
+def restarts(config) -> list[tuple[int, int]]:
+    """The (step, n) lr re-warms of a run's growth schedule (entries with `rewarm_steps` n > 0),
+    for `optim.make_optimizer`."""
+    return [(int(e["step"]), int(e["rewarm_steps"])) for e in growth_events(config)
+            if int(e.get("rewarm_steps", 0)) > 0]
 
 
 def event_kwargs(event: dict) -> dict:
@@ -281,7 +294,7 @@ def grow_checkpoint(config, workdir: str, state: TrainState, base_config, events
     event = next(e for e in events if int(e["step"]) == step)
     model_config = config_at(base_config, events, step - 1)
     t = config.train
-    make_tx = lambda p: optim.make_optimizer(config.optim, p, t.steps)[0]
+    make_tx = lambda p: optim.make_optimizer(config.optim, p, t.steps, restarts(config))[0]
     grown, new_config, _ = grow_state(
         state, model_config, make_tx, seed=int(event.get("seed", t.seed + step)),
         policy=event.get("policy", "nu_median"), betas=(config.optim.b1, config.optim.b2),

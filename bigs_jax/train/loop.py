@@ -165,7 +165,8 @@ class Program:
             lambda: build(model_config, seed=t.seed)))
         param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
         abstract_params = _with_shardings(nnx.to_pure_dict(abstract_state), param_shardings)
-        tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, t.steps)
+        tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, t.steps,
+                                                 train_growth.restarts(config))
         opt_shardings = _opt_shardings(tx, abstract_params)
         abstract_opt = _with_shardings(jax.eval_shape(tx.init, abstract_params),
                                        opt_shardings)

@@ -10,6 +10,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
@@ -36,6 +37,26 @@ def schedule(c: ConfigDict, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), after], [warmup])
 
 
+def rewarmed(base: optax.Schedule, restarts: Sequence[tuple[int, int]]) -> optax.Schedule:
+    """`base` times a linear ramp over the `n` updates from each (`step`, `n`) of `restarts`.
+
+    The ramp is the lr re-warm after a growth step: the update with optax count `step` (the
+    first update of the model grown at train step `step`) gets 1/n of the lr, the n-th one all
+    of it. Counts before `step` are unchanged.
+    """
+    if not restarts:
+        return base
+
+    def lr(count):
+        scale = 1.0
+        for step, n in restarts:
+            ramp = jnp.clip((count - step + 1) / n, 0.0, 1.0)
+            scale = scale * jnp.where(count >= step, ramp, 1.0)
+        return base(count) * scale
+
+    return lr
+
+
 def path_labels(params, fn: Callable[[str], Any]):
     """A pytree like `params` holding fn(path) at every leaf."""
     return jax.tree_util.tree_map_with_path(lambda p, _: fn(path_str(p)), params)
@@ -51,15 +72,18 @@ def trainable_mask(c: ConfigDict, params):
     return path_labels(params, lambda s: not _matches(freeze, s))
 
 
-def make_optimizer(c: ConfigDict, params, total_steps: int
+def make_optimizer(c: ConfigDict, params, total_steps: int,
+                   restarts: Sequence[tuple[int, int]] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for `params` and its base learning-rate schedule.
+
+    `restarts`: (step, n) lr re-warms (`rewarmed`), from a growth schedule's `rewarm_steps`.
 
     Config keys (under `optim`): lr, warmup_steps, schedule, end_lr_ratio, b1, b2, eps,
     weight_decay, clip_norm, no_decay (regexes), groups (list of {pattern, lr_scale,
     weight_decay}), freeze (regexes).
     """
-    base = schedule(c, total_steps)
+    base = rewarmed(schedule(c, total_steps), restarts)
     groups = list(c.groups)
     freeze = list(c.freeze)
     no_decay = list(c.no_decay)

@@ -50,6 +50,17 @@ def test_growth_schedule_in_a_train_run(tmp_path):
     assert bigs_jax.load(workdir).config == grown  # the grown workdir loads like any other
 
 
+def test_rewarm_steps_ramp_the_logged_lr_after_growth(tmp_path):
+    config = grown_run(5)
+    config.growth = json.dumps([{**GROWTH[0], "rewarm_steps": 2}])
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    lr = _scalars(workdir, "train/lr")
+    np.testing.assert_allclose([lr[s] for s in (3, 4, 5)],
+                               [config.optim.lr, config.optim.lr / 2, config.optim.lr],
+                               rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_growth_run_stopped_after_growth_resumes_exactly(tmp_path):
     workdir = str(tmp_path / "run")
@@ -70,6 +81,9 @@ def test_bad_schedules_fail_in_one_line(tmp_path):
     config.growth = '[{"step": 3, "hidden": 128}]'
     with pytest.raises(loop.ConfigError, match="unknown keys"):
         loop.train_and_evaluate(config, str(tmp_path / "a"))
+    config.growth = '[{"step": 3, "hidden_size": 128, "rewarm_steps": -1}]'
+    with pytest.raises(loop.ConfigError, match="rewarm_steps must be >= 0"):
+        loop.train_and_evaluate(config, str(tmp_path / "c"))
     config.growth = '[{"step": 3, "hidden_size": 100}]'
     with pytest.raises(loop.ConfigError, match="multiple of 64"):
         loop.train_and_evaluate(config, str(tmp_path / "b"))
@@ -86,6 +100,10 @@ def _train_py(workdir, steps, extra=()):
 
 
 def _losses(workdir):
+    return _scalars(workdir, "train/loss")
+
+
+def _scalars(workdir, tag):
     from tensorboard.backend.event_processing import event_accumulator
 
     from tensorboard.util import tensor_util
@@ -94,7 +112,7 @@ def _losses(workdir):
                                              size_guidance={"tensors": 0})
     acc.Reload()
     return {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-            for e in acc.Tensors("train/loss")}
+            for e in acc.Tensors(tag)}
 
 
 @pytest.mark.slow

@@ -73,3 +73,30 @@ def test_mesh_shapes_resolve_and_bad_ones_fail_clearly():
         partitioning.mesh_shape((-1, -1, 1), 8)
     with pytest.raises(ValueError, match="dcn_shape .* must divide"):
         partitioning.make_mesh((1, 1, 1), dcn_shape=(2, 1, 1))
+
+
+def test_rewarm_ramps_the_lr_after_each_restart_and_leaves_earlier_steps():
+    base = optim.schedule(cfg(warmup_steps=0, schedule="constant"), total_steps=100)
+    s = optim.rewarmed(base, [(20, 4), (50, 2)])
+    counts = [0, 19, 20, 21, 23, 24, 49, 50, 51, 99]
+    np.testing.assert_allclose([float(s(jnp.asarray(c))) for c in counts],
+                               [1, 1, 0.25, 0.5, 1, 1, 1, 0.5, 1, 1], rtol=1e-6)
+    assert optim.rewarmed(base, []) is base
+
+
+def test_rewarm_scales_the_first_adam_update_after_growth():
+    # The optimizer's own count drives the ramp: at count 20 (the first update after growth at
+    # step 20) Adam's update is 1/4 of the un-re-warmed one, at count 23 the same again.
+    c = cfg(warmup_steps=0, schedule="constant")
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+
+    def update_at(count, restarts):
+        tx, _ = optim.make_optimizer(c, PARAMS, 100, restarts)
+        state = tx.init(PARAMS)
+        state = jax.tree.map(lambda x: jnp.full_like(x, count) if x.dtype == jnp.int32 else x,
+                             state)
+        return np.asarray(tx.update(grads, state, PARAMS)[0]["layers"][0]["dv"]["kernel"])
+
+    for count, ratio in ((19, 1.0), (20, 0.25), (23, 1.0)):
+        np.testing.assert_allclose(update_at(count, [(20, 4)]), ratio * update_at(count, []),
+                                   rtol=1e-6)
