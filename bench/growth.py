@@ -1,14 +1,16 @@
 """Grown vs from-scratch pretraining: training FLOPs to reach the large model's final loss.
 
     python bench/growth.py [--models bigs,bert] [--seeds 0,1] [--steps 600] [--grow-at 200]
-                           [--policies nu_median,zero] [--batch-size 32] [--seq-len 128]
+                           [--policies nu_median,zero,nu_median+rewarm50] [--batch-size 32]
+                           [--seq-len 128]
                            [--workdir /tmp/bench_growth]
 
 Masked-LM pretraining on the embedded corpus (configs/quickstart.py's data and optimizer).
 For each model and seed: the large model (hidden 128, 4 layers, MLP 512) trained from scratch
 for `steps` steps, and the small one (hidden 64, 2 layers, MLP 256; ~1/4 of the non-embedding
 parameters) trained for `grow_at` steps, then grown to the large size by `config.growth` and
-trained to `steps`, once per optimizer-state policy. Training FLOPs are 6 · parameters ·
+trained to `steps`, once per optimizer-state policy (a policy "+rewarmN" also re-warms the
+lr over N updates after growth). Training FLOPs are 6 · parameters ·
 tokens per step, summed over steps (the small phase at the small size). Reported: the first
 evaluation step at which the grown run's eval loss is at or below the from-scratch run's
 final eval loss, the FLOPs spent by then, and their ratio to the from-scratch run's FLOPs
@@ -80,7 +82,7 @@ def run(args) -> list[dict]:
             target = scratch["eval_loss"][args.steps]
             scratch_flops = flops_curve(scratch, lambda s: large_params)[args.steps]
             for policy in args.policies.split(","):
-                event = {"step": args.grow_at, "policy": policy, **LARGE}
+                event = {"step": args.grow_at, **_policy_options(policy), **LARGE}
                 grown = loop.train_and_evaluate(
                     config_for(model, SMALL, args.steps, seed, [event]),
                     f"{base}-grown-{policy}")
@@ -96,6 +98,13 @@ def run(args) -> list[dict]:
                              else curve[hit] / scratch_flops})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _policy_options(policy: str) -> dict:
+    """Schedule-entry options of a --policies item: "nu_median" or "nu_median+rewarm50" (the
+    optimizer-state policy, then an lr re-warm over 50 updates)."""
+    name, _, rewarm = policy.partition("+rewarm")
+    return {"policy": name, **({"rewarm_steps": int(rewarm)} if rewarm else {})}
 
 
 def _count(config) -> int:
@@ -135,7 +144,7 @@ def main() -> None:
             got = [x for x in r if x is not None]
             spread = (f"median {statistics.median(got):.2f} (min {min(got):.2f}, max "
                       f"{max(got):.2f})" if got else "")
-            print(f"{model:5s} {policy:9s} {len(r)}  reached in {len(got)}/{len(r)} {spread}")
+            print(f"{model:5s} {policy:18s} {len(r)}  reached in {len(got)}/{len(r)} {spread}")
 
 
 if __name__ == "__main__":
