@@ -6,3 +6,13 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A config or workdir problem the user must fix; reported as one line."""
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint step whose files are missing or cannot be read (a truncated file, a deleted
+    `_METADATA` or item directory); the message names the step and what is wrong with it."""
+
+    def __init__(self, message: str, step: int, why: str):
+        super().__init__(message)
+        self.step = step
+        self.why = why
