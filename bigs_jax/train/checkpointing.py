@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -24,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bigs_jax.errors import DamagedCheckpoint
+from bigs_jax.errors import CheckpointWriteError, DamagedCheckpoint
 from bigs_jax.models import FAMILIES, build, family_of
 from bigs_jax.paths import flat_paths, path_str
 
@@ -121,11 +122,21 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> bool:
-        """Start an async save of step `step`; returns whether the policy saved."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        """Start an async save of step `step`; returns whether the policy saved.
+        CheckpointWriteError if this or an earlier async write failed."""
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._write_failed(e) from None
+
+    def _write_failed(self, e: BaseException) -> CheckpointWriteError:
+        return CheckpointWriteError(
+            f"writing a checkpoint to {self.manager.directory} failed ({_first_line(e)}); the "
+            f"newest complete checkpoint is step {self.manager.latest_step()}; free space on "
+            "that disk (or restore write access) and rerun the same command to resume")
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
         """(params, opt_state, meta) restored onto the shardings of the abstract targets;
@@ -164,7 +175,11 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the async writes finish; CheckpointWriteError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._write_failed(e) from None
 
     def close(self) -> None:
         self.manager.close()
@@ -318,10 +333,32 @@ def missing_files(workdir: str, step: int, items=ITEMS) -> Optional[str]:
 
 
 def _first_line(e: BaseException) -> str:
-    """An exception as one short line (TensorStore's span many)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= 200 else text[:197] + "..."
+    """An exception as one short line: the first line of its innermost cause (Orbax wraps
+    TensorStore's status, e.g. OUT_OF_RANGE on a truncated file, in a page of spec)."""
+    seen = [e]
+    while (seen[-1].__cause__ or seen[-1].__context__) is not None and len(seen) < 10:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    lines = [line.strip() for line in str(seen[-1]).splitlines() if line.strip()]
+    text = lines[0] if lines else type(seen[-1]).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _quiet_failed_reads() -> None:
+    """Drop the 'Exception ignored' reports of the coroutines a failed TensorStore read
+    leaves behind (printed whenever they are collected, around the one-line error); every
+    other unraisable exception still reaches the hook that was installed."""
+    hook = sys.unraisablehook
+    if getattr(hook, "bigs_jax_quiet", False):
+        return
+
+    def quiet(unraisable):
+        text = str(unraisable.exc_value)
+        if not (text.startswith("Encountered error while reading array")
+                or text == "Event loop is closed"):
+            hook(unraisable)
+
+    quiet.bigs_jax_quiet = True
+    sys.unraisablehook = quiet
 
 
 def _read_step(workdir: str, step: int, items, read):
@@ -333,6 +370,7 @@ def _read_step(workdir: str, step: int, items, read):
             return read()
         except Exception as e:  # noqa: BLE001 -- TensorStore, Orbax and JSON errors alike
             why = f"its files cannot be read ({_first_line(e)})"
+            _quiet_failed_reads()
     raise DamagedCheckpoint(f"checkpoint step {step} in {os.path.join(workdir, CHECKPOINTS)} "
                             f"is damaged: {why}", step, why)
 

@@ -57,7 +57,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     base_model_config = model_config_from(config, source.model_overrides())
     events = _growth_events(config, base_model_config)
     model_config = _stage_model_config(workdir, base_model_config, events)
-    mesh = partitioning.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
+    try:
+        mesh = partitioning.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         program = Program.build(config, model_config, mesh, rules, hasattr(source, "score"))

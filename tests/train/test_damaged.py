@@ -16,6 +16,9 @@ from bigs_jax.train import checkpointing, loop
 from tests.runs import params_of, smoke
 from tests.train.test_refusals import hashes
 
+# A failed TensorStore read leaves coroutines that pytest reports when they are collected.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def truncate_largest(step_dir):
     """Halve the largest file under params/ (a TensorStore data file)."""
@@ -66,7 +69,7 @@ def test_load_names_the_damaged_step_and_the_intact_ones(straight, tmp_path, how
     with pytest.raises(DamagedCheckpoint) as e:
         bigs_jax.load(workdir)
     message = str(e.value)
-    assert "\n" not in message and len(message) < 500, message
+    assert "\n" not in message and len(message) < 300 + 4 * len(workdir), message
     assert message.startswith(f"checkpoint step 4 in {workdir}/checkpoints is damaged: ")
     assert message.endswith(f"; intact steps: [2]; load an intact one with "
                             f"bigs_jax.load({workdir!r}, step=2)")
