@@ -4,10 +4,12 @@
         [--config.tasks=sst2,stsb] [--config.data_dir=/path/to/glue_data] [--config.seeds=0,1,2]
     python eval.py --config=configs/glue.py:recipe=bigs --config.init=WORKDIR --workdir=OUT
 
-WORKDIR is a train.py workdir or a converted checkpoint (`python -m bigs_jax.convert`; it keeps
-`tokenizer/vocab.txt`). Each task and seed fine-tunes in OUT/<task>/seed<k> through the train
-loop (resumable: rerun the same command; a finished task is reused), then OUT/results.json and
-OUT/results.md hold the dev scores (mean ± std over seeds) and the GLUE score.
+WORKDIR is a train.py workdir or a converted checkpoint (`python -m bigs_jax.convert`); either
+records its vocabulary in `tokenizer/` (vocab.txt or spm.model), which is read unless
+`--config.vocab_file` names another. Each task and seed fine-tunes in OUT/<task>/seed<k> through
+the train loop (resumable: rerun the same command; a finished task is reused), then
+OUT/results.json and OUT/results.md hold the dev scores (mean ± std over seeds) and the GLUE
+score.
 
 Recipes:
 - default ("cpu"): sized for a laptop CPU with a small model (the converted all-MiniLM-L6-v2
@@ -57,7 +59,7 @@ def get_config(arg=None):
     c.format = "tsv"
     c.data_dir = "../shared/data/glue"
     c.tfds_data_dir = ""
-    c.vocab_file = ""                # default: <init>/tokenizer/vocab.txt
+    c.vocab_file = ""                # default: <init>/tokenizer/ (vocab.txt or spm.model)
     c.lower_case = config_dict.placeholder(bool)  # default: the tokenizer's do_lower_case
     # Recipe.
     c.lr = 1e-4

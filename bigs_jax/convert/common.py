@@ -233,9 +233,13 @@ def read_json(path: str) -> dict:
                               "it was saved with — copy it next to the weights")
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not the object of "
+                              "a model config; re-download it")
+    return data
 
 
 def read_safetensors(path: str) -> Tensors:

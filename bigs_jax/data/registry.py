@@ -22,7 +22,9 @@ class DataSource(Protocol):
 
     A source may also define `score(step, predict) -> dict`: the loop then calls it at every
     evaluation with `predict`, a function from a host batch to the model's logits, and logs
-    what it returns (GLUE/SCROLLS metrics).
+    what it returns (GLUE/SCROLLS metrics); and `vocabulary()`, the SeqIO vocabulary of its
+    token ids, which the loop records in the workdir (`tokenizer/`) for eval.py and
+    `data.tasks.load_vocabulary`.
     """
 
     def model_overrides(self) -> dict:

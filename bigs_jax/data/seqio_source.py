@@ -20,8 +20,8 @@ from bigs_jax.data import mixtures, pipeline, registry, streaming
 from bigs_jax.errors import ConfigError
 
 
-def task_vocab_size(task_name: str) -> int:
-    """Vocabulary size of a SeqIO task's or mixture's `input_ids` feature.
+def task_vocabulary(task_name: str):
+    """The vocabulary of a SeqIO task's or mixture's `input_ids` feature.
 
     `task_name` is a registered name, a task spec or a mixture spec (`mixtures.get_task`).
     """
@@ -30,7 +30,12 @@ def task_vocab_size(task_name: str) -> int:
     except ValueError as e:
         raise ConfigError(f"config.data.task: {e}") from None
     features = task.tasks[0].output_features if hasattr(task, "tasks") else task.output_features
-    return features["input_ids"].vocabulary.vocab_size
+    return features["input_ids"].vocabulary
+
+
+def task_vocab_size(task_name: str) -> int:
+    """Vocabulary size of a SeqIO task's or mixture's `input_ids` feature."""
+    return task_vocabulary(task_name).vocab_size
 
 
 def _batch_options(d: ConfigDict) -> dict:
@@ -92,6 +97,9 @@ class SeqioSource:
 
     def iterators(self, start_step: int) -> tuple[Iterator[dict], list[dict]]:
         return make_data(self.config, start_step=start_step)
+
+    def vocabulary(self):
+        return task_vocabulary(self.config.data.task)
 
 
 registry.register("seqio", SeqioSource)

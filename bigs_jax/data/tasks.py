@@ -18,6 +18,8 @@ from any SeqIO source of `{"text": ...}` examples, for instance with another voc
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 
 import seqio
 import tensorflow as tf
@@ -178,9 +180,45 @@ _SPEC_TASKS: dict[str, str] = {}  # spec -> registered task name
 def _spec_vocabulary(path: str | None, cased: bool) -> seqio.Vocabulary:
     if not path:
         return vocab.embedded_vocabulary()
-    if path.endswith(".txt"):
-        return wordpiece.WordPieceVocabulary(path, lower_case=not cased)
-    return vocab.sentencepiece_vocabulary(path)
+    return load_vocabulary(path, lower_case=not cased)
+
+
+def load_vocabulary(path: str | os.PathLike, lower_case: bool | None = None) -> seqio.Vocabulary:
+    """The vocabulary of a file or a workdir, as a SeqIO vocabulary.
+
+        load_vocabulary("workdirs/quickstart")     # what train.py recorded in tokenizer/
+        load_vocabulary("/path/vocab.txt")         # WordPiece
+        load_vocabulary("/path/spm.model")         # SentencePiece
+
+    A SentencePiece model is told from a WordPiece vocab.txt by its content, whatever its name.
+    `lower_case` (WordPiece only) defaults to tokenizer_config.json's do_lower_case beside the
+    file, else True (bert-*-uncased).
+
+    Raises:
+        FileNotFoundError: no such file, or a directory that records no vocabulary.
+        ValueError: a vocabulary without the special pieces the pipeline needs.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = vocab.workdir_vocabulary_file(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"{path} records no vocabulary (no {vocab.TOKENIZER_DIR}/ with "
+                f"{' or '.join(vocab.WORKDIR_VOCAB_FILES)}); pass the vocabulary file itself")
+        path = found
+    if vocab.is_sentencepiece_file(path):
+        return vocab.sentencepiece_vocabulary(path)
+    if lower_case is None:
+        settings = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        lower_case = True
+        if os.path.isfile(settings):
+            with open(settings) as f:
+                try:
+                    lower_case = bool(json.load(f).get("do_lower_case", True))
+                except (ValueError, AttributeError):
+                    raise ValueError(f"{settings} is not a JSON object; fix or remove it "
+                                     "(it only sets do_lower_case)") from None
+    return wordpiece.WordPieceVocabulary(path, lower_case=lower_case)
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict[str, str], dict[str, str]]:

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 
 EMBEDDED_MODEL_PATH = pathlib.Path(__file__).parent / "assets" / "embedded_spm.model"
 EMBEDDED_VOCAB_SIZE = 8192
+# Where a workdir records its vocabulary (train.py and convert write it): a WordPiece vocab.txt
+# (with tokenizer_config.json's do_lower_case), or a SentencePiece model (`spm.model`; HF
+# directories name theirs `tokenizer.model`).
+TOKENIZER_DIR = "tokenizer"
+WORKDIR_VOCAB_FILES = ("vocab.txt", "spm.model", "tokenizer.model")
 
 # Piece names looked up in any SentencePiece model; BERT-style first, then ALBERT/XLNet-style.
 _PIECE_NAMES = {
@@ -115,6 +120,44 @@ def special_ids(vocabulary: seqio.Vocabulary) -> SpecialIds:
     if isinstance(own, SpecialIds):
         return own
     return _special_ids_of(vocabulary.tokenizer, vocabulary.sentencepiece_model_file)
+
+
+def workdir_vocabulary_file(workdir: str | pathlib.Path) -> str | None:
+    """The vocabulary file a workdir records in `tokenizer/`, or None."""
+    for name in WORKDIR_VOCAB_FILES:
+        path = pathlib.Path(workdir) / TOKENIZER_DIR / name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def is_sentencepiece_file(path: str | pathlib.Path) -> bool:
+    """Whether `path` holds a SentencePiece model (a binary protobuf) rather than a WordPiece
+    vocab.txt (UTF-8 text): by its `.model` suffix, else by its first bytes."""
+    if str(path).endswith(".model"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 4  # not merely a character cut at the 4096-byte edge
+    return b"\x00" in head
+
+
+def vocabulary_files(vocabulary) -> dict[str, bytes]:
+    """The files that record `vocabulary` in a workdir's `tokenizer/` ({} for one that cannot
+    be written down): a WordPiece vocabulary's vocab.txt and do_lower_case, a SentencePiece
+    one's model."""
+    if hasattr(vocabulary, "vocab_file") and hasattr(vocabulary, "pieces"):  # WordPiece
+        settings = f'{{"do_lower_case": {str(bool(vocabulary.lower_case)).lower()}}}\n'
+        return {"vocab.txt": "".join(f"{p}\n" for p in vocabulary.pieces).encode("utf-8"),
+                "tokenizer_config.json": settings.encode()}
+    model = getattr(vocabulary, "sp_model", None)
+    return {"spm.model": model} if isinstance(model, bytes) else {}
 
 
 @functools.cache

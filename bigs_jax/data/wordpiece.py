@@ -68,9 +68,14 @@ def _read_vocab(vocab_file: str) -> tuple[str, ...]:
             f"WordPiece vocab file {vocab_file} does not exist; pass a BERT vocab.txt (one "
             "piece per line), e.g. the one of bert-base-uncased."
         )
-    with tf.io.gfile.GFile(vocab_file, "r") as f:
-        # HF strips the trailing newline only; a piece may itself be a space-like character.
-        return tuple(line.rstrip("\n") for line in f)
+    try:
+        with tf.io.gfile.GFile(vocab_file, "r") as f:
+            # HF strips the trailing newline only; a piece may itself be a space-like character.
+            return tuple(line.rstrip("\n") for line in f)
+    except UnicodeDecodeError:
+        raise ValueError(f"WordPiece vocab file {vocab_file} is not UTF-8 text (a SentencePiece "
+                         "model? load it with data.tasks.load_vocabulary, which tells them "
+                         "apart)") from None
 
 
 class WordPieceVocabulary(seqio.Vocabulary):

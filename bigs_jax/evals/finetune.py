@@ -19,14 +19,16 @@ import dataclasses
 import json
 import math
 import os
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
 import tensorflow as tf
 from ml_collections import ConfigDict
 
-from bigs_jax.data.wordpiece import WordPieceVocabulary, truncate_pair
+from bigs_jax.data import tasks
+from bigs_jax.data import vocab as vocab_lib
+from bigs_jax.data.wordpiece import truncate_pair
 from bigs_jax.train import checkpointing
 from bigs_jax.train.metrics import write_scores
 
@@ -38,25 +40,24 @@ class DataError(ValueError):
 
 
 def vocabulary(config: ConfigDict):
-    """The WordPiece vocabulary of a run: `data.vocab_file`, else `<init>/tokenizer/vocab.txt`."""
+    """The vocabulary of a fine-tuning run: `data.vocab_file` (a WordPiece vocab.txt or a
+    SentencePiece model), else the one the `config.init` workdir records in tokenizer/."""
     d = config.data
-    path, lower = d.get("vocab_file") or "", d.get("lower_case")
+    path = d.get("vocab_file") or ""
     if not path:
         if not config.get("init"):
-            raise DataError("no vocabulary: set config.init to a converted checkpoint (it keeps "
-                            "tokenizer/vocab.txt) or config.vocab_file to a BERT vocab.txt")
-        path = os.path.join(checkpointing.resolve(config.init)[0], "tokenizer", "vocab.txt")
-        if not os.path.isfile(path):
-            raise DataError(f"config.init {config.init} has no tokenizer/vocab.txt; pass "
-                            "--config.vocab_file=PATH/vocab.txt (the checkpoint's vocabulary)")
-    if lower is None:
-        lower = True
-        # HF keeps do_lower_case in tokenizer_config.json beside vocab.txt.
-        settings = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-        if os.path.isfile(settings):
-            with open(settings) as f:
-                lower = bool(json.load(f).get("do_lower_case", True))
-    return WordPieceVocabulary(path, lower_case=lower)
+            raise DataError("no vocabulary: set config.init to a train.py or converted workdir "
+                            "(it records its vocabulary in tokenizer/) or config.vocab_file to "
+                            "a WordPiece vocab.txt or SentencePiece .model")
+        path = vocab_lib.workdir_vocabulary_file(checkpointing.resolve(config.init)[0])
+        if path is None:
+            raise DataError(f"config.init {config.init} records no vocabulary (no tokenizer/"
+                            f"{' or tokenizer/'.join(vocab_lib.WORKDIR_VOCAB_FILES)}); pass "
+                            "--config.vocab_file=PATH (the checkpoint's vocab.txt or .model)")
+    try:
+        return tasks.load_vocabulary(path, d.get("lower_case"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"config.vocab_file {path}: {e}") from None
 
 
 def encode_texts(vocab, texts: Sequence[str], chunk: int = 4096) -> list[list[int]]:
@@ -70,7 +71,7 @@ def encode_texts(vocab, texts: Sequence[str], chunk: int = 4096) -> list[list[in
 def encode_examples(vocab, texts_a: Sequence[str], texts_b: Optional[Sequence[str]],
                     max_len: int) -> tuple[list[list[int]], list[list[int]]]:
     """(ids, token types) of `[CLS] a [SEP] (b [SEP])` per example, truncated to `max_len`."""
-    s = vocab.special_ids
+    s = vocab_lib.special_ids(vocab)
     ids_a = encode_texts(vocab, texts_a)
     ids_b = encode_texts(vocab, texts_b) if texts_b is not None else None
     ids, types = [], []
@@ -185,9 +186,13 @@ class ExampleSource:
     columns: dict[str, tuple[int, int]]
     overrides: dict
     score_fn: Callable[[dict[str, np.ndarray]], tuple[dict, dict]]
+    vocab: Any = None  # the examples' vocabulary, recorded in the run's workdir
 
     def model_overrides(self) -> dict:
         return dict(self.overrides)
+
+    def vocabulary(self):
+        return self.vocab
 
     def iterators(self, start_step: int):
         d = self.config.data

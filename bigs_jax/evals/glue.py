@@ -227,7 +227,7 @@ def data_source(config: ConfigDict) -> finetune.ExampleSource:
     return finetune.ExampleSource(
         config=config, train=train_examples, dev=dev, columns=columns,
         overrides={"vocab_size": vocab.vocab_size, "num_labels": task.num_labels},
-        score_fn=functools.partial(scorer(task, scale), labels=labels))
+        score_fn=functools.partial(scorer(task, scale), labels=labels), vocab=vocab)
 
 
 def _scaled(labels: np.ndarray, scale: tuple[float, float]) -> np.ndarray:

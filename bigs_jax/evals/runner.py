@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bigs_jax.data import vocab as vocab_lib
 from bigs_jax.errors import ConfigError
 from bigs_jax.evals import glue, scrolls
 from bigs_jax.models import build
@@ -103,11 +104,11 @@ def run_config(c: ConfigDict, task: str, seed: int, init: str, run_dir: str,
 
 
 def _vocab_of(init: str) -> str:
-    """The original checkpoint's vocab.txt, so runs started from a fine-tuned model find it."""
+    """The vocabulary file the init workdir records (tokenizer/vocab.txt or spm.model), so
+    every run, and runs started from a fine-tuned model, read the same ids."""
     if not init:
         return ""
-    path = os.path.join(checkpointing.resolve(init)[0], "tokenizer", "vocab.txt")
-    return path if os.path.isfile(path) else ""
+    return vocab_lib.workdir_vocabulary_file(checkpointing.resolve(init)[0]) or ""
 
 
 def _normalized(d: dict) -> dict:

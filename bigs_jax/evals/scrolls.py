@@ -173,25 +173,19 @@ def train_size(config: ConfigDict) -> int:
 
 
 def vocabulary(config: ConfigDict):
-    """WordPiece (`*.txt`) or SentencePiece (`*.model`) vocabulary: config.data.vocab_file, the
-    init workdir's tokenizer/, or (causal models without one) the embedded vocabulary."""
-    path = config.data.get("vocab_file") or ""
-    if not path and config.get("init"):
-        tok = os.path.join(checkpointing.resolve(config.init)[0], "tokenizer")
-        for name in ("vocab.txt", "spm.model", "tokenizer.model"):
-            if os.path.isfile(os.path.join(tok, name)):
-                path = os.path.join(tok, name)
-                break
-        if not path and os.path.isfile(os.path.join(tok, "merges.txt")):
+    """WordPiece or SentencePiece vocabulary: config.data.vocab_file, the one the init workdir
+    records in tokenizer/, or (causal models without one) the embedded vocabulary."""
+    if config.data.get("vocab_file"):
+        return finetune.vocabulary(config)
+    if config.get("init"):
+        workdir = checkpointing.resolve(config.init)[0]
+        if vocab_lib.workdir_vocabulary_file(workdir):
+            return finetune.vocabulary(config)
+        if os.path.isfile(os.path.join(workdir, vocab_lib.TOKENIZER_DIR, "merges.txt")):
             raise DataError(f"config.init {config.init} has a byte-level BPE tokenizer (GPT-2 "
                             "vocab.json + merges.txt), which the data pipeline does not read; "
                             "pass --config.vocab_file (a WordPiece vocab.txt or SentencePiece "
                             ".model with the model's ids)")
-    if path.endswith(".model"):
-        return vocab_lib.sentencepiece_vocabulary(path)
-    if path:
-        return finetune.vocabulary(ConfigDict({"init": "", "data": {
-            "vocab_file": path, "lower_case": config.data.get("lower_case")}}))
     return vocab_lib.embedded_vocabulary()
 
 
@@ -225,7 +219,7 @@ def _classification_source(config: ConfigDict, vocab) -> finetune.ExampleSource:
     return finetune.ExampleSource(
         config=config, train=train, dev=dev, columns={task: (0, len(dev_examples))},
         overrides={"vocab_size": vocab.vocab_size, "num_labels": get_task(task).num_labels},
-        score_fn=score)
+        score_fn=score, vocab=vocab)
 
 
 def _encode(vocab, task: str, inputs: list[str], max_len: int):

@@ -26,6 +26,9 @@ def check_token_ids(ids, vocab_size: int) -> None:
             isinstance(ids, jax.Array) and not ids.is_fully_addressable):
         return
     ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"input_ids must be integer token ids of shape [batch, length], got "
+                         f"{ids.dtype} of shape {ids.shape}; pass e.g. ids[None] for one row")
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
         raise ValueError(f"input_ids hold {bad.size} ids outside the vocabulary, in "
@@ -84,12 +87,12 @@ class BertEmbeddings(nnx.Module):
     ) -> jax.Array:
         """`inputs_embeds_BLD` replaces word[ids] (frozen backbones fed by an input adapter,
         as in FPT); `ids_BL` is then ignored."""
+        if inputs_embeds_BLD is None:
+            check_token_ids(ids_BL, self.word.num_embeddings)
         L = (ids_BL if inputs_embeds_BLD is None else inputs_embeds_BLD).shape[1]
         if L > self.max_len:
             raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "
                              "truncate the input or build the model with a larger max_len")
-        if inputs_embeds_BLD is None:
-            check_token_ids(ids_BL, self.word.num_embeddings)
         x_BLD = self.word(ids_BL) if inputs_embeds_BLD is None else inputs_embeds_BLD
         if self.position is not None:
             if position_ids_BL is None:

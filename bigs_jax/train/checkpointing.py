@@ -4,6 +4,12 @@ A workdir holds `bigs_jax.json` (the marker that makes it ours, written first), 
 (the resolved run config), `model.json` (model family + its frozen config),
 `checkpoints/<step>/` (Orbax: items `params`, `opt_state`, `meta`) and TensorBoard event files.
 `load_model` needs nothing but the path.
+
+A step whose files are missing or cannot be read is *damaged*: every read of a step goes
+through `_read_step`, which names the step and what is wrong in one `DamagedCheckpoint` line.
+The train loop then resumes from the newest intact step and moves the damaged ones to
+`damaged_checkpoints/` (`set_aside`: kept, never deleted, and out of reach of the manager's
+retention and of the saves that retrain those steps).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -18,10 +25,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from bigs_jax.errors import CheckpointWriteError, DamagedCheckpoint
 from bigs_jax.models import FAMILIES, build, family_of
 from bigs_jax.paths import flat_paths, path_str
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"  # where the train loop moves damaged steps (never deleted)
+ITEMS = ("params", "opt_state", "meta")
+# The file each item's directory needs before anything in it can be read: the pytree metadata
+# of StandardSave items, the JSON of JsonSave ones.
+_ITEM_INDEX = {"params": "_METADATA", "opt_state": "_METADATA", "meta": "metadata"}
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
 # Written first into every directory bigs_jax creates, so a directory of someone else's (an HF
@@ -38,6 +51,8 @@ def model_json(config) -> dict:
 
 
 def config_from_json(data: dict):
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ValueError("model.json is not a {\"family\": ..., \"config\": {...}} object")
     family = data.get("family")
     if family not in FAMILIES:
         raise ValueError(f"model.json names unknown family {family!r}; known: "
@@ -74,7 +89,11 @@ def read_model_config(workdir: str):
         raise FileNotFoundError(f"{path} not found: {workdir!r} is not a bigs_jax workdir "
                                 "(made by train.py or `python -m bigs_jax.convert`)")
     with open(path) as f:
-        return config_from_json(json.load(f))
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
+    return config_from_json(data)
 
 
 # ---------------------------------------------------------------------------- manager
@@ -91,9 +110,10 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        self.workdir = os.path.abspath(workdir)
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
-            item_names=("params", "opt_state", "meta"), options=options)
+            item_names=ITEMS, options=options)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -102,26 +122,64 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> bool:
-        """Start an async save of step `step`; returns whether the policy saved."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        """Start an async save of step `step`; returns whether the policy saved.
+        CheckpointWriteError if this or an earlier async write failed."""
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)), force=force)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._write_failed(e) from None
+
+    def _write_failed(self, e: BaseException) -> CheckpointWriteError:
+        return CheckpointWriteError(
+            f"writing a checkpoint to {self.manager.directory} failed ({_first_line(e)}); the "
+            f"newest complete checkpoint is step {self.manager.latest_step()}; free space on "
+            "that disk (or restore write access) and rerun the same command to resume")
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
-        """(params, opt_state, meta) restored onto the shardings of the abstract targets."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore()))
+        """(params, opt_state, meta) restored onto the shardings of the abstract targets;
+        DamagedCheckpoint if the step's files are missing or cannot be read."""
+        out = _read_step(self.workdir, step, ITEMS, lambda: self.manager.restore(
+            step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                meta=ocp.args.JsonRestore())))
         return out.params, out.opt_state, out.meta
+
+    def restore_newest_intact(self, abstract_params, abstract_opt_state):
+        """(step, (params, opt_state, meta), [DamagedCheckpoint of each newer step]) of the
+        newest step that restores; DamagedCheckpoint naming every step if none does."""
+        skipped = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return step, self.restore(step, abstract_params, abstract_opt_state), skipped
+            except DamagedCheckpoint as e:
+                skipped.append(e)
+        raise DamagedCheckpoint(
+            f"no intact checkpoint in {self.manager.directory}: "
+            f"{'; '.join(f'step {e.step}: {e.why}' for e in skipped)}; nothing was changed; "
+            "move the damaged step directories out of it to start the run over, or use a new "
+            "--workdir", skipped[0].step, "no intact step")
+
+    def set_aside(self, step: int) -> str:
+        """Move damaged step `step` to `<workdir>/damaged_checkpoints/` (a fresh name if taken)
+        and forget it: nothing deletes it there, and retraining the step saves it anew."""
+        dst = set_aside(self.workdir, step)
+        self.manager.reload()
+        return dst
 
     def reached_preemption(self, step: int) -> bool:
         """Orbax's multi-host preemption sync point (False when the service is not running)."""
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the async writes finish; CheckpointWriteError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise self._write_failed(e) from None
 
     def close(self) -> None:
         self.manager.close()
@@ -167,23 +225,51 @@ def abstract_model(config):
 
 
 def restore_params(workdir: str, step: int, abstract_params):
-    """Restore the `params` item of one step onto the abstract targets' shardings."""
-    with ocp.CheckpointManager(os.path.join(workdir, CHECKPOINTS),
-                               item_names=("params", "opt_state", "meta")) as manager:
-        out = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
-    return out.params
+    """Restore the `params` item of one step onto the abstract targets' shardings;
+    DamagedCheckpoint if its files are missing or cannot be read."""
+    def read():
+        with ocp.CheckpointManager(os.path.join(workdir, CHECKPOINTS),
+                                   item_names=ITEMS) as manager:
+            return manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params))).params
+
+    return _read_step(workdir, step, ("params",), read)
+
+
+def _intact_steps(workdir: str, steps, abstract_params) -> list[int]:
+    """Those of `steps` whose params restore, newest first."""
+    intact = []
+    for step in sorted(steps, reverse=True):
+        try:
+            restore_params(workdir, step, abstract_params)
+            intact.append(step)
+        except DamagedCheckpoint:
+            pass
+    return intact
 
 
 def load_model(path: str, *, step: Optional[int] = None) -> nnx.Module:
-    """The model of a workdir (latest step or `step`), or of one checkpoint step directory."""
-    workdir, step = resolve(path, step)
+    """The model of a workdir (latest step or `step`), or of one checkpoint step directory.
+
+    Raises DamagedCheckpoint naming the step and the workdir's intact steps if the step's
+    files are missing or cannot be read.
+    """
+    workdir, resolved = resolve(path, step)
     config = read_model_config(workdir)
     graphdef, abstract_state = abstract_model(config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.to_pure_dict(abstract_state))
-    params = restore_params(workdir, step, target)
+    try:
+        params = restore_params(workdir, resolved, target)
+    except DamagedCheckpoint as e:
+        others = [s for s in ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS))
+                  if s != resolved]
+        intact = _intact_steps(workdir, others, target)
+        fix = (f"load an intact one with bigs_jax.load({workdir!r}, step={intact[0]})"
+               if intact else "retrain or reconvert the model")
+        raise DamagedCheckpoint(f"{e}; intact steps: {intact or 'none'}; {fix}", e.step,
+                                e.why) from None
     return nnx.merge(graphdef, params)
 
 
@@ -226,6 +312,80 @@ def restore_matching(path: str, params) -> tuple[Any, str]:
     report = (f"initialized from {workdir} step {step}: {len(dst) - len(fresh)} arrays loaded"
               f"; new: {', '.join(fresh) or 'none'}; unused: {', '.join(unused) or 'none'}")
     return params, report
+
+
+# ---------------------------------------------------------------------------- damage
+
+
+def missing_files(workdir: str, step: int, items=ITEMS) -> Optional[str]:
+    """What a look at the files finds missing from step `step`'s `items`, or None (a
+    truncated file is found only by reading it: `_read_step`)."""
+    for item in items:
+        path = os.path.join(workdir, CHECKPOINTS, str(step), item)
+        if not os.path.isdir(path):
+            return f"{item}/ is missing"
+        index = os.path.join(path, _ITEM_INDEX[item])
+        if not os.path.isfile(index):
+            return f"{item}/{_ITEM_INDEX[item]} is missing"
+        if os.path.getsize(index) == 0:
+            return f"{item}/{_ITEM_INDEX[item]} is empty"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line: the first line of its innermost cause (Orbax wraps
+    TensorStore's status, e.g. OUT_OF_RANGE on a truncated file, in a page of spec)."""
+    seen = [e]
+    while (seen[-1].__cause__ or seen[-1].__context__) is not None and len(seen) < 10:
+        seen.append(seen[-1].__cause__ or seen[-1].__context__)
+    lines = [line.strip() for line in str(seen[-1]).splitlines() if line.strip()]
+    text = lines[0] if lines else type(seen[-1]).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _quiet_failed_reads() -> None:
+    """Drop the 'Exception ignored' reports of the coroutines a failed TensorStore read
+    leaves behind (printed whenever they are collected, around the one-line error); every
+    other unraisable exception still reaches the hook that was installed."""
+    hook = sys.unraisablehook
+    if getattr(hook, "bigs_jax_quiet", False):
+        return
+
+    def quiet(unraisable):
+        text = str(unraisable.exc_value)
+        if not (text.startswith("Encountered error while reading array")
+                or text == "Event loop is closed"):
+            hook(unraisable)
+
+    quiet.bigs_jax_quiet = True
+    sys.unraisablehook = quiet
+
+
+def _read_step(workdir: str, step: int, items, read):
+    """`read()`, the restore of `items` of step `step`, with any failure to find or read the
+    step's files raised as one DamagedCheckpoint line."""
+    why = missing_files(workdir, step, items)
+    if why is None:
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 -- TensorStore, Orbax and JSON errors alike
+            why = f"its files cannot be read ({_first_line(e)})"
+            _quiet_failed_reads()
+    raise DamagedCheckpoint(f"checkpoint step {step} in {os.path.join(workdir, CHECKPOINTS)} "
+                            f"is damaged: {why}", step, why)
+
+
+def set_aside(workdir: str, step: int) -> str:
+    """Move `checkpoints/<step>` to `damaged_checkpoints/<step>` (`<step>.2`, ... if that is
+    taken); returns the new path. Nothing is deleted."""
+    dst_dir = os.path.join(workdir, DAMAGED)
+    os.makedirs(dst_dir, exist_ok=True)
+    dst, n = os.path.join(dst_dir, str(step)), 1
+    while os.path.exists(dst):
+        n += 1
+        dst = os.path.join(dst_dir, f"{step}.{n}")
+    os.rename(os.path.join(workdir, CHECKPOINTS, str(step)), dst)
+    return dst
 
 
 def param_count(params) -> int:

@@ -9,6 +9,7 @@ with its benchmark's data section and overrides values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Optional, Sequence
 
@@ -124,7 +125,7 @@ def check_values(config: ConfigDict) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             high = _BELOW.get(section, {}).get(key)
-            if value < low or (high is not None and value >= high):
+            if not math.isfinite(value) or value < low or (high is not None and value >= high):
                 bound = f">= {low}" if high is None else f"in [{low}, {high})"
                 problems.append(f"config.{section}.{key}={value} (must be {bound})")
     if problems:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 # The sources of data/ register themselves; evals/ registers its own (see data.registry).
@@ -34,9 +35,11 @@ from bigs_jax.train.step import TrainState, make_eval_step, make_train_step
 from bigs_jax.train.config import check_values
 from bigs_jax.train.workdir import (
     check_resume_config,
+    check_same_model,
     check_workdir,
     model_config_from,
     prepare_workdir,
+    record_vocabulary,
 )
 
 __all__ = ["ConfigError", "train_and_evaluate"]
@@ -54,12 +57,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     base_model_config = model_config_from(config, source.model_overrides())
     events = _growth_events(config, base_model_config)
     model_config = _stage_model_config(workdir, base_model_config, events)
-    mesh = partitioning.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
+    try:
+        mesh = partitioning.make_mesh(config.mesh.shape, dcn_shape=config.mesh.dcn_shape)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         program = Program.build(config, model_config, mesh, rules, hasattr(source, "score"))
         ckpt = _existing_checkpointer(workdir, config.train)
-        start = ckpt.latest_step() if ckpt else None
+        check_same_model(workdir, model_config)
+        restored = Restored.newest_intact(ckpt, program) if ckpt else None
+        start = restored.step if restored else None
         train_iter, eval_batches = _checked_data(source, start or 0, model_config)
         first = next(train_iter)
         train_iter = itertools.chain([first], train_iter)
@@ -71,9 +79,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         if config.train.dry_run:
             return _dry_run(config, program, first, cost)
         prepare_workdir(workdir, config, model_config)
+        record_vocabulary(workdir, getattr(source, "vocabulary", lambda: None)())
         ckpt = ckpt or checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                                   save_every=config.train.checkpoint_every)
-        state = _restore_or_init(config, program, ckpt, start)
+        state = restored.state(ckpt) if restored else _init(config, program)
         scorer = getattr(source, "score", None)
         grow = None
         if events:
@@ -274,16 +283,43 @@ def _existing_checkpointer(workdir: str, t: Optional[ConfigDict]
                                       save_every=t.checkpoint_every)
 
 
-def _restore_or_init(config: ConfigDict, program: Program, ckpt, start: Optional[int]
-                     ) -> TrainState:
-    """The workdir's step `start`, else a fresh init (from `config.init`'s params if set)."""
-    if start is not None:
-        params, opt_state, meta = ckpt.restore(start, program.abstract_params,
-                                               program.abstract_opt)
-        state = TrainState(step=jnp.asarray(start, jnp.int32), params=params,
+@dataclasses.dataclass
+class Restored:
+    """The newest checkpoint of a workdir that restores, and the damaged newer ones."""
+
+    step: int
+    train_state: TrainState
+    skipped: list  # checkpointing.DamagedCheckpoint of each newer step, newest first
+
+    @classmethod
+    def newest_intact(cls, ckpt, program: Program) -> Optional["Restored"]:
+        """None if the workdir has no checkpoint; DamagedCheckpoint if none is intact."""
+        if not ckpt.all_steps():
+            return None
+        step, (params, opt_state, meta), skipped = ckpt.restore_newest_intact(
+            program.abstract_params, program.abstract_opt)
+        state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                            opt_state=opt_state, rng=jnp.asarray(np.asarray(meta["rng"],
                                                                            np.uint32)))
-        return jax.device_put(state, program.state_shardings)
+        return cls(step, jax.device_put(state, program.state_shardings), skipped)
+
+    def state(self, ckpt) -> TrainState:
+        """The restored state, after moving the damaged newer steps out of the manager's
+        reach (the run retrains and saves those steps anew; nothing is deleted)."""
+        for damaged in self.skipped:
+            where = damaged.step
+            if jax.process_index() == 0:
+                where = ckpt.set_aside(damaged.step)
+            print(f"warning: checkpoint step {damaged.step} is damaged ({damaged.why}); moved "
+                  f"to {where} (kept, not deleted); resuming from step {self.step}", flush=True)
+        if self.skipped and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("bigs_jax damaged checkpoints set aside")
+            ckpt.manager.reload()
+        return self.train_state
+
+
+def _init(config: ConfigDict, program: Program) -> TrainState:
+    """A fresh init (from `config.init`'s params if set)."""
     state = program.init_state()
     if config.init:
         # Wrapper families (FPT) restore `config.init` under their backbone's prefix.

@@ -21,6 +21,7 @@ from typing import Optional
 import jax
 from ml_collections import ConfigDict
 
+from bigs_jax.data import vocab
 from bigs_jax.errors import ConfigError
 from bigs_jax.models import FAMILIES, MODELS, make_config
 from bigs_jax.train import checkpointing
@@ -136,8 +137,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def config_changes(workdir: str, config: ConfigDict) -> dict:
     """{dotted key: [stored, new]} of the values that differ from the workdir's config.json
     (keys it lacks, added to the schema after it was written, are not changes)."""
-    stored = _read_json(os.path.join(workdir, checkpointing.CONFIG_JSON))
+    path = os.path.join(workdir, checkpointing.CONFIG_JSON)
+    stored = _read_json(path)
     if stored is None:
+        if os.path.exists(path):
+            raise ConfigError(f"workdir {workdir} has a {checkpointing.CONFIG_JSON} that cannot "
+                              "be read as a JSON object; nothing was written; restore it, or "
+                              "remove it to record this run's config there")
         return {}
     old, new = _flat(stored), _flat(json.loads(json.dumps(config.to_dict())))
     return {k: [old[k], new.get(k)] for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
@@ -208,18 +214,29 @@ def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None)
         raise ConfigError(f"config.model: {e}") from None
 
 
-def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
-    """Write the marker, config.json and model.json (a resume's config changes appended to
-    config_history.json); a workdir of a different model or with changed settings is
-    refused."""
+def check_same_model(workdir: str, model_config) -> None:
+    """Refuse a workdir whose model.json holds another model (checked before its checkpoints
+    are read, so a different model is never mistaken for a damaged checkpoint)."""
     path = os.path.join(workdir, checkpointing.MODEL_JSON)
     if os.path.exists(path):
-        existing = checkpointing.read_model_config(workdir)
+        try:
+            existing = checkpointing.read_model_config(workdir)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"workdir {workdir} has an unreadable {checkpointing.MODEL_JSON} "
+                              f"({e}); restore it or use a new --workdir") from None
         if existing != model_config:
             changed = sorted(f.name for f in dataclasses.fields(existing)
                              if getattr(existing, f.name) != getattr(model_config, f.name, None))
             raise ConfigError(f"workdir {workdir} holds a run of a different model (differs in "
                               f"{changed}); use a new --workdir or the original config")
+
+
+def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
+    """Write the marker, config.json and model.json (a resume's config changes appended to
+    config_history.json); a workdir of a different model or with changed settings is
+    refused."""
+    path = os.path.join(workdir, checkpointing.MODEL_JSON)
+    check_same_model(workdir, model_config)
     changes = check_resume_config(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -229,3 +246,19 @@ def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
         checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.CONFIG_JSON),
                                         config.to_dict())
         checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
+
+
+def record_vocabulary(workdir: str, vocabulary) -> None:
+    """Write `vocabulary`'s files into `workdir/tokenizer/` (vocab.txt or spm.model), so
+    eval.py and `data.tasks.load_vocabulary` find the ids the model was trained on. A workdir
+    that records one already (a resume, a converted model's) keeps it."""
+    files = vocab.vocabulary_files(vocabulary) if vocabulary is not None else {}
+    if not files or jax.process_index() or vocab.workdir_vocabulary_file(workdir):
+        return
+    os.makedirs(os.path.join(workdir, vocab.TOKENIZER_DIR), exist_ok=True)
+    for name, data in files.items():
+        path = os.path.join(workdir, vocab.TOKENIZER_DIR, name)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)

@@ -1,0 +1,82 @@
+"""The cheap fixes of issue 17's table (acceptance 3): a non-finite value, a bad mesh, a
+malformed workdir JSON, a model input of the wrong shape or dtype, an HF config.json that is
+not an object, a checkpoint write that fails (a full disk): one line each, nothing changed."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import bigs_jax
+from bigs_jax.convert.common import ConversionError, read_json
+from bigs_jax.errors import CheckpointWriteError
+from bigs_jax.train import checkpointing, loop
+from tests.runs import smoke
+from tests.train.test_refusals import hashes
+
+
+def test_non_finite_values_and_a_bad_mesh_are_refused(tmp_path):
+    config = smoke(2)
+    config.optim.lr = float("nan")
+    with pytest.raises(loop.ConfigError, match=r"config.optim.lr=nan \(must be >= 0\)"):
+        loop.train_and_evaluate(config, str(tmp_path / "a"))
+    config = smoke(2)
+    config.mesh.shape = (3, 5)
+    with pytest.raises(loop.ConfigError, match=r"^config.mesh.shape \(3, 5\) must have 3 "
+                                               r"entries \('data', 'fsdp', 'tensor'\)"):
+        loop.train_and_evaluate(config, str(tmp_path / "b"))
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("config.json", "{not json", "has a config.json that cannot be read as a JSON object; "
+                                 "nothing was written"),
+    ("model.json", "{not json", r"unreadable model.json \(.*model.json is not JSON"),
+    ("model.json", "[1, 2]", r"unreadable model.json \(model.json is not a"),
+])
+def test_malformed_workdir_json_is_refused(smoke_run, tmp_path, name, text, message):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(smoke_run[0], workdir)
+    with open(os.path.join(workdir, name), "w") as f:
+        f.write(text)
+    before = hashes(workdir)
+    with pytest.raises(loop.ConfigError, match=message):
+        loop.train_and_evaluate(smoke(4), workdir)
+    assert hashes(workdir) == before
+
+
+def test_model_inputs_of_the_wrong_shape_or_dtype():
+    model = bigs_jax.create("bert-tiny", num_layers=1)
+    for ids, got in ((np.ones((1, 8), np.float32), r"float32 of shape \(1, 8\)"),
+                     (np.ones((8,), np.int32), r"int32 of shape \(8,\)")):
+        with pytest.raises(ValueError, match=r"^input_ids must be integer token ids of shape "
+                                             rf"\[batch, length\], got {got}"):
+            model(ids)
+    assert np.isfinite(np.asarray(model(np.ones((1, 8), np.int32)).hidden_states)).all()
+
+
+def test_hf_config_that_is_not_an_object(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps([1]))
+    with pytest.raises(ConversionError, match="holds a JSON list, not the object of a model "
+                                              "config"):
+        read_json(str(path))
+
+
+def test_a_failed_checkpoint_write_is_one_line(tmp_path, monkeypatch):
+    ckpt = checkpointing.Checkpointer(str(tmp_path), async_save=False)
+
+    def full_disk(*args, **kwargs):
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "d/abc" in OCDBT database\n'
+                         "[source locations='...']")
+
+    monkeypatch.setattr(ckpt.manager, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as e:
+        ckpt.save(1, {"w": np.zeros(2)}, {}, {})
+    assert str(e.value) == (
+        f"writing a checkpoint to {tmp_path}/checkpoints failed (RESOURCE_EXHAUSTED: Error "
+        'writing "d/abc" in OCDBT database); the newest complete checkpoint is step None; '
+        "free space on that disk (or restore write access) and rerun the same command to "
+        "resume")
