@@ -117,6 +117,13 @@ def special_ids(vocabulary: seqio.Vocabulary) -> SpecialIds:
     return _special_ids_of(vocabulary.tokenizer, vocabulary.sentencepiece_model_file)
 
 
+def end_of_text_id(vocabulary) -> int:
+    """The id that ends a document (where generation stops): a byte-level BPE vocabulary's
+    `<|endoftext|>`, else [SEP] (the LM tasks end every document with it)."""
+    own = getattr(vocabulary, "end_of_text_id", None)
+    return own if isinstance(own, int) else special_ids(vocabulary).sep_id
+
+
 @functools.cache
 def embedded_special_ids() -> SpecialIds:
     """Special ids of the embedded vocabulary (reads the model file; no TensorFlow)."""
