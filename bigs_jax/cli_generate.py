@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
+from bigs_jax.data import tasks  # noqa: E402
 from bigs_jax.data import vocab as vocab_lib  # noqa: E402
 from bigs_jax.generation import can_generate, generate  # noqa: E402
 from bigs_jax.train import checkpointing  # noqa: E402
@@ -40,7 +41,7 @@ def workdir_vocabulary(workdir: str, vocab_size: int, path: str = ""):
                 path = os.path.join(tok, name)
                 break
     if path:
-        vocabulary = vocab_lib.vocabulary_from_path(path)
+        vocabulary = tasks.vocabulary_from_path(path)
     elif vocab_size == vocab_lib.EMBEDDED_VOCAB_SIZE:
         vocabulary = vocab_lib.embedded_vocabulary()
     else:

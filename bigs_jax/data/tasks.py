@@ -18,11 +18,13 @@ from any SeqIO source of `{"text": ...}` examples, for instance with another voc
 from __future__ import annotations
 
 import hashlib
+import os
 
 import seqio
 import tensorflow as tf
 
 from bigs_jax.data import (
+    bpe,
     corpus,
     hide_accelerators_from_tensorflow,
     preprocessors,
@@ -168,19 +170,27 @@ SPEC_HELP = (
     "FORMAT_OBJECTIVE:key=value,...  with FORMAT in text|jsonl|tfrecord|tfds|embedded|mix and "
     "OBJECTIVE in mlm|lm; files: SPLIT=GLOB per split (a bare GLOB is train=GLOB); tfds: "
     "name=c4/en,data_dir=DIR; mix: recipe=bigs|m2_long,data_dir=DIR; all: vocab=PATH "
-    "(vocab.txt: WordPiece, else SentencePiece model), cased=1, pack=1, text_key=KEY"
+    "(vocab.txt: WordPiece, vocab.json or a dir with merges.txt: GPT-2 byte-level BPE, else "
+    "SentencePiece model), cased=1, pack=1, text_key=KEY"
 )
 
 
 _SPEC_TASKS: dict[str, str] = {}  # spec -> registered task name
 
 
-def _spec_vocabulary(path: str | None, cased: bool) -> seqio.Vocabulary:
-    if not path:
-        return vocab.embedded_vocabulary()
+def vocabulary_from_path(path: str, cased: bool = False) -> seqio.Vocabulary:
+    """The vocabulary in a file: a GPT-2 byte-level BPE `vocab.json` (merges.txt beside it)
+    or a directory holding both, a WordPiece `vocab.txt` (uncased unless `cased`), else a
+    SentencePiece model."""
+    if path.endswith(".json") or os.path.isfile(os.path.join(path, "merges.txt")):
+        return bpe.ByteLevelBPEVocabulary(path)
     if path.endswith(".txt"):
         return wordpiece.WordPieceVocabulary(path, lower_case=not cased)
     return vocab.sentencepiece_vocabulary(path)
+
+
+def _spec_vocabulary(path: str | None, cased: bool) -> seqio.Vocabulary:
+    return vocabulary_from_path(path, cased) if path else vocab.embedded_vocabulary()
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict[str, str], dict[str, str]]:
