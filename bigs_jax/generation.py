@@ -94,6 +94,7 @@ class _Static:
 
     mode: str          # greedy | sample | beam
     buffer: int        # T, token slots
+    cache_len: int     # S
     top_k: int
     top_p: bool        # nucleus filtering on
     num_beams: int
@@ -329,7 +330,7 @@ def _beam_loop(model, static: _Static, cache, logits_BC, lengths_B, dyn, consts)
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _decode(graphdef, static: _Static, state, cache, logits_BC, lengths_B, dyn):
     model = nnx.merge(graphdef, state)
-    consts = model.decode_constants(jax.tree.leaves(cache)[0].shape[1])
+    consts = model.decode_constants(static.cache_len)
     if static.mode == "beam":
         tokens, counts, scores = _beam_loop(model, static, cache, logits_BC, lengths_B, dyn,
                                             consts)
@@ -403,7 +404,8 @@ def generate(
     graphdef, state = nnx.split(model)
     logits_BC, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths), S)
     mode = "beam" if num_beams > 1 else "sample" if do_sample else "greedy"
-    static = _Static(mode=mode, buffer=pow2_bucket(max_new, 1 << 30), top_k=int(top_k),
+    static = _Static(mode=mode, buffer=pow2_bucket(max_new, 1 << 30), cache_len=S,
+                     top_k=int(top_k),
                      top_p=do_sample and top_p < 1, num_beams=int(num_beams),
                      early_stopping=early_stopping, output_logits=output_logits and
                      mode != "beam")

@@ -128,9 +128,10 @@ def test_no_recompilation_per_token_or_length(gpt2):
 
 
 def test_refusals(gpt2):
-    encoder = bigs_jax.create("bert-tiny", vocab_size=97)
-    with pytest.raises(ValueError, match="not a causal language model"):
-        bigs_jax.generate(encoder, PROMPTS)
+    for encoder in (bigs_jax.create("bert-tiny", vocab_size=97),
+                    bigs_jax.create("m2-bert-tiny", vocab_size=97)):
+        with pytest.raises(ValueError, match="not a causal language model"):
+            bigs_jax.generate(encoder, PROMPTS)
     for kw, match in ((dict(max_new_tokens=0), "max_new_tokens"),
                       (dict(do_sample=True, num_beams=2), "beam sampling"),
                       (dict(top_p=0.0), "top_p"), (dict(early_stopping="soon"), "early_stop")):
@@ -142,3 +143,27 @@ def test_refusals(gpt2):
         bigs_jax.generate(gpt2, np.ones((1, 4), np.int32), np.array([[1, 0, 1, 1]]))
     with pytest.raises(ValueError, match="empty"):
         bigs_jax.generate(gpt2, [[1], []])
+
+
+@pytest.mark.parametrize("mlp", [True, False])
+def test_m2_gpt_cached_greedy_equals_recompute(jitted, mlp):
+    """M2-GPT's cached decoding (long-conv input cache, short-conv window) gives the tokens and,
+    within FFT round-off, the logits of the full forward at every step; batched and beam
+    search run through the same compiled step."""
+    model = bigs_jax.create("m2-gpt-tiny", vocab_size=97, max_len=64, mlp=mlp, seed=1)
+    forward = jitted(model)
+    out = bigs_jax.generate(model, PROMPTS, max_new_tokens=10, output_logits=True,
+                            return_dict=True)
+    for b, prompt in enumerate(PROMPTS):
+        ids = list(prompt)
+        for g in range(10):
+            block = np.zeros((1, 64), np.int32)
+            block[0, :len(ids)] = ids
+            step = np.asarray(forward(block).logits)[0, len(ids) - 1]
+            np.testing.assert_allclose(out.logits[b, g], step, atol=1e-4, rtol=1e-4)
+            ids.append(int(step.argmax()))
+        assert out.tolist()[b] == ids[len(prompt):]
+    beam1 = bigs_jax.generate(model, PROMPTS, max_new_tokens=10, num_beams=1)
+    np.testing.assert_array_equal(beam1, out.sequences)
+    beams = bigs_jax.generate(model, PROMPTS, max_new_tokens=6, num_beams=3, return_dict=True)
+    assert np.all(beams.scores <= 0) and np.all(beams.num_new == 6)

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bigs_jax.data import registry
+from bigs_jax.data import bpe, registry
 from bigs_jax.data import vocab as vocab_lib
 from bigs_jax.evals import finetune, metrics
 from bigs_jax.evals.finetune import DataError
@@ -173,20 +173,18 @@ def train_size(config: ConfigDict) -> int:
 
 
 def vocabulary(config: ConfigDict):
-    """WordPiece (`*.txt`) or SentencePiece (`*.model`) vocabulary: config.data.vocab_file, the
-    init workdir's tokenizer/, or (causal models without one) the embedded vocabulary."""
+    """WordPiece (`*.txt`), GPT-2 byte-level BPE (`vocab.json` + merges.txt) or SentencePiece
+    (`*.model`) vocabulary: config.data.vocab_file, the init workdir's tokenizer/, or (causal
+    models without one) the embedded vocabulary."""
     path = config.data.get("vocab_file") or ""
     if not path and config.get("init"):
         tok = os.path.join(checkpointing.resolve(config.init)[0], "tokenizer")
-        for name in ("vocab.txt", "spm.model", "tokenizer.model"):
+        for name in ("vocab.json", "vocab.txt", "spm.model", "tokenizer.model"):
             if os.path.isfile(os.path.join(tok, name)):
                 path = os.path.join(tok, name)
                 break
-        if not path and os.path.isfile(os.path.join(tok, "merges.txt")):
-            raise DataError(f"config.init {config.init} has a byte-level BPE tokenizer (GPT-2 "
-                            "vocab.json + merges.txt), which the data pipeline does not read; "
-                            "pass --config.vocab_file (a WordPiece vocab.txt or SentencePiece "
-                            ".model with the model's ids)")
+    if path.endswith(".json"):
+        return bpe.ByteLevelBPEVocabulary(path)
     if path.endswith(".model"):
         return vocab_lib.sentencepiece_vocabulary(path)
     if path:
