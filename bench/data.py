@@ -8,6 +8,8 @@ medians of `repeats` timed runs after one warm-up:
 1. WordPiece tokenization of real lines (../shared/data text corpora): our
    `WordPieceVocabulary.encode_tf` on batches inside tf.data, vs HF `BertTokenizerFast`
    called on the same batches (Rust), vs HF `BertTokenizer` (pure Python) line by line.
+   Byte-level BPE (GPT-2 layout): `ByteLevelBPEVocabulary.encode_tf` in tf.data vs HF
+   `GPT2TokenizerFast` on the same batches, with a BPE trained on the lines.
 2. MLM batches (L=128, batch 256, 15% masking) from `pipeline.make_iterator`, vs a naive
    numpy peer that masks the same rows one by one in a Python loop.
 3. The consumption of a jitted BERT-base MLM train step (forward + backward + AdamW, fp32) on
@@ -96,6 +98,39 @@ def bench_tokenizers(lines, repeats):
         t = median_time(fn, repeats)
         rows.append((name, n / t, n_tokens * n / len(lines) / t))
     return rows
+
+
+def bench_bpe(lines, repeats):
+    """Byte-level BPE: ours (tokenizers via tf.py_function, in tf.data) vs GPT2TokenizerFast.
+    No GPT-2 vocabulary is downloadable here: an 8k byte-level BPE trained on the lines."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    from tokenizers import ByteLevelBPETokenizer  # pylint: disable=C0415
+    from transformers import GPT2TokenizerFast  # pylint: disable=C0415
+
+    from bigs_jax.data.bpe import END_OF_TEXT, ByteLevelBPEVocabulary  # pylint: disable=C0415
+
+    path = tempfile.mkdtemp(prefix="bench_bpe_")
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(lines, vocab_size=8192, special_tokens=[END_OF_TEXT],
+                                show_progress=False)
+    trainer.save_model(path)
+    ours = ByteLevelBPEVocabulary(path)
+    fast = GPT2TokenizerFast(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
+    ds = tf.data.Dataset.from_tensor_slices(lines).batch(256).map(ours.encode_tf)
+    n_tokens = sum(len(x) for x in fast(lines)["input_ids"])
+
+    def run_ours():
+        for _ in ds:
+            pass
+
+    def run_fast():
+        for i in range(0, len(lines), 256):
+            fast(lines[i:i + 256])
+
+    return [(name, len(lines) / t, n_tokens / t) for name, t in (
+        ("ours: ByteLevelBPEVocabulary.encode_tf in tf.data", median_time(run_ours, repeats)),
+        ("HF GPT2TokenizerFast, batches of 256", median_time(run_fast, repeats)))]
 
 
 def naive_mask(rows: np.ndarray, specials, rng) -> list[dict]:
@@ -200,6 +235,12 @@ def main():
     rows = bench_tokenizers(read_lines(args.lines), args.repeats)
     for name, ex, tok in rows:
         print(f"| {name} | {ex:,.0f} | {tok:,.0f} | {rows[0][2] / tok:.2f}x |")
+    print(f"\n## Byte-level BPE tokenization, {args.lines} real lines (8k BPE trained on them)")
+    print("| tokenizer | lines/s | tokens/s | vs ours |")
+    print("|---|---:|---:|---:|")
+    brows = bench_bpe(read_lines(args.lines), args.repeats)
+    for name, ex, tok in brows:
+        print(f"| {name} | {ex:,.0f} | {tok:,.0f} | {brows[0][2] / tok:.2f}x |")
     print(f"\n## MLM batches, L={L}, batch {BATCH}, {args.batches} batches (naive: a tenth)")
     print("| pipeline | examples/s | tokens/s | vs ours |")
     print("|---|---:|---:|---:|")

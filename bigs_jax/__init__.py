@@ -17,13 +17,15 @@ import jax
 from flax import nnx
 
 from bigs_jax import fpt
+from bigs_jax.generation import GenerateOutput, generate
 from bigs_jax.models import MODELS, build, make_config, register
 from bigs_jax.models.outputs import ModelOutput
 from bigs_jax.train.checkpointing import load_model
 
 register(fpt)
 
-__all__ = ["MODELS", "ModelOutput", "build", "count_params", "create", "load"]
+__all__ = ["MODELS", "GenerateOutput", "ModelOutput", "build", "count_params", "create",
+           "generate", "load"]
 
 
 def create(name: str, *, seed: int = 0, **overrides) -> nnx.Module:

@@ -1,5 +1,6 @@
 """SCROLLS fine-tuning and scoring: encoder heads for ContractNLI / QuALITY, causal models
-(GPT-2, M2-GPT, causal gated SSM) with greedy decoding for the five generation tasks.
+(GPT-2, M2-GPT, causal gated SSM) with cached greedy or beam-search decoding
+(`--config.num_beams=4`) for the five generation tasks.
 
     # classification-style tasks with an encoder (BiGS at 4096 tokens, as the paper):
     python eval.py --config=configs/scrolls.py --config.init=BIGS_WORKDIR --workdir=OUT \
@@ -46,6 +47,8 @@ def get_config(arg=None):
     c.max_len = 4096                 # model input length (prompt + output for generation)
     c.eval_max_len = 4096
     c.max_target_len = 512           # generation: output tokens trained on and decoded
+    c.num_beams = 1                  # generation: 1 = greedy, > 1 = beam search
+    c.length_penalty = 1.0           # beam search: score = log p / length ** length_penalty
     c.evals = 4
     c.eval_at_start = False
     c.eval_loss_batches = 0

@@ -25,6 +25,7 @@ import seqio
 import tensorflow as tf
 
 from bigs_jax.data import (
+    bpe,
     corpus,
     hide_accelerators_from_tensorflow,
     preprocessors,
@@ -170,7 +171,8 @@ SPEC_HELP = (
     "FORMAT_OBJECTIVE:key=value,...  with FORMAT in text|jsonl|tfrecord|tfds|embedded|mix and "
     "OBJECTIVE in mlm|lm; files: SPLIT=GLOB per split (a bare GLOB is train=GLOB); tfds: "
     "name=c4/en,data_dir=DIR; mix: recipe=bigs|m2_long,data_dir=DIR; all: vocab=PATH "
-    "(vocab.txt: WordPiece, else SentencePiece model), cased=1, pack=1, text_key=KEY"
+    "(vocab.txt: WordPiece, vocab.json or a dir with merges.txt: GPT-2 byte-level BPE, else "
+    "SentencePiece model), cased=1, pack=1, text_key=KEY"
 )
 
 
@@ -189,6 +191,7 @@ def load_vocabulary(path: str | os.PathLike, lower_case: bool | None = None) -> 
         load_vocabulary("workdirs/quickstart")     # what train.py recorded in tokenizer/
         load_vocabulary("/path/vocab.txt")         # WordPiece
         load_vocabulary("/path/spm.model")         # SentencePiece
+        load_vocabulary("/path/vocab.json")        # GPT-2 byte-level BPE (merges.txt beside)
 
     A SentencePiece model is told from a WordPiece vocab.txt by its content, whatever its name.
     `lower_case` (WordPiece only) defaults to tokenizer_config.json's do_lower_case beside the
@@ -199,6 +202,8 @@ def load_vocabulary(path: str | os.PathLike, lower_case: bool | None = None) -> 
         ValueError: a vocabulary without the special pieces the pipeline needs.
     """
     path = os.fspath(path)
+    if path.endswith(".json") or os.path.isfile(os.path.join(path, "merges.txt")):
+        return bpe.ByteLevelBPEVocabulary(path)  # GPT-2 vocab.json + merges.txt
     if os.path.isdir(path):
         found = vocab.workdir_vocabulary_file(path)
         if found is None:

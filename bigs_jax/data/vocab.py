@@ -45,7 +45,7 @@ EMBEDDED_VOCAB_SIZE = 8192
 # (with tokenizer_config.json's do_lower_case), or a SentencePiece model (`spm.model`; HF
 # directories name theirs `tokenizer.model`).
 TOKENIZER_DIR = "tokenizer"
-WORKDIR_VOCAB_FILES = ("vocab.txt", "spm.model", "tokenizer.model")
+WORKDIR_VOCAB_FILES = ("vocab.txt", "spm.model", "tokenizer.model", "vocab.json")
 
 # Piece names looked up in any SentencePiece model; BERT-style first, then ALBERT/XLNet-style.
 _PIECE_NAMES = {
@@ -158,6 +158,13 @@ def vocabulary_files(vocabulary) -> dict[str, bytes]:
                 "tokenizer_config.json": settings.encode()}
     model = getattr(vocabulary, "sp_model", None)
     return {"spm.model": model} if isinstance(model, bytes) else {}
+
+
+def end_of_text_id(vocabulary) -> int:
+    """The id that ends a document (where generation stops): a byte-level BPE vocabulary's
+    `<|endoftext|>`, else [SEP] (the LM tasks end every document with it)."""
+    own = getattr(vocabulary, "end_of_text_id", None)
+    return own if isinstance(own, int) else special_ids(vocabulary).sep_id
 
 
 @functools.cache

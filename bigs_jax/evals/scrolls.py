@@ -11,8 +11,10 @@ query before the document, separated by a blank line (research/frameworks.md §4
   prediction being the chosen option's text. Dev exact match is scored at every evaluation.
 - GovReport, SummScreenFD, QMSum, Qasper and NarrativeQA are generation tasks for causal
   models (GPT-2, M2-GPT, causal gated SSM): trained on `prompt [SEP] output [SEP]` with the loss
-  on the output, then decoded greedily from `prompt [SEP]` until [SEP] (the prefix is
-  recomputed at each step: simple, and exact for every causal mixer).
+  on the output, then decoded from `prompt [SEP]` until [SEP] (or a BPE vocabulary's
+  <|endoftext|>) by the cached `bigs_jax.generate`: greedy, or beam search with
+  `num_beams` > 1 and `length_penalty` (configs/scrolls.py). `greedy_decode`, which
+  recomputes the prefix at every step, stays as the reference and benchmark baseline.
 
 Predictions land in `<run>/predictions.json` in the official submission format
 ({id: prediction}); scores follow the official metrics (`evals.metrics`).
@@ -31,6 +33,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bigs_jax import generation
 from bigs_jax.data import registry
 from bigs_jax.data import vocab as vocab_lib
 from bigs_jax.evals import finetune, metrics
@@ -173,19 +176,15 @@ def train_size(config: ConfigDict) -> int:
 
 
 def vocabulary(config: ConfigDict):
-    """WordPiece or SentencePiece vocabulary: config.data.vocab_file, the one the init workdir
-    records in tokenizer/, or (causal models without one) the embedded vocabulary."""
+    """WordPiece, SentencePiece or GPT-2 byte-level BPE vocabulary: config.data.vocab_file, the
+    one the init workdir records in tokenizer/, or (causal models without one) the embedded
+    vocabulary."""
     if config.data.get("vocab_file"):
         return finetune.vocabulary(config)
     if config.get("init"):
         workdir = checkpointing.resolve(config.init)[0]
         if vocab_lib.workdir_vocabulary_file(workdir):
             return finetune.vocabulary(config)
-        if os.path.isfile(os.path.join(workdir, vocab_lib.TOKENIZER_DIR, "merges.txt")):
-            raise DataError(f"config.init {config.init} has a byte-level BPE tokenizer (GPT-2 "
-                            "vocab.json + merges.txt), which the data pipeline does not read; "
-                            "pass --config.vocab_file (a WordPiece vocab.txt or SentencePiece "
-                            ".model with the model's ids)")
     return vocab_lib.embedded_vocabulary()
 
 
@@ -307,7 +306,7 @@ def _lm_source(config: ConfigDict, vocab) -> LMSource:
 
 def greedy_decode(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
                   seq_len: int, batch_size: int) -> list[list[int]]:
-    """Greedy continuation of each prompt until `eos_id` or `max_new_tokens`, at one fixed
+    """Reference (and benchmark baseline) for `decode`: greedy continuation of each prompt until `eos_id` or `max_new_tokens`, at one fixed
     shape (B, seq_len) so the forward compiles once; the prefix is recomputed every step."""
     graphdef, state = nnx.split(model)
 
@@ -344,6 +343,20 @@ def greedy_decode(model, prompts: list[list[int]], *, max_new_tokens: int, eos_i
     return out
 
 
+def decode(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
+           batch_size: int, num_beams: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+    """Each prompt's continuation until `eos_id` (dropped) or `max_new_tokens`, by the cached
+    `bigs_jax.generate`: greedy (num_beams=1, the tokens of `greedy_decode`) or beam search."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        result = generation.generate(model, prompts[i:i + batch_size],
+                                     max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                     num_beams=num_beams, length_penalty=length_penalty,
+                                     return_dict=True)
+        out.extend(result.tolist(eos_id=eos_id))
+    return out
+
+
 # ---------------------------------------------------------------------------- the source
 
 
@@ -370,7 +383,8 @@ def model_options(task: str) -> dict:
 
 
 def data_options(c: ConfigDict) -> dict:
-    return {"max_target_len": c.max_target_len}
+    return {"max_target_len": c.max_target_len, "num_beams": c.get("num_beams", 1),
+            "length_penalty": c.get("length_penalty", 1.0)}
 
 
 def check_model(task: str, model_config) -> None:
@@ -395,9 +409,10 @@ def finish(rc: ConfigDict, run_dir: str, how: str) -> dict:
         d = rc.data
         # The prompts of training: room is left for max_target_len tokens and [SEP].
         prompts = prompt_ids(vocab, [ex.input for ex in examples], d.seq_len - d.max_target_len)
-        tokens = greedy_decode(model, prompts, max_new_tokens=d.max_target_len,
-                               eos_id=_specials(vocab).sep_id, seq_len=d.seq_len,
-                               batch_size=d.eval_batch_size)
+        tokens = decode(model, prompts, max_new_tokens=d.max_target_len,
+                        eos_id=vocab_lib.end_of_text_id(vocab), batch_size=d.eval_batch_size,
+                        num_beams=d.get("num_beams") or 1,
+                        length_penalty=d.get("length_penalty", 1.0))
         texts = [vocab.decode(t) for t in tokens]
         predictions = {ex.id: p for ex, p in zip(examples, texts)}
         scores = {task.name: {k: v for k, v in metrics.scrolls_metrics(

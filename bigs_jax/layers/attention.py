@@ -114,6 +114,37 @@ class SelfAttention(nnx.Module):
         return self.out(o_BLHV.reshape(B, L, H * V))
 
 
+    def decode(self, x_BLD: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array,
+               pos_BL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Causal attention of L new tokens against a preallocated key/value cache (decoding).
+
+        Row b's token l sits at position `pos_BL[b, l]`: its key and value are written there
+        (positions past the cache end are dropped) and it attends to every cached position
+        ≤ its own. Whatever a cache holds beyond a row's position (pads of a right-padded
+        prompt, stale entries) is never read before it is overwritten.
+
+        Args:
+          x_BLD: inputs of the new tokens.
+          k_BSHK, v_BSHV: the cache (S positions), in the compute dtype.
+          pos_BL: int positions of the new tokens.
+
+        Returns:
+          (output (B, L, D), updated k cache, updated v cache).
+        """
+        B, L, _ = x_BLD.shape
+        H, K, V = self.num_heads, self.qk_head_dim, self.v_head_dim
+        S = k_BSHK.shape[1]
+        q_BLHK = self.query(x_BLD).reshape(B, L, H, K)
+        rows_B1 = jnp.arange(B)[:, None]
+        k_BSHK = k_BSHK.at[rows_B1, pos_BL].set(
+            self.key(x_BLD).reshape(B, L, H, K).astype(k_BSHK.dtype), mode="drop")
+        v_BSHV = v_BSHV.at[rows_B1, pos_BL].set(
+            self.value(x_BLD).reshape(B, L, H, V).astype(v_BSHV.dtype), mode="drop")
+        mask_B1LS = (jnp.arange(S)[None, None, None, :] <= pos_BL[:, None, :, None])
+        o_BLHV = attend_in_query_blocks(q_BLHK, k_BSHK, v_BSHV, mask_B1LS)
+        return self.out(o_BLHV.reshape(B, L, H * V)), k_BSHK, v_BSHV
+
+
 def attention_probs(q_BLHK: jax.Array, k_BSHK: jax.Array,
                     mask: Optional[jax.Array]) -> jax.Array:
     """fp32 softmax(q kᵀ / sqrt(K)) (B, H, L, S), zero where `mask` is False."""

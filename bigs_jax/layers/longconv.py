@@ -191,6 +191,27 @@ class ImplicitFilter(nnx.Module):
             raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
         return circular_conv(u_BLD, self.circular_kernel(u_BLD.shape[1]), mode=mode) + skip_BLD
 
+    # Decoding (causal filters): y[p] = Σ_{s≤p} k[p-s]·v[s] + D·v[p] read from a cache of the
+    # inputs v, O(S·D) per token for S cached positions, exact (no FFT round-off).
+
+    def decode_table(self, length: int) -> jax.Array:
+        """(2S-1, D) [flip(k_fwd); 0] for S = `length`: its rows S-1-p .. 2S-2-p are the
+        weights of inputs 0..S-1 for the output at position p (zero on the future)."""
+        if self.bidirectional:
+            raise ValueError("decoding needs a causal filter; this one is bidirectional")
+        k_SD = self.circular_kernel(length).T
+        return jnp.concatenate([k_SD[::-1], jnp.zeros((length - 1, self.features),
+                                                      k_SD.dtype)], axis=0)
+
+    def decode(self, u_BSD: jax.Array, table: jax.Array, pos_B: jax.Array) -> jax.Array:
+        """(B, 1, D) float32 output at position `pos_B` of the inputs cached in `u_BSD`
+        (float32, written up to pos_B), with the skip D; `table` from `decode_table`."""
+        S = u_BSD.shape[1]
+        w_BSD = jax.vmap(lambda p: jax.lax.dynamic_slice_in_dim(table, S - 1 - p, S))(pos_B)
+        y_BD = jnp.einsum("BSD,BSD->BD", w_BSD, u_BSD, precision=jax.lax.Precision.HIGHEST)
+        u_BD = u_BSD[jnp.arange(u_BSD.shape[0]), pos_B]
+        return (y_BD + self.bias[...][None, :] * u_BD)[:, None, :]
+
 
 def long_conv(u_BLD: jax.Array, k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Array] = None, *,
               mode: str = "fft") -> jax.Array:
@@ -266,3 +287,13 @@ class ShortConv(nnx.Module):
         xp_BLC = jnp.pad(x_BLC, ((0, 0), (K - 1, 0), (0, 0)))
         y_BLC = sum(kernel_KC[j][None, None, :] * xp_BLC[:, j:j + L] for j in range(K))
         return y_BLC + self.bias[...].astype(x_BLC.dtype)[None, None, :]
+
+    def decode(self, x_B1C: jax.Array, prev_BKC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One new input per row after the K-1 before it (`prev_BKC`, oldest first; zeros
+        before the sequence start): (output (B, 1, C), the K-1 inputs for the next step)."""
+        kernel_KC = self.kernel[...].astype(x_B1C.dtype)
+        window_BKC = jnp.concatenate([prev_BKC.astype(x_B1C.dtype), x_B1C], axis=1)
+        y_B1C = sum(kernel_KC[j][None, None, :] * window_BKC[:, j:j + 1]
+                    for j in range(kernel_KC.shape[0]))
+        return (y_B1C + self.bias[...].astype(x_B1C.dtype)[None, None, :],
+                window_BKC[:, 1:])

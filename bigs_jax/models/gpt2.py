@@ -136,6 +136,14 @@ class Block(nnx.Module):
         x_BLD = x_BLD + self.dropout(h_BLD, **kw)
         return x_BLD + self.mlp(self.mlp_norm(x_BLD), **kw)
 
+    def decode(self, x_BLD, cache: dict, pos_BL):
+        """`__call__` without dropout for new tokens at `pos_BL`, attending through the
+        key/value `cache` ({"k", "v"}); returns (output, updated cache)."""
+        h_BLD, k_BSHK, v_BSHV = self.mixer.decode(self.mixer_norm(x_BLD), cache["k"],
+                                                  cache["v"], pos_BL)
+        x_BLD = x_BLD + h_BLD
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), {"k": k_BSHK, "v": v_BSHV}
+
 
 class GPT2(nnx.Module):
     """Embeddings → `num_layers` pre-LN blocks → final LayerNorm → LM head."""
@@ -198,6 +206,51 @@ class GPT2(nnx.Module):
             x_BLD = apply(layer, x_BLD, attn_mask, rngs)
         h_BLD = self.final_norm(x_BLD)
         return ModelOutput(hidden_states=h_BLD, logits=self.logits(h_BLD))
+
+    # ------------------------------------------------------------ decoding (bigs_jax.generation)
+    # Incremental decoding with a preallocated key/value cache: a prompt (prefill) or one new
+    # token per row (step) runs through the blocks, each writing its keys and values at the
+    # tokens' positions and attending to the cached positions before them. A step costs
+    # O(D² + S·D) per layer and token (S the cache length) instead of the O(L·D² + L²·D) of a
+    # forward over the whole prefix.
+
+    def init_cache(self, batch: int, length: int) -> list[dict]:
+        """Zero key/value caches of `length` positions, one {"k", "v"} per layer."""
+        c, att = self.config, self.layers[0].mixer
+        shape = (batch, length, c.num_heads)
+        dt = jnp.dtype(c.dtype)
+        return [{"k": jnp.zeros((*shape, att.qk_head_dim), dt),
+                 "v": jnp.zeros((*shape, att.v_head_dim), dt)} for _ in self.layers]
+
+    def decode_constants(self, length: int) -> None:
+        """What every decode step reuses (nothing for attention; see `M2.decode_constants`)."""
+        del length
+
+    def _decode_hidden(self, ids_BL, pos_BL, cache):
+        x_BLD = self.embeddings.word(ids_BL)
+        # Rows that have stopped may point past the table; their outputs are never read.
+        x_BLD = self.embeddings(x_BLD, positions_BL=jnp.minimum(pos_BL, self.config.max_len - 1))
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x_BLD, layer_cache = layer.decode(x_BLD, layer_cache, pos_BL)
+            new_cache.append(layer_cache)
+        return self.final_norm(x_BLD), new_cache
+
+    def prefill(self, ids_BL: jax.Array, lengths_B: jax.Array, cache: list[dict]):
+        """Run right-padded prompts (row b's tokens at 0..lengths_B[b]-1) into the cache;
+        returns (fp32 next-token logits (B, C) after each prompt's last token, cache)."""
+        B, L = ids_BL.shape
+        pos_BL = jnp.broadcast_to(jnp.arange(L)[None, :], (B, L))
+        h_BLD, cache = self._decode_hidden(ids_BL, pos_BL, cache)
+        h_B1D = h_BLD[jnp.arange(B), lengths_B - 1][:, None, :]
+        return self.logits(h_B1D)[:, 0], cache
+
+    def decode_step(self, ids_B: jax.Array, pos_B: jax.Array, cache: list[dict], consts=None):
+        """One new token per row at position `pos_B`; returns (fp32 next-token logits (B, C),
+        cache)."""
+        del consts
+        h_B1D, cache = self._decode_hidden(ids_B[:, None], pos_B[:, None], cache)
+        return self.logits(h_B1D)[:, 0], cache
 
     def logits(self, h_BLD: jax.Array) -> jax.Array:
         """fp32 LM logits (B, L, C) of final hidden states, whatever the compute dtype

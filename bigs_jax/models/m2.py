@@ -137,6 +137,55 @@ class M2SequenceMixer(nnx.Module):
             y_BLD = y_BLD + self.filter_fn2(r_BLD, mode=self.mode)
         return self.out_linear(y_BLD.astype(self.dtype))
 
+    # Decoding (M2-GPT). The cache holds, per row, the long-conv inputs of every position so
+    # far (v ⊙ x1 and u, float32) and the short conv's last K-1 inputs; a new token's long
+    # convolutions are dot products with the (precomputed) kernels: O(S·D) per token.
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        d, K = self.out_linear.kernel.shape[1], self.short_filter.kernel.shape[0]
+        cache = {"v": jnp.zeros((batch, length, d), jnp.float32),
+                 "prev": jnp.zeros((batch, K - 1, 3 * d), self.dtype)}
+        if self.filter_fn2 is not None:
+            cache["u"] = jnp.zeros((batch, length, d), jnp.float32)
+        return cache
+
+    def decode_constants(self, length: int) -> dict:
+        return {"k1": self.filter_fn.decode_table(length),
+                "k2": None if self.filter_fn2 is None else self.filter_fn2.decode_table(length)}
+
+    def prefill(self, h_BLD, lengths_B, cache: dict):
+        """`__call__` on right-padded prompts, also filling `cache` (see `init_cache`)."""
+        u_BLD = self.norm(h_BLD) if self.norm is not None else h_BLD
+        zin_BL3 = self.in_linear(u_BLD)
+        x1_BLD, x2_BLD, v_BLD = jnp.split(self.short_filter(zin_BL3), 3, axis=-1)
+        v_BLD = v_BLD * x1_BLD
+        y_BLD = self.filter_fn(v_BLD, mode=self.mode) * x2_BLD.astype(jnp.float32)
+        L, K1 = u_BLD.shape[1], cache["prev"].shape[1]
+        cache = dict(cache, v=cache["v"].at[:, :L].set(v_BLD.astype(jnp.float32)))
+        if self.filter_fn2 is not None:
+            y_BLD = y_BLD + self.filter_fn2(u_BLD, mode=self.mode)
+            cache["u"] = cache["u"].at[:, :L].set(u_BLD.astype(jnp.float32))
+        # the short conv's inputs at positions n-K+1 .. n-1 of each row (zeros before 0)
+        t_BK = lengths_B[:, None] - K1 + jnp.arange(K1)[None, :]
+        prev_BK3 = jnp.take_along_axis(zin_BL3, jnp.maximum(t_BK, 0)[..., None], axis=1)
+        cache["prev"] = jnp.where((t_BK >= 0)[..., None], prev_BK3, 0).astype(self.dtype)
+        return self.out_linear(y_BLD.astype(self.dtype)), cache
+
+    def decode(self, h_B1D, pos_B, cache: dict, consts: dict):
+        """One new token per row at position `pos_B`: (output (B, 1, D), cache)."""
+        u_B1D = self.norm(h_B1D) if self.norm is not None else h_B1D
+        z_B13, prev = self.short_filter.decode(self.in_linear(u_B1D), cache["prev"])
+        x1_B1D, x2_B1D, v_B1D = jnp.split(z_B13, 3, axis=-1)
+        rows_B = jnp.arange(h_B1D.shape[0])
+        cache = dict(cache, prev=prev, v=cache["v"].at[rows_B, pos_B].set(
+            (v_B1D * x1_B1D)[:, 0].astype(jnp.float32)))
+        y_B1D = (self.filter_fn.decode(cache["v"], consts["k1"], pos_B)
+                 * x2_B1D.astype(jnp.float32))
+        if self.filter_fn2 is not None:
+            cache["u"] = cache["u"].at[rows_B, pos_B].set(u_B1D[:, 0].astype(jnp.float32))
+            y_B1D = y_B1D + self.filter_fn2.decode(cache["u"], consts["k2"], pos_B)
+        return self.out_linear(y_B1D.astype(self.dtype)), cache
+
 
 class GLUMLP(nnx.Module):
     """Block-diagonal GLU MLP with post-LN (official `BertGatedLinearUnitMLP`)."""
@@ -172,6 +221,17 @@ class M2Layer(nnx.Module):
         if self.mlp is None:
             return self.norm(h_BLD + y_BLD)
         return self.mlp(y_BLD, deterministic=deterministic, rngs=rngs)
+
+    def _finish(self, h_BLD, y_BLD):
+        return self.norm(h_BLD + y_BLD) if self.mlp is None else self.mlp(y_BLD)
+
+    def prefill(self, h_BLD, lengths_B, cache):
+        y_BLD, cache = self.mixer.prefill(h_BLD, lengths_B, cache)
+        return self._finish(h_BLD, y_BLD), cache
+
+    def decode(self, h_B1D, pos_B, cache, consts):
+        y_B1D, cache = self.mixer.decode(h_B1D, pos_B, cache, consts)
+        return self._finish(h_B1D, y_B1D), cache
 
 
 class M2(nnx.Module):
@@ -244,9 +304,7 @@ class M2(nnx.Module):
             x_BLD = apply(layer, x_BLD, mask_BL, rngs)
         word_CD = self.embeddings.word.embedding[...]
         if c.head == "lm":
-            logits_BLC = jnp.einsum("BLD,CD->BLC", x_BLD, word_CD.astype(x_BLD.dtype),
-                                    preferred_element_type=jnp.float32)
-            return ModelOutput(hidden_states=x_BLD, logits=logits_BLC)
+            return ModelOutput(hidden_states=x_BLD, logits=self._lm_logits(x_BLD))
         if self.mlm_head is not None:
             h_BPD = x_BLD if mlm_positions is None else jnp.take_along_axis(
                 x_BLD, jnp.asarray(mlm_positions)[..., None], axis=1)
@@ -258,6 +316,50 @@ class M2(nnx.Module):
             pooled_BD = jnp.tanh(self.pooler(pool(x_BLD, mask_BL, c.pooler)))
             return ModelOutput(hidden_states=x_BLD, pooled=pooled_BD)
         return ModelOutput(hidden_states=x_BLD)
+
+    def _lm_logits(self, x_BLD):
+        word_CD = self.embeddings.word.embedding[...]
+        return jnp.einsum("BLD,CD->BLC", x_BLD, word_CD.astype(x_BLD.dtype),
+                          preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------ decoding (bigs_jax.generation)
+    # M2-GPT decodes exactly with a cache of its long-convolution inputs. The implicit filters
+    # are fixed functions of the offset, so their kernels for S cached positions are computed
+    # once per generate call (`decode_constants`); a new token then costs, per layer, the
+    # pointwise projections and MLP (O(D²)), the short conv from its last K-1 inputs, and two
+    # long-conv dot products over the S cached inputs (O(S·D)), against O(L·D² + L log L·D)
+    # for a forward over the whole prefix. (Asymptotically faster exact schemes exist, e.g.
+    # Flash Inference's O(log² L) amortized tiling, arXiv 2410.12982; not implemented.)
+
+    @property
+    def can_generate(self) -> bool:
+        return self.config.causal and self.config.head == "lm"
+
+    def init_cache(self, batch: int, length: int) -> list[dict]:
+        return [layer.mixer.init_cache(batch, length) for layer in self.layers]
+
+    def decode_constants(self, length: int) -> list[dict]:
+        return [layer.mixer.decode_constants(length) for layer in self.layers]
+
+    def prefill(self, ids_BL, lengths_B, cache):
+        """Right-padded prompts into the cache; (fp32 next-token logits (B, C), cache)."""
+        x_BLD = self.embeddings(ids_BL)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x_BLD, layer_cache = layer.prefill(x_BLD, lengths_B, layer_cache)
+            new_cache.append(layer_cache)
+        last_B1D = x_BLD[jnp.arange(x_BLD.shape[0]), lengths_B - 1][:, None, :]
+        return self._lm_logits(last_B1D)[:, 0], new_cache
+
+    def decode_step(self, ids_B, pos_B, cache, consts):
+        """One token per row at `pos_B`; (fp32 next-token logits (B, C), cache)."""
+        x_B1D = self.embeddings(ids_B[:, None], position_ids_BL=jnp.minimum(
+            pos_B, self.config.max_len - 1)[:, None])
+        new_cache = []
+        for layer, layer_cache, layer_consts in zip(self.layers, cache, consts):
+            x_B1D, layer_cache = layer.decode(x_B1D, pos_B, layer_cache, layer_consts)
+            new_cache.append(layer_cache)
+        return self._lm_logits(x_B1D)[:, 0], new_cache
 
 
 # ---------------------------------------------------------------------------- registry

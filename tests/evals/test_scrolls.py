@@ -123,6 +123,23 @@ def test_greedy_decode_equals_unpadded_step_by_step():
     assert stopped == [[]]
 
 
+def test_cached_decode_equals_recompute_and_beam_runs():
+    """`decode` (the cached generate, used by finish) gives greedy_decode's tokens; the eos
+    ends a row without being part of it; beam search goes through the same path."""
+    model = bigs_jax.create("gpt2-tiny", vocab_size=40, seed=3)
+    prompts = [[5, 6, 7], [9], [11, 12, 13, 14]]
+    reference = scrolls.greedy_decode(model, prompts, max_new_tokens=5, eos_id=-1, seq_len=16,
+                                      batch_size=2)
+    assert scrolls.decode(model, prompts, max_new_tokens=5, eos_id=-1,
+                          batch_size=2) == reference
+    eos = reference[1][2]
+    cut = [r[:r.index(eos)] if eos in r else r for r in reference]
+    assert scrolls.decode(model, prompts, max_new_tokens=5, eos_id=eos, batch_size=2) == cut
+    beams = scrolls.decode(model, prompts, max_new_tokens=5, eos_id=eos, batch_size=2,
+                           num_beams=3)
+    assert len(beams) == 3 and all(len(b) <= 5 and eos not in b for b in beams)
+
+
 def test_tfds_builder_path_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     cfg = config(tmp_path, "gov_report", format="tfds", tfds_data_dir=str(tmp_path / "tfds"))
