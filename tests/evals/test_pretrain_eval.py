@@ -99,5 +99,6 @@ def test_workdir_vocabulary_is_found_by_the_python_api(smoke_run, tmp_path):
     config = ConfigDict({"init": str(bare), "data": {"vocab_file": ""}})
     with pytest.raises(finetune.DataError, match=(
             f"^config.init {bare} records no vocabulary \\(no tokenizer/vocab.txt or "
-            "tokenizer/spm.model or tokenizer/tokenizer.model\\); pass --config.vocab_file=")):
+            "tokenizer/spm.model or tokenizer/tokenizer.model or tokenizer/vocab.json\\); pass "
+            "--config.vocab_file=")):
         finetune.vocabulary(config)
