@@ -28,7 +28,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bigs_jax.data import registry  # noqa: E402
 from bigs_jax.train import checkpointing, loop  # noqa: E402
+from bigs_jax.train import workdir as workdir_lib  # noqa: E402
 from configs import quickstart  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_layers=2, intermediate_size=256)
@@ -121,7 +123,7 @@ def _params(workdir: str) -> int:
 
 def _params_small(model: str, seed: int, args) -> int:
     c = config_for(model, SMALL, args.steps, seed)
-    return _count(loop.model_config_from(c, loop.make_data_source(c).model_overrides()))
+    return _count(workdir_lib.model_config_from(c, registry.make_data_source(c).model_overrides()))
 
 
 def main() -> None:
