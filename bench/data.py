@@ -24,12 +24,11 @@ import datetime
 import os
 import pathlib
 import platform
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402  (bench/timing.py)
 import tensorflow as tf  # noqa: E402
 
 tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -40,15 +39,6 @@ FILES = ["wikitext-2-raw/wiki.test.raw", "wikitext-2/wiki.valid.tokens",
          "tinyshakespeare/input.txt"]
 L, BATCH = 128, 256
 
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (graph tracing, compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def vocab_file() -> str:
@@ -216,6 +206,14 @@ def bench_step(batch: int, repeats: int) -> float:
     return batch * L / median_time(run, repeats), jax.devices()[0].device_kind
 
 
+def print_tokenizer_rows(rows) -> None:
+    """A markdown table of (name, lines/s, tokens/s) rows, ours first."""
+    print("| tokenizer | lines/s | tokens/s | vs ours |")
+    print("|---|---:|---:|---:|")
+    for name, ex, tok in rows:
+        print(f"| {name} | {ex:,.0f} | {tok:,.0f} | {rows[0][2] / tok:.2f}x |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=20000)
@@ -230,17 +228,9 @@ def main():
           f"{platform.processor() or platform.machine()}  {os.cpu_count()} CPUs; "
           f"TF on 1 thread; median of {args.repeats} after a warm-up")
     print(f"\n## WordPiece tokenization, {args.lines} real lines (bert-base-uncased vocab)")
-    print("| tokenizer | lines/s | tokens/s | vs ours |")
-    print("|---|---:|---:|---:|")
-    rows = bench_tokenizers(read_lines(args.lines), args.repeats)
-    for name, ex, tok in rows:
-        print(f"| {name} | {ex:,.0f} | {tok:,.0f} | {rows[0][2] / tok:.2f}x |")
+    print_tokenizer_rows(bench_tokenizers(read_lines(args.lines), args.repeats))
     print(f"\n## Byte-level BPE tokenization, {args.lines} real lines (8k BPE trained on them)")
-    print("| tokenizer | lines/s | tokens/s | vs ours |")
-    print("|---|---:|---:|---:|")
-    brows = bench_bpe(read_lines(args.lines), args.repeats)
-    for name, ex, tok in brows:
-        print(f"| {name} | {ex:,.0f} | {tok:,.0f} | {brows[0][2] / tok:.2f}x |")
+    print_tokenizer_rows(bench_bpe(read_lines(args.lines), args.repeats))
     print(f"\n## MLM batches, L={L}, batch {BATCH}, {args.batches} batches (naive: a tenth)")
     print("| pipeline | examples/s | tokens/s | vs ours |")
     print("|---|---:|---:|---:|")

@@ -23,27 +23,17 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("USE_TF", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_time  # noqa: E402  (bench/timing.py)
 
 import bigs_jax  # noqa: E402
 from bigs_jax.evals.scrolls import greedy_decode  # noqa: E402
 
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def hf_runner(model, prompts: np.ndarray, new: int):
