@@ -48,6 +48,18 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """A banner for every skipped test, so that `-q` cannot hide one (a skip means a check
+    did not run: the reason says what to install or where the data should be)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped:
+        terminalreporter.section(f"{len(skipped)} TESTS SKIPPED: these checks did not run",
+                                 sep="!", red=True, bold=True)
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            terminalreporter.write_line(f"{report.nodeid}: {reason}")
+
+
 @pytest.fixture(scope="session")
 def jitted():
     """jitted(model)(*arrays, **arrays): the model's forward pass as one compiled function.

