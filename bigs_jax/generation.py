@@ -134,7 +134,11 @@ def _rows(prompt_ids, attention_mask) -> tuple[np.ndarray, list[np.ndarray], boo
                          f"got shape {block.shape} dtype {block.dtype}")
     if attention_mask is None:
         return block, list(block), False
-    mask = np.asarray(attention_mask).astype(bool).reshape(block.shape)
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.size != block.size:
+        raise ValueError(f"attention_mask has shape {mask.shape} but prompt_ids has shape "
+                         f"{block.shape}; pass one mask value per prompt token")
+    mask = mask.reshape(block.shape)
     rows = []
     for b, m in enumerate(mask):
         real = np.flatnonzero(m)

@@ -58,25 +58,33 @@ def make_data_source(config: ConfigDict) -> DataSource:
     return _SOURCES[name](config)
 
 
-def check_token_ids(batch: dict, vocab_size: Optional[int], where: str) -> dict:
-    """`batch` after checking its `input_ids` lie in [0, vocab_size) (a host min/max, once per
-    batch): ids from another tokenizer would give NaN or garbage, not an error."""
-    ids = batch.get("input_ids")
-    if vocab_size is None or ids is None or ids.size == 0:
+def check_token_ids(batch: dict, vocab_size: Optional[int], where: str,
+                    type_vocab_size: Optional[int] = None) -> dict:
+    """`batch` after checking its token ids (a host min/max per array, once per batch): ids
+    from another tokenizer would give NaN or garbage, not an error. `input_ids` and the LM
+    `labels` beside them lie in [0, vocab_size), `token_type_ids` in [0, type_vocab_size)."""
+    if batch.get("input_ids") is None:
         return batch
-    low, high = int(np.min(ids)), int(np.max(ids))
-    if low < 0 or high >= vocab_size:
-        bad = ids[(ids < 0) | (ids >= vocab_size)]
-        raise ConfigError(
-            f"{where} has input_ids outside the model's vocabulary: {bad.size} ids in "
-            f"[{bad.min()}, {bad.max()}], but vocab_size is {vocab_size} (ids "
-            f"0..{vocab_size - 1}); tokenize config.data with the model's vocabulary")
+    vocabulary = "vocabulary", vocab_size, "tokenize config.data with the model's vocabulary"
+    for key, (table, size, fix) in (("input_ids", vocabulary), ("labels", vocabulary), (
+            "token_type_ids", ("token types", type_vocab_size, "give segment ids "
+                               "0..type_vocab_size-1, or no token_type_ids"))):
+        ids = batch.get(key)
+        if not size or ids is None or ids.size == 0:  # size 0: the model has no such table
+            continue
+        if int(np.min(ids)) < 0 or int(np.max(ids)) >= size:
+            bad = ids[(ids < 0) | (ids >= size)]
+            what = "vocab_size" if table == "vocabulary" else "type_vocab_size"
+            raise ConfigError(
+                f"{where} has {key} outside the model's {table}: {bad.size} ids in "
+                f"[{bad.min()}, {bad.max()}], but {what} is {size} (ids 0..{size - 1}); {fix}")
     return batch
 
 
-def checked_batches(batches: Iterator[dict], vocab_size: Optional[int],
-                    start_step: int) -> Iterator[dict]:
+def checked_batches(batches: Iterator[dict], vocab_size: Optional[int], start_step: int,
+                    type_vocab_size: Optional[int] = None) -> Iterator[dict]:
     """`batches` (the train batches from step `start_step` on), each checked by
     `check_token_ids`."""
     for step, batch in enumerate(batches, start_step + 1):
-        yield check_token_ids(batch, vocab_size, f"config.data's train batch of step {step}")
+        yield check_token_ids(batch, vocab_size, f"config.data's train batch of step {step}",
+                              type_vocab_size)

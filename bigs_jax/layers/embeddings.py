@@ -22,18 +22,26 @@ def check_token_ids(ids, vocab_size: int) -> None:
     clamp or fill them with NaN instead of failing. Traced ids (under jit) and arrays spread
     over other hosts pass unchecked, so a compiled step pays nothing; the train loop checks
     every host batch before it reaches the step (data.registry.check_token_ids)."""
+    check_index_range(ids, vocab_size, "input_ids", "the vocabulary", "the model's vocab_size",
+                      "tokenize with the model's vocabulary")
+
+
+def check_index_range(ids, size: int, name: str, table: str, what: str, fix: str) -> None:
+    """ValueError if concrete integer `ids` [batch, length] fall outside [0, size), naming
+    `name`, the `table` they index, what `size` is and the `fix`; traced or non-addressable
+    arrays pass (see `check_token_ids`)."""
     if isinstance(ids, jax.core.Tracer) or (
             isinstance(ids, jax.Array) and not ids.is_fully_addressable):
         return
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
-        raise ValueError(f"input_ids must be integer token ids of shape [batch, length], got "
+        raise ValueError(f"{name} must be integer ids of shape [batch, length], got "
                          f"{ids.dtype} of shape {ids.shape}; pass e.g. ids[None] for one row")
-    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    bad = ids[(ids < 0) | (ids >= size)]
     if bad.size:
-        raise ValueError(f"input_ids hold {bad.size} ids outside the vocabulary, in "
-                         f"[{bad.min()}, {bad.max()}]; the model's vocab_size is {vocab_size} "
-                         f"(ids 0..{vocab_size - 1}); tokenize with the model's vocabulary")
+        raise ValueError(f"{name} hold {bad.size} ids outside {table}, in "
+                         f"[{bad.min()}, {bad.max()}]; {what} is {size} (ids 0..{size - 1}); "
+                         f"{fix}")
 
 
 def embed(num: int, features: int, axes, *, init_std: float, rngs: nnx.Rngs,
@@ -101,6 +109,9 @@ class BertEmbeddings(nnx.Module):
         if self.token_type is not None:
             if token_type_ids_BL is None:
                 token_type_ids_BL = jnp.zeros(x_BLD.shape[:2], jnp.int32)
+            check_index_range(token_type_ids_BL, self.token_type.num_embeddings,
+                              "token_type_ids", "the token types", "the model's type_vocab_size",
+                              "use 0 for the first segment and 1 for the second")
             x_BLD = x_BLD + self.token_type(token_type_ids_BL)
         x_BLD = self.norm(x_BLD)
         return self.dropout(x_BLD, deterministic=deterministic, rngs=rngs)

@@ -43,7 +43,8 @@ from bigs_jax.layers.linear import activation, dense, gelu_tanh, layer_norm
 from bigs_jax.layers.mlp import MLP
 from bigs_jax.layers.ssm import S4D, reverse_padded
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead
-from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
+from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
+                                     with_output_dtype)
 
 BLOCKS = ("stack", "gated")
 MIXERS = ("attention", "ssm")
@@ -230,15 +231,6 @@ class GatedBlock(nnx.Module):
         return x_BLD + o_BLD if self.pre_norm else self.norm(x_BLD + o_BLD)
 
 
-def ids_or_embeds(input_ids, inputs_embeds):
-    """(ids_BL, None) or (None, embeds_BLD): exactly one of the two inputs."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    if inputs_embeds is None:
-        return jnp.asarray(input_ids), None
-    return None, jnp.asarray(inputs_embeds)
-
-
 class Encoder(nnx.Module):
     """Embeddings → `num_layers` blocks → optional head. See the module docstring."""
 
@@ -287,7 +279,9 @@ class Encoder(nnx.Module):
           deterministic: disable dropout.
           rngs: dropout randomness when not deterministic.
         """
-        ids_BL, embeds_BLD = ids_or_embeds(input_ids, inputs_embeds)
+        ids_BL, embeds_BLD = ids_or_embeds(
+            input_ids, inputs_embeds, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, segment_ids=segment_ids, positions=positions)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
         kw = dict(deterministic=deterministic, rngs=rngs)
         seg_BL = None if segment_ids is None else jnp.asarray(segment_ids)

@@ -31,7 +31,8 @@ from bigs_jax.layers.blocks import block_call, check_remat
 from bigs_jax.layers.embeddings import check_token_ids, embed
 from bigs_jax.layers.linear import activation, dense, layer_norm, rms_norm
 from bigs_jax.layers.mlp import MLP
-from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
+from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
+                                     with_output_dtype)
 
 NORMS = ("layer", "rms")
 
@@ -187,14 +188,15 @@ class GPT2(nnx.Module):
           ModelOutput with hidden_states (B, L, D) after the final LayerNorm and fp32
           logits (B, L, C).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        ids_BL, embeds_BLD = ids_or_embeds(input_ids, inputs_embeds,
+                                           attention_mask=attention_mask,
+                                           segment_ids=segment_ids, positions=positions)
         kw = dict(deterministic=deterministic, rngs=rngs)
-        if inputs_embeds is None:
-            check_token_ids(input_ids, self.config.vocab_size)
-            x_BLD = self.embeddings.word(jnp.asarray(input_ids))
+        if embeds_BLD is None:
+            check_token_ids(ids_BL, self.config.vocab_size)
+            x_BLD = self.embeddings.word(ids_BL)
         else:
-            x_BLD = jnp.asarray(inputs_embeds)
+            x_BLD = embeds_BLD
         x_BLD = self.embeddings(x_BLD, positions_BL=None if positions is None
                                 else jnp.asarray(positions), **kw)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)

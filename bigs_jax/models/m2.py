@@ -43,9 +43,9 @@ from bigs_jax.layers.embeddings import BertEmbeddings
 from bigs_jax.layers.linear import dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv
 from bigs_jax.layers.monarch import BlockdiagLinear
-from bigs_jax.models.encoder import ids_or_embeds
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead, pool
-from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
+from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
+                                     with_output_dtype)
 
 ENCODER_HEADS = ("mlm", "classification", "pooler", "none")
 DECODER_HEADS = ("lm", "none")
@@ -293,7 +293,9 @@ class M2(nnx.Module):
         if segment_ids is not None or positions is not None:
             raise ValueError(SEGMENTS_REFUSAL)
         c = self.config
-        ids_BL, embeds_BLD = ids_or_embeds(input_ids, inputs_embeds)
+        ids_BL, embeds_BLD = ids_or_embeds(input_ids, inputs_embeds,
+                                           attention_mask=attention_mask,
+                                           token_type_ids=token_type_ids)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
         kw = dict(deterministic=deterministic, rngs=rngs)
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None

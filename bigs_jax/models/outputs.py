@@ -7,6 +7,7 @@ from typing import Optional
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 
 @flax.struct.dataclass
@@ -53,3 +54,20 @@ def with_output_dtype(call):
         return out.replace(logits=out.logits.astype(self.config.output_dtype))
 
     return wrapper
+
+
+def ids_or_embeds(input_ids, inputs_embeds, **per_token):
+    """(ids_BL, None) or (None, embeds_BLD): exactly one of the two inputs; each array of
+    `per_token` (attention_mask=..., token_type_ids=...) that is not None must be [B, L] like
+    them: a mask of another shape would broadcast into wrong attention or fail deep inside."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    ids_BL = None if input_ids is None else jnp.asarray(input_ids)
+    embeds_BLD = None if inputs_embeds is None else jnp.asarray(inputs_embeds)
+    BL = (ids_BL if embeds_BLD is None else embeds_BLD).shape[:2]
+    for name, array in per_token.items():
+        if array is not None and jnp.shape(array) != BL:
+            given = "input_ids" if embeds_BLD is None else "inputs_embeds"
+            raise ValueError(f"{name} has shape {jnp.shape(array)} but {given} is [batch, "
+                             f"length] = {BL}; pass one {name} value per token, shape {BL}")
+    return ids_BL, embeds_BLD

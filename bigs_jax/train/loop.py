@@ -254,10 +254,11 @@ def _checked_data(source, start: int, model_config) -> tuple[Iterator[dict], lis
     """The source's iterators, every batch's token ids checked against the model's
     vocabulary on the host (the compiled step would turn a foreign id into NaN or garbage)."""
     train_iter, eval_batches = source.iterators(start)
-    vocab_size = getattr(model_config, "vocab_size", None)
+    sizes = getattr(model_config, "vocab_size", None), getattr(model_config, "type_vocab_size",
+                                                                None)
     for i, batch in enumerate(eval_batches):
-        registry.check_token_ids(batch, vocab_size, f"config.data's eval batch {i}")
-    return registry.checked_batches(train_iter, vocab_size, start), eval_batches
+        registry.check_token_ids(batch, sizes[0], f"config.data's eval batch {i}", sizes[1])
+    return registry.checked_batches(train_iter, sizes[0], start, sizes[1]), eval_batches
 
 
 def _refuse_unsupported_packing(batch: dict, model_config, config: ConfigDict) -> None:

@@ -131,6 +131,56 @@ def test_data_check_names_the_batch_and_range():
         next(registry.checked_batches(iter([{"input_ids": ids}]), 8192, 4))
 
 
+@pytest.mark.parametrize("name", ["bigs-tiny", "bert-tiny", "m2-bert-tiny"])
+def test_model_call_rejects_token_types_outside_the_table(name):
+    model = bigs_jax.create(name, num_layers=1)
+    ids = np.array([[5, 6, 7, 3]], np.int32)
+    with pytest.raises(ValueError, match=r"^token_type_ids hold 1 ids outside the token types, "
+                       r"in \[2, 2\]; the model's type_vocab_size is 2 \(ids 0\.\.1\); use 0 "):
+        model(ids, token_type_ids=np.array([[0, 0, 1, 2]], np.int32))
+    with pytest.raises(ValueError, match=r"in \[-1, -1\]"):
+        model(ids, token_type_ids=np.array([[0, -1, 1, 1]], np.int32))
+    out = model(ids, token_type_ids=np.array([[0, 0, 1, 1]], np.int32))
+    assert np.isfinite(np.asarray(out.logits)).all()
+
+
+@pytest.mark.parametrize("name", ["bigs-tiny", "gpt2-tiny", "m2-bert-tiny"])
+def test_model_call_rejects_per_token_inputs_of_another_shape(name):
+    model = bigs_jax.create(name, num_layers=1)
+    ids = np.array([[5, 6, 7, 3], [1, 2, 3, 4]], np.int32)
+    for mask in (np.ones((2, 5), np.int32), np.ones((4,), np.int32), np.ones((1, 4), np.int32)):
+        with pytest.raises(ValueError, match=rf"^attention_mask has shape \({mask.shape[0]},"
+                           rf".*but input_ids is \[batch, length\] = \(2, 4\); pass one "
+                           r"attention_mask value per token, shape \(2, 4\)$"):
+            model(ids, attention_mask=mask)
+    assert model(ids, attention_mask=np.ones((2, 4), np.int32)).logits.shape[0] == 2
+
+
+def test_generate_rejects_a_mask_of_another_shape():
+    model = bigs_jax.create("gpt2-tiny", num_layers=1)
+    with pytest.raises(ValueError, match=r"^attention_mask has shape \(2, 3\) but prompt_ids "
+                       r"has shape \(2, 4\); pass one mask value per prompt token$"):
+        bigs_jax.generate(model, np.ones((2, 4), np.int32), max_new_tokens=1,
+                          attention_mask=np.ones((2, 3), np.int32))
+
+
+def test_data_check_covers_labels_and_token_types():
+    ids = np.array([[2, 9, 4], [3, 4, 5]], np.int32)
+    with pytest.raises(loop.ConfigError, match=r"^batch 3 has labels outside the model's "
+                       r"vocabulary: 1 ids in \[9000, 9000\], but vocab_size is 8192 \(ids "
+                       r"0\.\.8191\); tokenize"):
+        registry.check_token_ids({"input_ids": ids, "labels": ids * 1000}, 8192, "batch 3")
+    with pytest.raises(loop.ConfigError, match=r"^batch 3 has token_type_ids outside the "
+                       r"model's token types: 4 ids in \[2, 7\], but type_vocab_size is 2 "
+                       r"\(ids 0\.\.1\); give segment ids"):
+        registry.check_token_ids({"input_ids": ids, "token_type_ids": ids - 2}, 8192,
+                                 "batch 3", 2)
+    good = {"input_ids": ids, "labels": ids, "token_type_ids": ids % 2}
+    assert registry.check_token_ids(good, 8192, "batch 3", 2) is good
+    # a model without a token-type table (type_vocab_size 0) ignores token_type_ids
+    assert registry.check_token_ids(good, 8192, "batch 3", 0) is good
+
+
 def test_train_loop_refuses_data_from_a_larger_vocabulary(tmp_path):
     config = smoke(2)
     config.model.vocab_size = 1000  # the embedded corpus has 8192 ids
