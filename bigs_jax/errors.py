@@ -21,3 +21,9 @@ class DamagedCheckpoint(ConfigError):
         super().__init__(message)
         self.step = step
         self.why = why
+
+
+class CheckpointReadError(ConfigError):
+    """A checkpoint step whose files are there but could not be read this time for a reason
+    outside them (memory, network, permissions, a full disk): not damage, so nothing is moved
+    and a rerun reads it again."""

@@ -15,6 +15,7 @@ retention and of the saves that retrain those steps).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from bigs_jax.errors import CheckpointWriteError, DamagedCheckpoint
+from bigs_jax.errors import CheckpointReadError, CheckpointWriteError, DamagedCheckpoint
 from bigs_jax.models import FAMILIES, build, family_of
 from bigs_jax.paths import flat_paths, path_str
 
@@ -35,6 +36,12 @@ ITEMS = ("params", "opt_state", "meta")
 # The file each item's directory needs before anything in it can be read: the pytree metadata
 # of StandardSave items, the JSON of JsonSave ones.
 _ITEM_INDEX = {"params": "_METADATA", "opt_state": "_METADATA", "meta": "metadata"}
+# Read failures that say nothing about the files (TensorStore/absl status codes, errnos):
+# memory, network, quota, permissions. Anything else failing to read a step's files is damage.
+_PASSING_STATUS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                   "UNAUTHENTICATED", "CANCELLED", "ABORTED")
+_PASSING_ERRNO = {errno.EACCES, errno.EPERM, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT,
+                  errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH}
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
 # Written first into every directory bigs_jax creates, so a directory of someone else's (an HF
@@ -332,6 +339,21 @@ def missing_files(workdir: str, step: int, items=ITEMS) -> Optional[str]:
     return None
 
 
+def _passing(e: BaseException) -> bool:
+    """Whether a failed read is a passing failure (memory, network, permissions) rather than
+    damage: any exception in its chain is a MemoryError, an OSError with such an errno, or a
+    status naming such a code."""
+    for _ in range(10):
+        if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in _PASSING_ERRNO):
+            return True
+        if any(code in str(e) for code in _PASSING_STATUS):
+            return True
+        e = e.__cause__ or e.__context__
+        if e is None:
+            return False
+    return False
+
+
 def _first_line(e: BaseException) -> str:
     """An exception as one short line: the first line of its innermost cause (Orbax wraps
     TensorStore's status, e.g. OUT_OF_RANGE on a truncated file, in a page of spec)."""
@@ -369,8 +391,14 @@ def _read_step(workdir: str, step: int, items, read):
         try:
             return read()
         except Exception as e:  # noqa: BLE001 -- TensorStore, Orbax and JSON errors alike
-            why = f"its files cannot be read ({_first_line(e)})"
             _quiet_failed_reads()
+            if _passing(e):
+                raise CheckpointReadError(
+                    f"reading checkpoint step {step} in {os.path.join(workdir, CHECKPOINTS)} "
+                    f"failed ({_first_line(e)}); this is not damage to its files, so nothing "
+                    "was moved; free memory or restore access and rerun the same command"
+                ) from None
+            why = f"its files cannot be read ({_first_line(e)})"
     raise DamagedCheckpoint(f"checkpoint step {step} in {os.path.join(workdir, CHECKPOINTS)} "
                             f"is damaged: {why}", step, why)
 

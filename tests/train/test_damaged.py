@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import bigs_jax
-from bigs_jax.errors import DamagedCheckpoint
+from bigs_jax.errors import CheckpointReadError, DamagedCheckpoint
 from bigs_jax.train import checkpointing, loop
 from tests.runs import params_of, smoke
 from tests.train.test_refusals import hashes
@@ -110,3 +110,33 @@ def test_train_refuses_when_no_checkpoint_is_intact(straight, tmp_path):
             "missing; nothing was changed; move the damaged step directories out of it")):
         loop.train_and_evaluate(smoke(6), workdir)
     assert hashes(workdir) == before
+
+
+@pytest.mark.parametrize("cause", [
+    RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"),
+    RuntimeError("UNAVAILABLE: gcs: connection reset by peer"),
+    PermissionError(13, "Permission denied", "params/d/0.0"),
+    MemoryError()])
+def test_a_passing_read_failure_is_not_damage(straight, tmp_path, monkeypatch, cause):
+    """Out of memory, the network or permissions failing a read say nothing about the files:
+    one line, and nothing is moved aside (a rerun reads the step again)."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight[0], workdir)
+    before = hashes(workdir)
+
+    def failing_restore(*args, **kwargs):
+        raise ValueError("Encountered error while reading array index (0,)") from cause
+
+    monkeypatch.setattr(checkpointing.ocp.CheckpointManager, "restore", failing_restore)
+    for run in (lambda: loop.train_and_evaluate(smoke(8), workdir),
+                lambda: bigs_jax.load(workdir)):
+        with pytest.raises(CheckpointReadError) as e:
+            run()
+        message = str(e.value)
+        assert "\n" not in message, message
+        assert message.startswith(
+            f"reading checkpoint step 6 in {workdir}/checkpoints failed ("), message
+        assert message.endswith("this is not damage to its files, so nothing was moved; free "
+                                "memory or restore access and rerun the same command"), message
+    assert hashes(workdir) == before
+    assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED))
