@@ -27,6 +27,7 @@ and the yaml-only keys `BertLayer` reads (`long_conv_l_max`, `hyena_w`, ...).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -408,8 +409,8 @@ def official_state_dict(config: M2Config, params: Mapping[str, np.ndarray]) -> T
     for i in range(config.num_layers):
         for fn in ("filter_fn", "filter_fn2") if config.residual_long_conv else ("filter_fn",):
             pre = f"bert.encoder.layer.{i}.attention.{fn}"
-            sd[f"{pre}.pos_emb.t"] = t
-            sd[f"{pre}.modulation.deltas"] = deltas
+            sd[f"{pre}.pos_emb.t"] = t.copy()  # one buffer per module, as in the official
+            sd[f"{pre}.modulation.deltas"] = deltas.copy()
             for alias in _FREQ_ALIASES:
                 sd[f"{pre}.{alias}.freq"] = sd[f"{pre}.implicit_filter.1.freq"]
     if config.head == "mlm":
@@ -425,6 +426,13 @@ def write_weights(config: M2Config, params: Mapping[str, np.ndarray], directory:
         raise ConversionError("--to m2-official writes a PyTorch file and needs PyTorch; "
                               "pip install torch") from None
     sd = official_state_dict(config, params)
+    # The official model builds these buffers with float32 torch.linspace, which can differ
+    # from ours in the last bit; its state_dict() holds its own values, so write those.
+    t = torch.linspace(0, 1, config.max_len)[None, :, None].numpy()
+    deltas = torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3,
+                            config.hidden_size)[None, None].numpy()
+    sd.update({k: (t if k.endswith(".pos_emb.t") else deltas).copy()
+               for k in sd if k.endswith((".pos_emb.t", ".modulation.deltas"))})
     shared: dict[int, Any] = {}  # one torch tensor per numpy array: aliases share storage
     out = {k: shared.setdefault(id(v), torch.from_numpy(np.array(v)))
            for k, v in sd.items()}

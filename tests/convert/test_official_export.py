@@ -108,8 +108,11 @@ def test_bigs_export_matches_official_forward(tmp_path):
 # ---------------------------------------------------------------------------- M2
 
 
-def _official_m2(head):
-    sd = m2.official_state(legacy=head == "mlm", head="mlm" if head == "mlm" else "pooler")
+def _official_m2(head, positions=True):
+    sd = m2.official_state(legacy=head == "mlm", head="mlm" if head == "mlm" else "pooler",
+                           positions=positions)
+    if not positions:  # the official BertEmbeddings registers position_ids only with them
+        del sd["bert.embeddings.position_ids"]
     if head == "classification":
         rng = np.random.default_rng(5)
         sd["classifier.weight"] = rng.standard_normal((3, m2.H)).astype(np.float32)
@@ -117,12 +120,13 @@ def _official_m2(head):
     return sd
 
 
-@pytest.mark.parametrize("head", ["mlm", "pooler", "classification"])
-def test_m2_round_trip_is_exact(tmp_path, head):
+@pytest.mark.parametrize("head,positions", [("mlm", True), ("pooler", True),
+                                            ("classification", True), ("mlm", False)])
+def test_m2_round_trip_is_exact(tmp_path, head, positions):
     """official state dict → ours → official: the same keys (buffers and aliases included),
     shapes and dtypes, parameters bit for bit, aliases sharing one storage as torch saves
     them; ours → official → ours: the same params and config."""
-    sd = _official_m2(head)
+    sd = _official_m2(head, positions)
     src = tmp_path / "official"
     src.mkdir()
     m2._save_bin(sd, src / "pytorch_model.bin")
@@ -135,13 +139,18 @@ def test_m2_round_trip_is_exact(tmp_path, head):
     for k, v in sd.items():
         got = out[k].numpy()
         assert got.shape == v.shape and got.dtype == v.dtype, k
-        if k.endswith("pos_emb.t"):  # a buffer the official code builds in float32
-            np.testing.assert_allclose(got, v, rtol=0, atol=1e-7)
+        if k.endswith(("pos_emb.t", "modulation.deltas")):  # buffers, as torch builds them
+            np.testing.assert_allclose(got, v, rtol=1e-6, atol=1e-7)
         else:
             assert np.array_equal(got, v), k
     f = "bert.encoder.layer.1.attention.filter_fn2"
+    assert torch.equal(out[f"{f}.pos_emb.t"], torch.linspace(0, 1, m2.L)[None, :, None])
+    assert torch.equal(out[f"{f}.modulation.deltas"], torch.linspace(
+        np.log(1e-2) / 1.5, np.log(1e-2) / 0.3, m2.H)[None, None])
     assert out[f"{f}.implicit_filter_rev.5.freq"].data_ptr() == out[
         f"{f}.implicit_filter.1.freq"].data_ptr()
+    assert out[f"{f}.pos_emb.t"].data_ptr() != out[
+        "bert.encoder.layer.0.attention.filter_fn.pos_emb.t"].data_ptr()  # one per module
     if head == "mlm":
         assert out["cls.predictions.decoder.weight"].data_ptr() == out[
             "bert.embeddings.word_embeddings.weight"].data_ptr()
