@@ -35,9 +35,11 @@ from bigs_jax.train import checkpointing
 
 Tensors = dict[str, np.ndarray]
 
-# Tokenizer files copied into `<workdir>/tokenizer/` on import and back out on export.
+# Tokenizer files copied into `<workdir>/tokenizer/` on import and back out on export
+# (sentence_bert_config.json: a sentence-transformers model's max_seq_length and casing).
 TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json",
-                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "sentence_bert_config.json")
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -498,6 +500,9 @@ def export_from_workdir(src: str, dst: str, *, to: str = "hf") -> str:
         if to == "hf":
             save_file(exporter.export_tensors(config, params),
                       os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            pooling = embedding.read_pooling(src)
+            if pooling is not None and family == "encoder":  # a sentence-transformers model
+                exporter.write_pooling(config, pooling, tmp)
         else:
             exporter.write_weights(config, params, tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -205,3 +205,8 @@ def export_tensors(config: EncoderConfig, params: Mapping) -> Tensors:
     if config.head == "none":
         return tensors
     return {k if k.startswith(HEAD_PREFIXES) else PREFIX + k: v for k, v in tensors.items()}
+
+
+def write_pooling(config: EncoderConfig, pooling, directory: str) -> None:
+    """The sentence-transformers modules of an exported workdir that recorded a pooling."""
+    sentence_transformers.write_modules(pooling, config.hidden_size, directory)

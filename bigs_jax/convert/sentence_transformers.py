@@ -7,6 +7,8 @@ which the converter keeps in the workdir's `pooling.json`. Other modules (`Dense
 `LayerNorm`, ...) would change the embedding, so they are refused rather than dropped.
 Pooling configs come in two spellings: the legacy flags (`pooling_mode_mean_tokens: true`,
 concatenated in sentence-transformers' fixed order) and `pooling_mode` (a name or a list).
+Export (`--to hf` of a workdir with `pooling.json`) writes the same modules back, so the
+directory loads in `SentenceTransformer` again.
 """
 
 from __future__ import annotations
@@ -75,3 +77,29 @@ def read_pooling(src: str) -> Optional[Pooling]:
     config_path = os.path.join(src, pooling_dir, "config.json")
     modes = pooling_modes(read_json(config_path), config_path)
     return Pooling(modes=modes, normalize="Normalize" in kinds)
+
+
+def write_modules(pooling: Pooling, hidden_size: int, directory: str) -> None:
+    """Write `modules.json` and `1_Pooling/config.json` for an HF model saved in `directory`.
+
+    The legacy flags are written when they express the modes (each once, in their fixed
+    order; every sentence-transformers version reads them), else `pooling_mode`.
+    """
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"}]
+    if pooling.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    legacy_order = tuple(m for m in LEGACY_FLAGS.values() if m in pooling.modes)
+    if legacy_order == pooling.modes:
+        config = {"word_embedding_dimension": hidden_size,
+                  **{flag: mode in pooling.modes for flag, mode in LEGACY_FLAGS.items()}}
+    else:
+        config = {"embedding_dimension": hidden_size, "pooling_mode": list(pooling.modes)}
+    os.makedirs(os.path.join(directory, "1_Pooling"))
+    for path, data in ((MODULES_JSON, modules), ("1_Pooling/config.json", config)):
+        with open(os.path.join(directory, path), "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")

@@ -59,6 +59,12 @@ def test_minilm_embed_equals_sentence_transformers_encode(tmp_path, capsys):
     assert err <= 1e-5, err
     print(f"MiniLM embed vs SentenceTransformer.encode on {len(texts)} STS-B sentences: "
           f"max abs diff {err:.2e}")
+    # Exported back to HF, it is a sentence-transformers directory again, bit for bit.
+    back = str(tmp_path / "back")
+    assert cli([dst, back, "--to", "hf"]) == 0
+    exported = st.SentenceTransformer(back, device="cpu")
+    assert exported.max_seq_length == 256  # sentence_bert_config.json travelled too
+    np.testing.assert_array_equal(exported.encode(texts, convert_to_numpy=True), ref)
 
 
 @pytest.mark.parametrize("modes", [(m,) for m in MODES] + [("cls", "max", "mean")])
@@ -106,6 +112,11 @@ def test_pooling_config_spellings(tmp_path):
         {"embedding_dimension": 384, "pooling_mode": ["max", "cls"]}))
     convert(str(src), str(tmp_path / "b"))
     assert bigs_jax.read_pooling(str(tmp_path / "b")) == Pooling(("max", "cls"), False)
+    for name, pooling in (("a", Pooling(("cls", "mean"), False)),
+                          ("b", Pooling(("max", "cls"), False))):  # legacy flags; pooling_mode
+        convert(str(tmp_path / name), str(tmp_path / f"{name}-hf"), to="hf")
+        convert(str(tmp_path / f"{name}-hf"), str(tmp_path / f"{name}-again"))
+        assert bigs_jax.read_pooling(str(tmp_path / f"{name}-again")) == pooling
 
 
 def test_unsupported_modules_fail_clearly(tmp_path):
