@@ -128,3 +128,17 @@ def test_unsupported_modules_fail_clearly(tmp_path):
                        r"'Dense', 'Normalize'\].*delete modules.json") as e:
         convert(str(src), str(tmp_path / "out"))
     assert len(str(e.value).splitlines()) == 1 and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("name,mode", [("bigs-tiny", "mean"), ("m2-bert-tiny", "max"),
+                                       ("gpt2-tiny", "lasttoken")])
+def test_embed_ignores_padding_in_every_family(name, mode):
+    """A padded row embeds as the same row unpadded (encoders, M2 and a causal decoder)."""
+    model = bigs_jax.create(name, max_len=16, vocab_size=50)
+    ids = np.random.default_rng(0).integers(1, 50, (2, 16))
+    mask = np.ones((2, 16), np.int32)
+    mask[1, 9:] = 0
+    padded = np.asarray(bigs_jax.embed(model, ids, mask, pooling=mode))
+    alone = np.asarray(bigs_jax.embed(model, ids[1:, :9], mask[1:, :9], pooling=mode))
+    assert padded.shape == (2, 64) and np.abs(padded[1]).max() > 1e-2
+    np.testing.assert_allclose(padded[1], alone[0], atol=1e-6)
