@@ -4,6 +4,7 @@
     model = bigs_jax.create("bigs-large", max_len=128)   # registry name + overrides
     model = bigs_jax.load("WORKDIR")                     # a train.py / convert workdir
     out = model(input_ids, attention_mask=mask)          # out.hidden_states, out.logits
+    emb = bigs_jax.embed(model, input_ids, mask)         # (B, E) pooled sentence embeddings
     bigs_jax.count_params(model)
 
 The zoo is composed here: `bigs_jax.models` registers its model families, and this package
@@ -17,15 +18,16 @@ import jax
 from flax import nnx
 
 from bigs_jax import fpt
+from bigs_jax.embedding import Pooling, embed, read_pooling
 from bigs_jax.generation import GenerateOutput, generate
 from bigs_jax.models import MODELS, build, make_config, register
 from bigs_jax.models.outputs import ModelOutput
-from bigs_jax.train.checkpointing import load_model
+from bigs_jax.train.checkpointing import load_model, resolve
 
 register(fpt)
 
-__all__ = ["MODELS", "GenerateOutput", "ModelOutput", "build", "count_params", "create",
-           "generate", "load"]
+__all__ = ["MODELS", "GenerateOutput", "ModelOutput", "Pooling", "build", "count_params",
+           "create", "embed", "generate", "load"]
 
 
 def create(name: str, *, seed: int = 0, **overrides) -> nnx.Module:
@@ -37,8 +39,16 @@ def create(name: str, *, seed: int = 0, **overrides) -> nnx.Module:
 
 
 def load(path: str, step: int | None = None) -> nnx.Module:
-    """The model stored in a workdir (latest step, or `step`) or in one checkpoint step dir."""
-    return load_model(path, step=step)
+    """The model stored in a workdir (latest step, or `step`) or in one checkpoint step dir.
+
+    A workdir converted from a sentence-transformers model also records its pooling; the
+    model carries it as `model.pooling`, which `embed` applies.
+    """
+    model = load_model(path, step=step)
+    pooling = read_pooling(resolve(path, step)[0])
+    if pooling is not None:
+        model.pooling = pooling
+    return model
 
 
 def count_params(model: nnx.Module) -> int:

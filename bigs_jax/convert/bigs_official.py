@@ -20,12 +20,20 @@ Unpadded inputs give identical outputs either way.
 
 Numerics note: the official Flax blocks use tanh GELU; the PyTorch port's blocks use erf
 GELU. Our model computes what the Flax code computes, whichever file the weights came from.
+
+Export (`--to bigs-official`) writes the Flax layout back: `flax_model.msgpack` (the same
+table, float32, as HF `save_pretrained` writes it) and a BiGSConfig `config.json`, for a
+gated+ssm encoder with a shared SSM and an MLM or classification head. The padding mode is
+not part of the format: pass `--official-padding` again when importing the export.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any, Mapping, Optional
+
+import numpy as np
+from flax import serialization
 
 from bigs_jax.convert.common import (
     ConversionError,
@@ -35,6 +43,7 @@ from bigs_jax.convert.common import (
     abstract_params,
     check_tied,
     linear,
+    nest,
     norm,
     read_hf_weights,
     read_json,
@@ -47,6 +56,12 @@ FORMAT = "bigs-official"
 MSGPACK = "flax_model.msgpack"
 SSM_PARAMS = ("A_re", "A_im", "C", "D", "log_step")
 DENSES = ("dv", "du_forward", "du_backward", "duc_forward", "duc_backward", "dol", "do")
+# BiGSConfig.scaling (SSM init; the released checkpoints predate the key: "hippo") ↔ ssm_init.
+SCALING = {"hippo": "legs", "lin": "lin", "inv": "inv"}
+ARCHITECTURES = {"mlm": "FlaxBiGSForMaskedLM",
+                 "classification": "FlaxBiGSForSequenceClassification"}
+# FlaxBiGSPooler: "mean" averages every position, anything else the non-padding ones.
+POOLER_TYPES = ("mean", "non_padding_mean")
 
 
 def _flax_dense(foreign: str, ours: str) -> tuple[Rule, Rule]:
@@ -133,8 +148,12 @@ def config_from_official(hf: Mapping[str, Any], head: str, num_labels: int,
     if model_type.lower() != "bigs":
         raise ConversionError(f"{config_path} has model_type {model_type!r}, not 'BiGS'; use "
                               "--from auto for this checkpoint")
+    scaling = hf.get("scaling", "hippo")
+    if scaling not in SCALING:
+        raise ConversionError(f"{config_path}: scaling {scaling!r} is not one of "
+                              f"{sorted(SCALING)}; fix the config.json")
     return EncoderConfig(
-        block="gated", mixer="ssm", ssm_shared=True,
+        block="gated", mixer="ssm", ssm_shared=True, ssm_init=SCALING[scaling],
         **bert_config_fields(hf, num_layers=24),  # BiGSConfig's default depth is 24
         num_heads=hf.get("num_attention_heads", EncoderConfig.num_heads),
         ssm_state=hf.get("num_ssm", 64),
@@ -174,3 +193,58 @@ def import_checkpoint(src: str, options: Mapping[str, Any]) -> Imported:
     _, target = abstract_params(config)
     params = key_map.to_ours(tensors, target, source=os.path.join(src, filename))
     return Imported(config, params, FORMAT, notes)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export_config(config: EncoderConfig) -> dict:
+    """The official BiGSConfig dict of an exportable encoder; what it cannot hold fails."""
+    problems = []
+    if (config.block, config.mixer) != ("gated", "ssm"):
+        problems.append(f"block={config.block!r}, mixer={config.mixer!r} (needs gated+ssm)")
+    if not config.ssm_shared:
+        problems.append("ssm_shared=False (the official SSM is one per direction and layer)")
+    if config.head not in ARCHITECTURES:
+        problems.append(f"head={config.head!r} (official checkpoints carry an MLM or a "
+                        "classification head)")
+    if config.head == "classification" and config.pooler not in POOLER_TYPES:
+        problems.append(f"pooler={config.pooler!r} (the official pooler averages: "
+                        f"{' or '.join(POOLER_TYPES)})")
+    if config.type_vocab_size < 1:
+        problems.append("type_vocab_size=0 (the official embeddings have token types)")
+    if problems:
+        raise ConversionError("this encoder has no official BiGS equivalent: "
+                              + "; ".join(problems))
+    out = {
+        "architectures": [ARCHITECTURES[config.head]], "model_type": "BiGS",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size, "hidden_act": "gelu",
+        "hidden_dropout_prob": config.dropout, "classifier_dropout": config.classifier_dropout,
+        "max_position_embeddings": config.max_len, "type_vocab_size": config.type_vocab_size,
+        "initializer_range": config.init_std, "layer_norm_eps": config.norm_eps,
+        "pad_token_id": 0, "position_embedding_type": "absolute", "use_cache": True,
+        "num_ssm": config.ssm_state, "pre_norm": config.uses_pre_norm, "decode": False,
+        "scaling": {v: k for k, v in SCALING.items()}[config.ssm_init],
+        # Only a classification head reads it; an MLM head keeps ours when it means the same.
+        "pooler_type": config.pooler if config.pooler in POOLER_TYPES else POOLER_TYPES[1],
+    }
+    if config.head == "classification":
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    return out
+
+
+def official_tree(params: Mapping[str, np.ndarray]) -> dict:
+    """The official Flax parameter tree (float32) of our flat params."""
+    flat = FLAX_KEY_MAP.to_foreign(params)
+    return nest({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def write_weights(config: EncoderConfig, params: Mapping[str, np.ndarray],
+                  directory: str) -> None:
+    """Write `flax_model.msgpack` (HF `save_pretrained`'s bytes: the serialized tree)."""
+    del config
+    with open(os.path.join(directory, MSGPACK), "wb") as f:
+        f.write(serialization.msgpack_serialize(official_tree(params)))

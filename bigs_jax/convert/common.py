@@ -29,14 +29,17 @@ from flax import nnx, serialization
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from bigs_jax import embedding
 from bigs_jax.paths import flat_paths
 from bigs_jax.train import checkpointing
 
 Tensors = dict[str, np.ndarray]
 
-# Tokenizer files copied into `<workdir>/tokenizer/` on import and back out on export.
+# Tokenizer files copied into `<workdir>/tokenizer/` on import and back out on export
+# (sentence_bert_config.json: a sentence-transformers model's max_seq_length and casing).
 TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json",
-                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "sentence_bert_config.json")
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -224,6 +227,27 @@ def unflatten_like(flat: Mapping[str, Any], like: Mapping) -> dict:
     return build(like, "")
 
 
+def nest(flat: Mapping[str, Any], sep: str = "/") -> dict:
+    """A nested dict of `flat`'s `sep`-joined names; keys in natural order (layer "2" before
+    "10"), as a Flax init writes them."""
+    def order(key: str):
+        return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(sep)
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    def ordered(node):
+        return {k: ordered(node[k]) if isinstance(node[k], dict) else node[k]
+                for k in sorted(node, key=order)}
+
+    return ordered(tree)
+
+
 # ---------------------------------------------------------------------------- reading
 
 
@@ -325,6 +349,7 @@ class Imported:
     params: Tensors
     format: str
     notes: list[str] = dataclasses.field(default_factory=list)
+    pooling: Optional[embedding.Pooling] = None  # a sentence-transformers model's pooling
 
 
 # Importers by `--from` name: module path (exposing `detect(src) -> bool` and
@@ -338,11 +363,21 @@ IMPORTERS: dict[str, str] = {
 }
 # `--from hf`: the HF model_type in config.json picks the importer.
 HF_MODEL_TYPES = {"bert": "hf-bert", "gpt2": "hf-gpt2", "vit": "hf-vit"}
-# `--to hf`: the exporter of each model family.
-EXPORTERS = {"encoder": "bigs_jax.convert.hf_bert", "gpt2": "bigs_jax.convert.hf_gpt2",
-             "vit": "bigs_jax.convert.hf_vit"}
+# Exporters by `--to` format, then by model family (model.json "family"): module path. An
+# `hf` exporter exposes `hf_config(config)` and `export_tensors(config, params)`; an official
+# one `export_config(config)` and `write_weights(config, params, directory)`. Each config
+# function validates first and fails naming what the format cannot hold.
+EXPORTERS: dict[str, dict[str, str]] = {
+    "hf": {"encoder": "bigs_jax.convert.hf_bert", "gpt2": "bigs_jax.convert.hf_gpt2",
+           "vit": "bigs_jax.convert.hf_vit"},
+    "bigs-official": {"encoder": "bigs_jax.convert.bigs_official"},
+    "m2-official": {"m2": "bigs_jax.convert.m2_official"},
+}
+# What each export pair holds, for error messages.
+EXPORT_PAIRS = ("hf: encoder (BERT: stack+attention), gpt2, vit; bigs-official: encoder "
+                "(BiGS: gated+ssm); m2-official: m2 (M2-BERT)")
 FROM_CHOICES = ("auto", "hf", *IMPORTERS)
-TO_CHOICES = ("bigs", "hf")
+TO_CHOICES = ("bigs", *EXPORTERS)
 
 
 def _importer(name: str):
@@ -406,12 +441,18 @@ def import_to_workdir(src: str, dst: str, *, from_: str = "auto",
                       official_padding: bool = False) -> Imported:
     """Convert a foreign checkpoint directory into a new bigs_jax workdir `dst`."""
     if os.path.exists(os.path.join(src, checkpointing.MODEL_JSON)):
-        raise ConversionError(f"{src} is already a bigs_jax workdir; use --to hf to export it")
+        raise ConversionError(f"{src} is already a bigs_jax workdir; export it with --to "
+                              f"{{{'|'.join(EXPORTERS)}}}")
     name = resolve_format(src, from_)
     if official_padding and name not in ("bigs-official", "m2-official"):
         raise ConversionError(f"--official-padding applies to bigs-official and m2-official "
                               f"checkpoints only; {src} is {name}")
     imported = _importer(name).import_checkpoint(src, dict(official_padding=official_padding))
+    pooling = imported.pooling
+    if pooling is not None:
+        imported.notes.append(f"sentence-transformers pooling {'+'.join(pooling.modes)}"
+                              f"{' + normalize' if pooling.normalize else ''} kept in "
+                              f"{embedding.POOLING_JSON}")
     tree, _ = abstract_params(imported.config)
     params = unflatten_like(imported.params, tree)
     tmp = _fresh_tmp(dst)
@@ -423,6 +464,8 @@ def import_to_workdir(src: str, dst: str, *, from_: str = "auto",
             "converted_from": os.path.abspath(src), "format": imported.format,
             "notes": imported.notes})
         copy_tokenizer(src, os.path.join(tmp, TOKENIZER_DIR))
+        if pooling is not None:
+            embedding.write_pooling(tmp, pooling)
         os.rename(tmp, os.path.abspath(dst))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -435,30 +478,42 @@ def export_from_workdir(src: str, dst: str, *, to: str = "hf") -> str:
 
     Returns the architecture written (e.g. "BertForMaskedLM").
     """
-    if to != "hf":
-        raise ConversionError(f"unknown --to {to!r} for a workdir source; choose hf")
+    if to not in EXPORTERS:
+        raise ConversionError(f"unknown --to {to!r}; supported --to formats and the model "
+                              f"families each holds: {EXPORT_PAIRS}")
+    if not os.path.exists(os.path.join(src, checkpointing.MODEL_JSON)):
+        raise ConversionError(f"{src} is not a bigs_jax workdir (no {checkpointing.MODEL_JSON});"
+                              f" --to {to} exports a workdir: convert the checkpoint with "
+                              "--to bigs first")
     config = checkpointing.read_model_config(src)
     family = checkpointing.model_json(config)["family"]
-    if family not in EXPORTERS:
-        raise ConversionError(f"exporting the {family!r} family to HF is not supported; "
-                              f"exportable families: {sorted(EXPORTERS)}")
-    exporter = importlib.import_module(EXPORTERS[family])
-    hf_config = exporter.hf_config(config)  # validates before anything is loaded or written
+    if family not in EXPORTERS[to]:
+        raise ConversionError(f"--to {to} cannot hold the {family!r} family; supported pairs: "
+                              f"{EXPORT_PAIRS}")
+    exporter = importlib.import_module(EXPORTERS[to][family])
+    # Validate before anything is loaded or written.
+    foreign_config = exporter.hf_config(config) if to == "hf" else exporter.export_config(config)
     model = checkpointing.load_model(src)
     params = {p: np.asarray(v) for p, v in flat_paths(nnx.to_pure_dict(nnx.state(model))).items()}
-    tensors = exporter.export_tensors(config, params)
     tmp = _fresh_tmp(dst)
     try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if to == "hf":
+            save_file(exporter.export_tensors(config, params),
+                      os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            pooling = embedding.read_pooling(src)
+            if pooling is not None and family == "encoder":  # a sentence-transformers model
+                exporter.write_pooling(config, pooling, tmp)
+        else:
+            exporter.write_weights(config, params, tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2, sort_keys=True)
+            json.dump(foreign_config, f, indent=2, sort_keys=True)
             f.write("\n")
         copy_tokenizer(os.path.join(os.path.abspath(src), TOKENIZER_DIR), tmp)
         os.rename(tmp, os.path.abspath(dst))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return hf_config["architectures"][0]
+    return foreign_config["architectures"][0]
 
 
 def convert(src: str, dst: str, *, from_: str = "auto", to: str = "bigs",
@@ -467,23 +522,24 @@ def convert(src: str, dst: str, *, from_: str = "auto", to: str = "bigs",
 
     Args:
       src: a foreign checkpoint directory (HF `save_pretrained` output, an official BiGS
-        checkpoint) or, with `to="hf"`, a bigs_jax workdir.
+        or M2-BERT checkpoint) or, with an export `to`, a bigs_jax workdir.
       dst: the directory to create; it must not exist.
       from_: `auto`, `hf` or an importer name from `IMPORTERS`.
-      to: `bigs` (a workdir `bigs_jax.load` reads) or `hf` (a directory `transformers` loads).
-      official_padding: for bigs-official, build the model in official padding mode.
+      to: `bigs` (a workdir `bigs_jax.load` reads), `hf` (a directory `transformers` loads),
+        `bigs-official` (flax_model.msgpack + config.json) or `m2-official`
+        (pytorch_model.bin + config.json); `EXPORT_PAIRS` lists the families each holds.
+      official_padding: for bigs-official and m2-official imports, build the model in
+        official padding mode.
     """
     if not os.path.isdir(src):
         raise ConversionError(f"{src} is not a directory; pass the checkpoint directory "
                               "(the one holding config.json)")
-    if to == "hf":
-        if official_padding:
-            raise ConversionError("--official-padding applies to importing bigs-official "
-                                  "checkpoints, not to --to hf")
-        arch = export_from_workdir(src, dst, to=to)
-        return f"wrote {arch} to {os.path.abspath(dst)}"
     if to != "bigs":
-        raise ConversionError(f"unknown --to {to!r}; choose one of {TO_CHOICES}")
+        if official_padding:
+            raise ConversionError("--official-padding applies to importing bigs-official and "
+                                  f"m2-official checkpoints, not to --to {to}")
+        arch = export_from_workdir(src, dst, to=to)
+        return f"wrote {arch} ({to}) to {os.path.abspath(dst)}"
     imported = import_to_workdir(src, dst, from_=from_, official_padding=official_padding)
     family = checkpointing.model_json(imported.config)["family"]
     line = (f"converted {imported.format} checkpoint "

@@ -8,7 +8,8 @@ absent): BertForMaskedLM and BertForPreTraining → `mlm` (the NSP head is dropp
 BertForSequenceClassification → `classification` with the [CLS] pooler, BertModel → `none`
 (its pooler is dropped: nothing reads it without a classifier). A head-less model exports as
 `BertModel` without a pooler; load it with `BertModel.from_pretrained(dir,
-add_pooling_layer=False)`.
+add_pooling_layer=False)`. A sentence-transformers directory (modules.json) also keeps its
+pooling (`sentence_transformers.py`), which `bigs_jax.embed` applies.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bigs_jax.convert.common import (
     read_json,
     strip_prefix,
 )
+from bigs_jax.convert import sentence_transformers
 from bigs_jax.layers.linear import ACTIVATIONS
 from bigs_jax.models.encoder import EncoderConfig
 
@@ -155,7 +157,7 @@ def import_checkpoint(src: str, options: Mapping[str, Any]) -> Imported:
             notes.append("dropped the pooler (only a classification head reads it)")
     _, target = abstract_params(config)
     params = key_map.to_ours(tensors, target, source=os.path.join(src, filename))
-    return Imported(config, params, FORMAT, notes)
+    return Imported(config, params, FORMAT, notes, pooling=sentence_transformers.read_pooling(src))
 
 
 def hf_config(config: EncoderConfig) -> dict:
@@ -203,3 +205,8 @@ def export_tensors(config: EncoderConfig, params: Mapping) -> Tensors:
     if config.head == "none":
         return tensors
     return {k if k.startswith(HEAD_PREFIXES) else PREFIX + k: v for k, v in tensors.items()}
+
+
+def write_pooling(config: EncoderConfig, pooling, directory: str) -> None:
+    """The sentence-transformers modules of an exported workdir that recorded a pooling."""
+    sentence_transformers.write_modules(pooling, config.hidden_size, directory)

@@ -17,10 +17,17 @@ keep `implicit_filter.1.freq` and check the other five equal it. Buffers (`pos_e
 Padding: the released models were trained and are used with inputs padded to max_len and no
 mask; `official_padding=True` reproduces that, the default is padding-correct (identical for
 unpadded inputs).
+
+Export (`--to m2-official`) writes what the official code saves: `pytorch_model.bin`, the
+`state_dict()` of its BertForMaskedLM / BertForSequenceClassification (or, for the pooler
+head, the retrieval encoders' `bert.*` + `bert.pooler.*`), buffers and aliases included and
+tied tensors sharing storage, and a config.json holding the official `BertConfig` fields
+and the yaml-only keys `BertLayer` reads (`long_conv_l_max`, `hyena_w`, ...).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -30,6 +37,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from bigs_jax.convert.common import (
+    EXPORT_PAIRS,
     IDENTITY,
     TRANSPOSE,
     ConversionError,
@@ -46,6 +54,7 @@ from bigs_jax.convert.common import (
     read_json,
     unflatten_like,
 )
+from bigs_jax.layers.longconv import filter_time, modulation_deltas
 from bigs_jax.models.m2 import M2Config
 from bigs_jax.train import checkpointing
 
@@ -230,10 +239,15 @@ def config_from_tensors(tensors: Mapping[str, np.ndarray], *, source: str,
         type_vocab_size=type_vocab,
         hidden_size=hidden, num_layers=layers, intermediate_size=nblocks * inner_blk,
         mlp_nblocks=nblocks, filter_order=order, filter_emb_dim=emb_dim,
+        filter_w=float(hf.get("hyena_w", M2Config.filter_w)),
         filter_w_mod=float(hf.get("hyena_w_mod", 1.0)), short_conv_size=short,
         residual_long_conv=f"{pre}.attention.filter_fn2.bias" in tensors,
         mixer_norm=f"{pre}.attention.layernorm.weight" in tensors,
         norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+        dropout=float(hf.get("hidden_dropout_prob", M2Config.dropout)),
+        classifier_dropout=hf.get("classifier_dropout"),
+        init_std=float(hf.get("initializer_range", M2Config.init_std)),
+        pooler="non_padding_mean" if hf.get("pool_all") else "cls",
         head=head, num_labels=int(labels), official_padding=official_padding)
 
 
@@ -320,3 +334,106 @@ def convert(src_path: str, dst_workdir: str, *, official_padding: bool = False) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return imported
+
+
+# ---------------------------------------------------------------------------- export
+
+ARCHITECTURES = {"mlm": "BertForMaskedLM", "classification": "BertForSequenceClassification",
+                 "pooler": "BertForTextEncoding"}
+# BertPooler: the [CLS] state, or with `pool_all` the mean over unmasked positions.
+POOL_ALL = {"cls": False, "non_padding_mean": True}
+
+
+def export_config(config: M2Config) -> dict:
+    """The official config.json of an exportable M2 model; what it cannot hold fails."""
+    problems = []
+    if config.causal:
+        problems.append("causal=True (M2-GPT has no official code or checkpoint format; "
+                        f"supported pairs: {EXPORT_PAIRS})")
+    if config.head not in ARCHITECTURES:
+        problems.append(f"head={config.head!r} (official models carry an MLM, a "
+                        "classification or a pooler head)")
+    if not config.mlp:
+        problems.append("mlp=False (the released models use the block-diagonal GLU MLP)")
+    if config.short_conv_size != 3:
+        problems.append(f"short_conv_size={config.short_conv_size} (the official short "
+                        "convolution has kernel 3)")
+    if config.head in ("classification", "pooler") and config.pooler not in POOL_ALL:
+        problems.append(f"pooler={config.pooler!r} (the official pooler takes [CLS] or, with "
+                        "pool_all, the non-padding mean)")
+    if config.type_vocab_size < 1:
+        problems.append("type_vocab_size=0 (the official embeddings have token types)")
+    if problems:
+        raise ConversionError("this M2 model has no official M2-BERT equivalent: "
+                              + "; ".join(problems))
+    out = {
+        "architectures": [ARCHITECTURES[config.head]], "model_type": "m2_bert",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": 12,
+        "intermediate_size": config.intermediate_size, "hidden_act": "gelu",
+        "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout": config.classifier_dropout,
+        "max_position_embeddings": config.max_len, "type_vocab_size": config.type_vocab_size,
+        "initializer_range": config.init_std, "layer_norm_eps": config.norm_eps,
+        "pad_token_id": 0, "position_embedding_type": "absolute",
+        "use_glu_mlp": True, "use_monarch_mlp": True, "monarch_mlp_nblocks": config.mlp_nblocks,
+        "use_positional_encodings": config.positions,
+        "monarch_mixer_sequence_mixing": True, "residual_long_conv": config.residual_long_conv,
+        "bidirectional": True, "hyena_w_mod": config.filter_w_mod, "hyena_w": config.filter_w,
+        "hyena_filter_order": config.filter_order, "hyena_emb_dim": config.filter_emb_dim,
+        "hyena_training_additions": config.mixer_norm, "hyena_filter_dropout": 0.2,
+        "long_conv_l_max": config.max_len,
+        # the yaml's optimizer settings BertLayer reads (research/m2.md §2.4)
+        "long_conv_kernel_learning_rate": 1e-3, "hyena_lr_pos_emb": 1e-5, "hyena_wd": 0.1,
+        "use_flash_mm": False, "use_flash_fft": False,
+        "pool_all": POOL_ALL.get(config.pooler, False),
+    }
+    if config.head == "classification":
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    return out
+
+
+def official_state_dict(config: M2Config, params: Mapping[str, np.ndarray]) -> Tensors:
+    """The official `state_dict()` (float32 numpy, int64 position ids) of our flat params.
+
+    Aliases (the five extra Sin frequencies, the tied MLM decoder) are the same array object
+    as their original, so `torch.save` stores one storage for each, as the official model does.
+    """
+    key_map = CLASSIFIER_KEY_MAP if config.head == "classification" else KEY_MAP
+    sd = {k: np.asarray(v, np.float32) for k, v in key_map.to_foreign(params).items()}
+    L, H = config.max_len, config.hidden_size
+    if config.positions:
+        sd["bert.embeddings.position_ids"] = np.arange(L, dtype=np.int64)[None]
+    t, deltas = filter_time(L)[None], modulation_deltas(H)[None, None]
+    for i in range(config.num_layers):
+        for fn in ("filter_fn", "filter_fn2") if config.residual_long_conv else ("filter_fn",):
+            pre = f"bert.encoder.layer.{i}.attention.{fn}"
+            sd[f"{pre}.pos_emb.t"] = t.copy()  # one buffer per module, as in the official
+            sd[f"{pre}.modulation.deltas"] = deltas.copy()
+            for alias in _FREQ_ALIASES:
+                sd[f"{pre}.{alias}.freq"] = sd[f"{pre}.implicit_filter.1.freq"]
+    if config.head == "mlm":
+        sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"]
+    return sd
+
+
+def write_weights(config: M2Config, params: Mapping[str, np.ndarray], directory: str) -> None:
+    """Write `pytorch_model.bin` with torch.save, as HF `save_pretrained` did in 2023."""
+    try:
+        import torch  # optional (requirements-test.txt): only this format needs it
+    except ImportError:
+        raise ConversionError("--to m2-official writes a PyTorch file and needs PyTorch; "
+                              "pip install torch") from None
+    sd = official_state_dict(config, params)
+    # The official model builds these buffers with float32 torch.linspace, which can differ
+    # from ours in the last bit; its state_dict() holds its own values, so write those.
+    t = torch.linspace(0, 1, config.max_len)[None, :, None].numpy()
+    deltas = torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3,
+                            config.hidden_size)[None, None].numpy()
+    sd.update({k: (t if k.endswith(".pos_emb.t") else deltas).copy()
+               for k in sd if k.endswith((".pos_emb.t", ".modulation.deltas"))})
+    shared: dict[int, Any] = {}  # one torch tensor per numpy array: aliases share storage
+    out = {k: shared.setdefault(id(v), torch.from_numpy(np.array(v)))
+           for k, v in sd.items()}
+    torch.save(out, os.path.join(directory, "pytorch_model.bin"))

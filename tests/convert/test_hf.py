@@ -35,7 +35,8 @@ def test_minilm_real_weights(tmp_path, capsys):
     assert cli([src, dst]) == 0
     assert "converted hf-bert" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(dst, "tokenizer"))) == [
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+        "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.txt"]
     tok = tr.BertTokenizerFast(vocab_file=os.path.join(src, "vocab.txt"), do_lower_case=True)
     enc = tok(SENTENCES, padding=True, return_tensors="np")
     assert enc["attention_mask"].min() == 0  # the batch really is padded
