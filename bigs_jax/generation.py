@@ -18,9 +18,9 @@ decoding cache (GPT-2: keys and values; M2-GPT: the long-convolution inputs, see
 `models.m2`; bigs-lm: one recurrent SSM state per layer, see `models.bigs_lm`) and giving
 the first next-token logits; one compiled *decode loop* (a `lax.while_loop` whose body is
 one cached decode step of every row, then token selection) runs until every row has stopped
-(eos, or `max_new_tokens`). Shapes are bucketed to powers
-of two (prompt block, cache length, token buffer), so new prompt lengths or `max_new_tokens`
-within a bucket compile nothing; the sampling numbers (temperature, top-p, length penalty,
+(eos, or `max_new_tokens`). Shapes are bucketed to powers of two (prompt block, cache
+length, token buffer), so new prompt lengths or `max_new_tokens` within a bucket compile
+nothing; the sampling numbers (temperature, top-p, length penalty,
 eos, pad) are traced values, never compile-time constants.
 
 Strategies (HF `generate` semantics):
