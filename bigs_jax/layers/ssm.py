@@ -391,10 +391,12 @@ class S4D(nnx.Module):
         u_BLD = u_BLD.astype(a_re.dtype) * mask_BL[..., None].astype(a_re.dtype)
         rev_BKD = reverse_padded(u_BLD, mask_BL)  # rev[k] = u[n-1-k] for k < n, else 0
         b_bar_HN, re_HNK, im_HNK = _powers(a_re, a_im, log_step, L)
-        sub = "nk,bkd->bdn" if self.shared else "dnk,bkd->bdn"
-        pick = (lambda x: x[0]) if self.shared else (lambda x: x)
-        x_re = jnp.einsum(sub, pick(re_HNK), rev_BKD, precision="highest")
-        x_im = jnp.einsum(sub, pick(im_HNK), rev_BKD, precision="highest")
+        if self.shared:  # one SSM: the same powers for every channel
+            sub, re_HNK, im_HNK = "nk,bkd->bdn", re_HNK[0], im_HNK[0]
+        else:
+            sub = "dnk,bkd->bdn"
+        x_re = jnp.einsum(sub, re_HNK, rev_BKD, precision="highest")
+        x_im = jnp.einsum(sub, im_HNK, rev_BKD, precision="highest")
         return jax.lax.complex(x_re, x_im) * b_bar_HN[None]
 
     def step(self, x_BDN: jax.Array, u_BD: jax.Array,
