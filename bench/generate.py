@@ -15,6 +15,18 @@ runs after one warm-up (which compiles):
    DynamicCache, same config, fp32 (GPT-2 models only; `--no-hf` skips it).
 
 tokens/s counts new tokens (B · new) over the whole call, prefill included.
+
+    python bench/generate.py --per-token 128,512,2048,8192 [--ssm-model bigs-lm-mini]
+                             [--model gpt2-mini] [--steps 32] [--repeats 5]
+
+`--per-token` prints instead the time of one cached decode step (batch 1) as the context
+grows: GPT-2's step attends over a key/value cache of context + steps positions, so it grows
+with the context; the causal gated-SSM LM (`bigs-lm-*`) carries one (D, N) state per layer, so
+its step does not. Each figure is a compiled loop of `steps` greedy decode steps (the
+`decode_step` that `bigs_jax.generate` runs) from a cache of that context, median of
+`repeats`, divided by `steps`. The caches hold zeros: a step's work does not depend on their
+values, and an 8k-token attention prefill would dominate the run. Both models get
+max_len = context + steps so positions exist.
 """
 
 from __future__ import annotations
@@ -28,7 +40,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("USE_TF", "0")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 from timing import median_time  # noqa: E402  (bench/timing.py)
 
 import bigs_jax  # noqa: E402
@@ -73,6 +87,49 @@ def rows_for(model, B: int, P: int, new: int, repeats: int, hf: bool):
     return {name: median_time(fn, repeats) for name, fn in runs.items()}
 
 
+def step_time(name: str, context: int, steps: int, repeats: int) -> tuple[float, int]:
+    """(seconds per cached decode step at `context`, cache bytes per row) of registry model
+    `name`, batch 1 (module docstring)."""
+    over = dict(max_len=context + steps)
+    if name.startswith("gpt2"):
+        over.update(dropout=0.0, attention_dropout=0.0)
+    model = bigs_jax.create(name, **over)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(1, context + steps)
+
+    @jax.jit
+    def loop(state, cache):
+        m = nnx.merge(graphdef, state)
+        consts = m.decode_constants(context + steps)
+
+        def body(g, carry):
+            tok, cache = carry
+            logits, cache = m.decode_step(tok, jnp.full((1,), context + g, jnp.int32), cache,
+                                          consts)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+        return jax.lax.fori_loop(0, steps, body, (jnp.ones((1,), jnp.int32), cache))
+
+    t = median_time(lambda: jax.block_until_ready(loop(state, cache)), repeats)
+    return t / steps, sum(x.nbytes for x in jax.tree.leaves(cache))
+
+
+def per_token_table(a) -> None:
+    contexts = [int(c) for c in a.per_token.split(",")]
+    print(f"# bench/generate.py --per-token {datetime.date.today()} "
+          f"{platform.processor() or platform.machine()} jax {jax.__version__} backend "
+          f"{jax.default_backend()}; batch 1, fp32, {a.steps} greedy steps per timing, "
+          f"medians of {a.repeats}\n")
+    print(f"| context | {a.model} ms/token | {a.ssm_model} ms/token | {a.model} / "
+          f"{a.ssm_model} | {a.model} cache MiB | {a.ssm_model} cache MiB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for context in contexts:
+        (tg, mg), (ts, ms) = (step_time(n, context, a.steps, a.repeats)
+                              for n in (a.model, a.ssm_model))
+        print(f"| {context} | {tg * 1e3:.2f} | {ts * 1e3:.2f} | {tg / ts:.2f} | "
+              f"{mg / 2**20:.2f} | {ms / 2**20:.3f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="gpt2")
@@ -81,7 +138,12 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--per-token", default="", help="contexts, e.g. 128,512,2048,8192")
+    p.add_argument("--ssm-model", default="bigs-lm-mini")
+    p.add_argument("--steps", type=int, default=32)
     a = p.parse_args()
+    if a.per_token:
+        return per_token_table(a)
     model = bigs_jax.create(a.model, dropout=0.0, attention_dropout=0.0) \
         if a.model.startswith("gpt2") else bigs_jax.create(a.model)
     hf = not a.no_hf and a.model.startswith("gpt2")

@@ -75,7 +75,7 @@ def run(args) -> str:
     model = checkpointing.load_model(args.workdir, step=args.step)
     if not can_generate(model):
         raise ValueError(f"the model in {args.workdir} ({type(model).__name__}) is not a "
-                         "causal LM and cannot generate; use a GPT-2 or M2-GPT workdir")
+                         "causal LM and cannot generate; use a GPT-2, M2-GPT or bigs-lm workdir")
     vocabulary, eos = workdir_vocabulary(args.workdir, model.config.vocab_size, args.vocab)
     ids = list(vocabulary.encode(args.prompt))
     if not ids:

@@ -1,7 +1,7 @@
 """Text generation for the zoo's causal models: greedy, sampling and beam search with a cache.
 
     import bigs_jax
-    model = bigs_jax.load("WORKDIR")                       # GPT-2 or M2-GPT
+    model = bigs_jax.load("WORKDIR")                       # GPT-2, M2-GPT or bigs-lm
     ids = bigs_jax.generate(model, [[464, 3290, 318], [40]], max_new_tokens=32, eos_id=50256)
     new = ids[:, 3:]                                       # (B, P + G): prompts, then new tokens
     out = bigs_jax.generate(model, ids_BP, attention_mask=mask_BP, do_sample=True, top_p=0.9,
@@ -15,11 +15,12 @@ a batch gives each row exactly the tokens it gets on its own.
 
 How it runs: one compiled *prefill* puts the prompts through the model, filling the model's
 decoding cache (GPT-2: keys and values; M2-GPT: the long-convolution inputs, see
-`models.m2`) and giving the first next-token logits; one compiled *decode loop* (a
-`lax.while_loop` whose body is one cached decode step of every row, then token selection)
-runs until every row has stopped (eos, or `max_new_tokens`). Shapes are bucketed to powers
-of two (prompt block, cache length, token buffer), so new prompt lengths or `max_new_tokens`
-within a bucket compile nothing; the sampling numbers (temperature, top-p, length penalty,
+`models.m2`; bigs-lm: one recurrent SSM state per layer, see `models.bigs_lm`) and giving
+the first next-token logits; one compiled *decode loop* (a `lax.while_loop` whose body is
+one cached decode step of every row, then token selection) runs until every row has stopped
+(eos, or `max_new_tokens`). Shapes are bucketed to powers of two (prompt block, cache
+length, token buffer), so new prompt lengths or `max_new_tokens` within a bucket compile
+nothing; the sampling numbers (temperature, top-p, length penalty,
 eos, pad) are traced values, never compile-time constants.
 
 Strategies (HF `generate` semantics):
@@ -108,7 +109,7 @@ def pow2_bucket(n: int, cap: int) -> int:
 
 
 def can_generate(model) -> bool:
-    """Whether `model` is a causal LM with a decoding cache (GPT-2, M2-GPT)."""
+    """Whether `model` is a causal LM with a decoding cache (GPT-2, M2-GPT, bigs-lm)."""
     return callable(getattr(model, "decode_step", None)) and getattr(model, "can_generate", True)
 
 
@@ -369,7 +370,7 @@ def generate(
     """Continue each prompt with up to `max_new_tokens` tokens (module docstring).
 
     Args:
-      model: a causal LM of the zoo (GPT-2, M2-GPT); others raise ValueError.
+      model: a causal LM of the zoo (GPT-2, M2-GPT, bigs-lm); others raise ValueError.
       prompt_ids: a list of token-id lists (any lengths), or a (B, P) int array (one prompt
         as a 1-D array).
       attention_mask: with an array: (B, P), 1 on each row's tokens, one run per row (left
@@ -390,7 +391,7 @@ def generate(
     """
     if not can_generate(model):
         raise ValueError(f"{type(model).__name__} cannot generate text: it is not a causal "
-                         "language model with an LM head; use a GPT-2 or M2-GPT model")
+                         "language model with an LM head; use a GPT-2, M2-GPT or bigs-lm model")
     _check_settings(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
                     early_stopping)
     c = model.config

@@ -110,7 +110,9 @@ def _with_packing_features(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     """Unpacked rows as packed ones of one segment each, so mixtures can mix both kinds."""
     if "segment_ids" in rows:
         return rows
-    real = (rows["input_ids"] != 0).astype(np.int32)
+    # LM rows say where their pads are (id 0 can be a real token); MLM rows pad with id 0
+    real = (rows["attention_mask"] if "attention_mask" in rows
+            else (rows["input_ids"] != 0)).astype(np.int32)
     positions = np.broadcast_to(np.arange(real.shape[1], dtype=np.int32), real.shape) * real
     return {**rows, "segment_ids": real, "positions": positions}
 

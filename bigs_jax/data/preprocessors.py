@@ -5,7 +5,8 @@ Stages, in pipeline order:
 - `chunk_for_mlm` / `chunk_for_lm` (SeqIO task preprocessors, deterministic): concatenate the
   tokenized documents with a [SEP] after each one, cut the token stream into fixed-size pieces
   and pad the last piece with 0. MLM rows are `[CLS] <seq_len - 2 tokens> [SEP]` (RoBERTa's
-  "full sentences", no next-sentence prediction); LM rows hold seq_len + 1 tokens.
+  "full sentences", no next-sentence prediction); LM rows hold seq_len + 1 tokens and their
+  count of real ones (id 0 is "!" in GPT-2's BPE, so a pad cannot be told by its id).
 - `causal_lm` (task preprocessor): LM rows -> inputs and next-token labels.
 - Packed instead (`split_for_mlm` / `split_for_lm`, then `pack`): every document is cut into
   pieces of at most one row, each piece its own example, and examples are packed into rows
@@ -35,6 +36,7 @@ from bigs_jax.data import hide_accelerators_from_tensorflow, vocab
 hide_accelerators_from_tensorflow()
 
 PACKING_FEATURES = ("segment_ids", "positions")
+NUM_TOKENS = "num_tokens"  # real tokens of an LM row (chunk_for_lm -> causal_lm)
 MASK_FRACTION = 0.8  # of selected positions: replaced by [MASK]
 RANDOM_FRACTION = 0.1  # of selected positions: replaced by a random regular token; rest kept
 
@@ -53,7 +55,8 @@ def _token_stream(dataset: tf.data.Dataset, key: str, sep_id: int) -> tf.data.Da
 
 
 def _pad_to(x: tf.Tensor, length: int) -> tf.Tensor:
-    # Pad id is 0 by construction (checked in vocab.special_ids).
+    # Pad id is 0 by construction (checked in vocab.special_ids); LM rows also carry their
+    # real length, since 0 can be a real token there (byte-level BPE).
     return tf.pad(x, [[0, length - tf.shape(x)[0]]])
 
 
@@ -99,34 +102,43 @@ def chunk_for_lm(
     of `causal_lm`; rows do not overlap, so one next-token target per row boundary is unused.
 
     Returns:
-        One example per row, `{key: int32 [L + 1]}`; the last row is padded with 0.
+        One example per row, `{key: int32 [L + 1], NUM_TOKENS: int32 []}`: the last row is
+        padded with 0, and `NUM_TOKENS` says how many of a row's tokens are real, because id 0
+        is also a real token in some vocabularies (GPT-2's byte-level BPE: "!").
     """
     length = sequence_length[key] + 1
     ids = _specials(output_features, key)
     chunks = _token_stream(dataset, key, ids.sep_id).batch(length)
     return chunks.map(
-        lambda c: {key: tf.ensure_shape(_pad_to(c, length), [length])},
+        lambda c: {key: tf.ensure_shape(_pad_to(c, length), [length]),
+                   NUM_TOKENS: tf.shape(c)[0]},
         num_parallel_calls=tf.data.AUTOTUNE,
     )
 
 
 def causal_lm(dataset: tf.data.Dataset, key: str = "input_ids") -> tf.data.Dataset:
-    """Turns rows of L + 1 tokens into next-token prediction examples of length L.
+    """Turns rows of L + 1 tokens (`chunk_for_lm`'s) into next-token examples of length L.
+
+    Padding is told by the row's `NUM_TOKENS`, never by the id: the pad id 0 is a real token
+    of GPT-2's vocabulary ("!"), which must keep its loss and its place in the context.
 
     Returns:
         Examples with `input_ids` (the first L tokens), `labels` (the last L), `loss_weights`
         (float32, 1 where the label is a real token, 0 where it is padding) and
         `attention_mask` (int32, 1 on real input tokens).
     """
+    if NUM_TOKENS not in dataset.element_spec:
+        raise ValueError(f"causal_lm needs rows with a {NUM_TOKENS!r} count of real tokens, "
+                         f"as chunk_for_lm makes them; run chunk_for_lm before causal_lm")
 
     def convert(ex):
         row = ex[key]
-        inputs, labels = row[:-1], row[1:]
+        real = tf.range(tf.shape(row)[0]) < ex[NUM_TOKENS]
         return {
-            "input_ids": inputs,
-            "labels": labels,
-            "loss_weights": tf.cast(labels != 0, tf.float32),
-            "attention_mask": tf.cast(inputs != 0, tf.int32),
+            "input_ids": row[:-1],
+            "labels": row[1:],
+            "loss_weights": tf.cast(real[1:], tf.float32),
+            "attention_mask": tf.cast(real[:-1], tf.int32),
         }
 
     return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
@@ -337,14 +349,20 @@ def pack(
     """
     length = sequence_length[key]
     keys = [k for k in (key, "labels") if k in dataset.element_spec]
-    packed = seqio.utils.trim_and_pack_dataset(dataset, {k: length for k in keys})
+    # SeqIO's packer takes id 0 for padding: it cuts an example at its count of nonzero ids
+    # and gives zeros segment 0. Id 0 is a real token in GPT-2's BPE ("!"), so ids go in
+    # shifted by one and come back out.
+    shifted = dataset.map(lambda ex: {k: tf.cast(ex[k], tf.int32) + 1 for k in keys})
+    packed = seqio.utils.trim_and_pack_dataset(shifted, {k: length for k in keys})
 
     def rename(ex):
-        out = {k: ex[k] for k in keys}
+        out = {k: tf.where(ex[f"{k}_segment_ids"] > 0, ex[k] - 1, 0) for k in keys}
         out["segment_ids"] = ex[f"{key}_segment_ids"]
         out["positions"] = ex[f"{key}_positions"]
         if "labels" in keys:
-            out["loss_weights"] = tf.cast(ex["labels"] != 0, tf.float32)
+            # every label of a packed example is real (split_for_lm): weight 1 inside the
+            # segments, whatever the id
+            out["loss_weights"] = tf.cast(out["segment_ids"] > 0, tf.float32)
             out["attention_mask"] = tf.cast(out["segment_ids"] > 0, tf.int32)
         return out
 

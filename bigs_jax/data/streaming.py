@@ -72,7 +72,9 @@ def _with_packing_features(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """An unpacked row as a packed one of one segment (`pipeline._with_packing_features`)."""
     if "segment_ids" in ex:
         return ex
-    real = tf.cast(ex["input_ids"] != 0, tf.int32)
+    # LM rows say where their pads are (id 0 can be a real token); MLM rows pad with id 0
+    real = tf.cast(ex["attention_mask"] if "attention_mask" in ex else ex["input_ids"] != 0,
+                   tf.int32)
     return {**ex, "segment_ids": real, "positions": tf.range(tf.size(real)) * real}
 
 

@@ -191,17 +191,23 @@ def s4d_kernel(a_re_HN: jax.Array, a_im_HN: jax.Array, c_HN2: jax.Array, log_ste
     dtype = jnp.promote_types(a_re_HN.dtype, jnp.float32)
     a_re_HN, a_im_HN, c_HN2, log_step_H = (
         x.astype(dtype) for x in (a_re_HN, a_im_HN, c_HN2, log_step_H))
-    decay_HN, _, b_bar_HN = _zoh(a_re_HN, a_im_HN, log_step_H)
+    b_bar_HN, re_HNL, im_HNL = _powers(a_re_HN, a_im_HN, log_step_H, length)
     cb_HN = jax.lax.complex(c_HN2[..., 0], c_HN2[..., 1]) * b_bar_HN
-    l_11L = jnp.arange(length, dtype=dtype)[None, None, :]
-    mag_HNL = jnp.exp(decay_HN[..., None] * l_11L)
-    angle_HNL = 2 * np.pi * _phase_turns(log_step_H, a_im_HN, length)
     # Re(cb · vander) in real arithmetic: half the work of a complex contraction, and a real
     # dot is what rematerialization policies such as `dots_saveable` can handle.
     # HIGHEST: GPUs/TPUs would otherwise run these f32 contractions in TF32/bf16 passes.
-    re_HNL, im_HNL = mag_HNL * jnp.cos(angle_HNL), mag_HNL * jnp.sin(angle_HNL)
     return (jnp.einsum("hn,hnl->hl", cb_HN.real, re_HNL, precision="highest")
             - jnp.einsum("hn,hnl->hl", cb_HN.imag, im_HNL, precision="highest"))
+
+
+def _powers(a_re_HN, a_im_HN, log_step_H, length: int):
+    """(B_bar (H, N), Re and Im of exp(l Delta A) (H, N, length)) for l = 0..length-1, the
+    phase reduced as in the kernel (module notes on float32 phase accuracy)."""
+    decay_HN, _, b_bar_HN = _zoh(a_re_HN, a_im_HN, log_step_H)
+    l_11L = jnp.arange(length, dtype=a_re_HN.dtype)[None, None, :]
+    mag_HNL = jnp.exp(decay_HN[..., None] * l_11L)
+    angle_HNL = 2 * np.pi * _phase_turns(log_step_H, a_im_HN, length)
+    return b_bar_HN, mag_HNL * jnp.cos(angle_HNL), mag_HNL * jnp.sin(angle_HNL)
 
 
 def reverse_padded(x_BL: jax.Array, mask_BL: Optional[jax.Array], *,
@@ -277,8 +283,9 @@ class S4D(nnx.Module):
             a_re, a_im, c = a_re[None], a_im[None], c[None]
         return tuple(x.astype(dtype) for x in (a_re, a_im, c, self.log_step[...]))
 
-    def _recurrence(self):
-        """(A_bar (H, N), B_bar (H, N), C (H, N)) of x_t = A_bar x_t-1 + B_bar u_t, Re(C x_t)."""
+    def recurrence(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(A_bar (H, N), B_bar (H, N), C (H, N)) of x_t = A_bar x_t-1 + B_bar u_t, Re(C x_t);
+        complex. A decode loop computes them once and passes them to every `step`."""
         a_re, a_im, c, log_step = self._params_H()
         _, a_bar_HN, b_bar_HN = _zoh(a_re, a_im, log_step)
         return a_bar_HN, b_bar_HN, jax.lax.complex(c[..., 0], c[..., 1])
@@ -343,7 +350,7 @@ class S4D(nnx.Module):
             else:
                 y_BLD = jnp.einsum("dts,bsd->btd", T_HLL, u_BLD, precision="highest")
         else:
-            a_bar_HN, b_bar_HN, c_HN = self._recurrence()
+            a_bar_HN, b_bar_HN, c_HN = self.recurrence()
             u_LBD = jnp.swapaxes(u_BLD, 0, 1)
             # A segment start multiplies the carried state by 0: a fresh state per segment.
             keep_LB11 = (jnp.ones((L, 1, 1, 1), a_bar_HN.dtype) if segment_ids_BL is None else
@@ -370,17 +377,41 @@ class S4D(nnx.Module):
         features = self.features if features is None else features
         return jnp.zeros((batch, features, self.state_size), jnp.result_type(dtype, jnp.complex64))
 
-    def step(self, x_BDN: jax.Array, u_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def final_state(self, u_BLD: jax.Array, lengths_B: jax.Array) -> jax.Array:
+        """The recurrent state after each row's last real token, (B, D, N) complex.
+
+        x_(n-1) = sum_k B_bar exp(k Delta A) u_(n-1-k) over k < n = lengths_B, with the
+        powers computed as the kernel's are: the prefill of recurrent decoding, so `step`
+        continues a right-padded prompt exactly where the parallel path leaves it. Costs
+        O(B L D N), one real contraction over L, and no (B, L, D, N) intermediate.
+        """
+        a_re, a_im, _, log_step = self._params_H()
+        L = u_BLD.shape[1]
+        mask_BL = jnp.arange(L)[None, :] < lengths_B[:, None]
+        u_BLD = u_BLD.astype(a_re.dtype) * mask_BL[..., None].astype(a_re.dtype)
+        rev_BKD = reverse_padded(u_BLD, mask_BL)  # rev[k] = u[n-1-k] for k < n, else 0
+        b_bar_HN, re_HNK, im_HNK = _powers(a_re, a_im, log_step, L)
+        if self.shared:  # one SSM: the same powers for every channel
+            sub, re_HNK, im_HNK = "nk,bkd->bdn", re_HNK[0], im_HNK[0]
+        else:
+            sub = "dnk,bkd->bdn"
+        x_re = jnp.einsum(sub, re_HNK, rev_BKD, precision="highest")
+        x_im = jnp.einsum(sub, im_HNK, rev_BKD, precision="highest")
+        return jax.lax.complex(x_re, x_im) * b_bar_HN[None]
+
+    def step(self, x_BDN: jax.Array, u_BD: jax.Array,
+             recurrence: Optional[tuple] = None) -> tuple[jax.Array, jax.Array]:
         """One token of the recurrence: x = A_bar x + B_bar u, y = Re(C x) + D u.
 
         Args:
-          x_BDN: state from `init_state` or the previous step.
+          x_BDN: state from `init_state`, `final_state` or the previous step.
           u_BD: the new token's input (B, D).
+          recurrence: `recurrence()`, computed once outside a decode loop; None computes it.
 
         Returns:
           (new state, y (B, D) in u's dtype).
         """
-        a_bar_HN, b_bar_HN, c_HN = self._recurrence()
+        a_bar_HN, b_bar_HN, c_HN = self.recurrence() if recurrence is None else recurrence
         u32_BD = u_BD.astype(a_bar_HN.real.dtype)
         x_BDN = a_bar_HN[None] * x_BDN + b_bar_HN[None] * u32_BD[..., None]
         y_BD = (jnp.sum((c_HN[None] * x_BDN).real, axis=-1)

@@ -2,7 +2,7 @@
 
 `MODELS[name]` is a `ModelSpec` (family, config overrides). Each family module holds its own
 size table (`SIZES`); sizes follow the papers and the official configs. Family modules are
-added with `register(module)`: `bigs_jax.models` registers the five model families,
+added with `register(module)`: `bigs_jax.models` registers the six model families,
 `bigs_jax` (the package) registers the wrapper family `bigs_jax.fpt`, so the registry is
 complete once anything of bigs_jax is imported. `build(config)` makes the randomly
 initialized model of a frozen family config.

@@ -1,11 +1,13 @@
 """Chunking, causal-LM shift and BERT masking, checked against the raw token stream."""
 
+import json
+
 import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
 
-from bigs_jax.data import corpus, preprocessors, tasks, vocab
+from bigs_jax.data import bpe, corpus, preprocessors, tasks, vocab
 
 SPECIALS = vocab.embedded_special_ids()
 L = 128
@@ -131,3 +133,56 @@ def test_bad_arguments_fail_clearly():
         )
     with pytest.raises(ValueError, match="seq_len >= 3"):
         _task_rows(tasks.EMBEDDED_MLM, "validation", seq_len=2)
+
+
+def _gpt2_layout_bpe(path):
+    """A byte-level BPE in GPT-2's layout and id order (no merges): ids 0..255 are the 256
+    byte characters in GPT-2's byte-to-unicode order, so "!" is 0 as in GPT-2; 256 is
+    <|endoftext|>."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+    vocab_json = {c: i for i, c in enumerate(chars)}
+    vocab_json[bpe.END_OF_TEXT] = 256
+    (path / "vocab.json").write_text(json.dumps(vocab_json), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return bpe.ByteLevelBPEVocabulary(path)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_gpt2_bpe_lm_rows_keep_weight_on_exclamation_marks(tmp_path, pack):
+    """GPT-2's id 0 is "!": LM rows (chunked or packed) keep loss weight 1 and attention on
+    every "!", and give weight 0 only to real padding. (Packed rows also lost the tokens after
+    a "!": SeqIO's packer cut each example at its count of nonzero ids.)"""
+    vocabulary = _gpt2_layout_bpe(tmp_path)
+    assert vocabulary.encode("Hi!") == [ord("H") - 33, ord("i") - 33, 0]
+    docs = ["Hi! Wow!!", "Stop!"]
+    source = seqio.FunctionDataSource(
+        lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
+            {"text": docs}), splits=("train",))
+    task = tasks.register_text_task(f"test_gpt2_bang_lm_{int(pack)}", source, objective="lm",
+                                    vocabulary=vocabulary, pack=pack)
+    rows = list(task.get_dataset({"input_ids": 6, "labels": 6}, split="train", shuffle=False,
+                                 num_epochs=1).as_numpy_iterator())
+    eot = vocabulary.end_of_text_id
+    stream = [t for d in docs for t in vocabulary.encode(d) + [eot]]  # 16 tokens
+    assert [i for i, t in enumerate(stream) if t == 0] == [2, 7, 8, 14]
+    weights = np.concatenate([r["loss_weights"] for r in rows])
+    labels = np.concatenate([r["labels"] for r in rows])
+    mask = np.concatenate([r["attention_mask"] for r in rows])
+    inputs = np.concatenate([r["input_ids"] for r in rows])
+    assert ((weights > 0) <= (mask > 0)).all()  # a row's last real token has no target
+    # Rows (or, packed, document pieces) of 7 tokens: the first token of each is no target.
+    starts = (0, 7, 10) if pack else (0, 7, 14)
+    want = [t for i, t in enumerate(stream) if i not in starts]
+    assert sorted(labels[weights > 0]) == sorted(want)  # the "!" at 8 and 14 among them
+    assert ((inputs == 0) & (mask > 0)).sum() == 4  # every "!" is context for what follows
+    assert (weights == 0).sum() >= 5 and (labels[weights == 0] == 0).all()  # pads: 0, weight 0
+    if not pack:  # the chunked stream in order, the last row padded after 2 real tokens
+        assert len(rows) == 3
+        np.testing.assert_array_equal(mask[-6:], [1, 1, 0, 0, 0, 0])
+        np.testing.assert_array_equal(weights[-6:], [1, 0, 0, 0, 0, 0])
+        real = np.concatenate([np.append(r["input_ids"][r["attention_mask"] > 0],
+                                         r["labels"][-1:] if r["attention_mask"].all() else [])
+                               for r in rows])
+        np.testing.assert_array_equal(real, stream)

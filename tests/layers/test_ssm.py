@@ -264,6 +264,29 @@ def test_step_generation_equals_fft(shared):
     assert rel_err(jnp.stack(ys, 1), np.asarray(apply(m, u), np.float64)) < 1e-5
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_final_state_equals_stepped_state(shared):
+    """`final_state` of right-padded rows of lengths 1, 17 and 40 (pads hold data) is the state
+    `step` reaches after each row's last real token, and stepping on from it continues the
+    FFT output."""
+    m = make_ssm(3, N=64, shared=shared, seed=6)
+    u = np.random.default_rng(5).normal(size=(3, 40, 3)).astype(np.float32)
+    lengths = np.array([1, 17, 40], np.int32)
+    graph, state = nnx.split(m)
+    final = jax.jit(lambda state, u, n: nnx.merge(graph, state).final_state(u, n))
+    step = jax.jit(lambda state, x, u: nnx.merge(graph, state).step(x, u))
+    x, stepped = m.init_state(3), {}
+    for t in range(40):
+        x, _ = step(state, x, u[:, t])
+        for b in np.flatnonzero(lengths == t + 1):
+            stepped[b] = np.asarray(x[b])
+    got = np.asarray(final(state, u, lengths))
+    for b in range(3):  # complex: rel_err would drop the imaginary parts
+        assert np.abs(got[b] - stepped[b]).max() < 1e-5 * np.abs(stepped[b]).max(), b
+    _, y = step(state, jnp.asarray(got[:1]), u[:1, 1])  # row 0 continues with token 1
+    assert rel_err(y, np.asarray(apply(m, u[:1, :2]), np.float64)[:, 1]) < 1e-5
+
+
 def test_bf16_input_fft_in_fp32():
     m = make_ssm(3, N=64, seed=5)
     u = jnp.asarray(np.random.default_rng(4).normal(size=(2, 64, 3)), jnp.bfloat16)

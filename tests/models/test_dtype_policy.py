@@ -13,7 +13,7 @@ from bigs_jax.models import FAMILIES, family_of
 from bigs_jax.train import loop
 from tests.runs import smoke
 
-NAMES = ("bigs-tiny", "bert-tiny", "gpt2-tiny", "m2-bert-tiny")
+NAMES = ("bigs-tiny", "bert-tiny", "gpt2-tiny", "m2-bert-tiny", "bigs-lm-tiny")
 
 
 def _ids():
