@@ -166,8 +166,8 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
         raise ConfigError(f"unknown config.protocol.sweep {c.protocol.sweep!r}; choose all "
                           "or first_seed")
     out = check_workdir(out, "eval")
+    fs.makedirs(out)
     if fs.is_primary():
-        fs.makedirs(out)
         checkpointing.write_marker(out, "eval")
     rows = []
     for task in tasks:

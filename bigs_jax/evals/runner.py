@@ -164,8 +164,8 @@ def run_one(c: ConfigDict, bench, task: str, seed: int, out: str) -> Optional[di
             if run_one(c, bench, "mnli", seed, out) is None:
                 return None
         # The run directory is ours before its init/ lands in it (train loop's workdir check).
+        fs.makedirs(run_dir)
         if fs.is_primary():
-            fs.makedirs(run_dir)
             checkpointing.write_marker(run_dir)
         init = transfer_init(mnli, fs.join(run_dir, "init"),
                              bench.get_task(task).num_labels, seed)
@@ -251,8 +251,8 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     if c.select not in ("best", "last"):
         raise ConfigError(f"unknown config.select {c.select!r}; choose best or last")
     out = check_workdir(out, "eval")
+    fs.makedirs(out)
     if fs.is_primary():
-        fs.makedirs(out)
         checkpointing.write_marker(out, "eval")
     results = {}
     for task in tasks:

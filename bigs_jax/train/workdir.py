@@ -250,8 +250,8 @@ def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
     path = fs.join(workdir, checkpointing.MODEL_JSON)
     check_same_model(workdir, model_config)
     changes = check_resume_config(workdir, config)
+    fs.makedirs(workdir)
     if fs.is_primary():
-        fs.makedirs(workdir)
         checkpointing.write_marker(workdir)
         if changes:
             _record_changes(workdir, changes)
