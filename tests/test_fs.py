@@ -107,6 +107,13 @@ def test_a_foreign_bucket_directory_is_refused(gcs):
         check_workdir("gs://bucket/theirs")
 
 
+def test_a_bucket_without_access_is_one_line(gcs):
+    with pytest.raises(ConfigError, match=r"^workdir gs://denied/run cannot be read \(.*403.*"
+                                          r"\); check the bucket name and the credentials") as e:
+        check_workdir("gs://denied/run")
+    assert "\n" not in str(e.value)
+
+
 def test_workdir_vocabulary_loads_from_the_bucket(gcs):
     run = "gs://bucket/vocab_run"
     fs.write_bytes(fs.join(run, "tokenizer", "spm.model"), vocab.EMBEDDED_MODEL_PATH.read_bytes())

@@ -43,12 +43,7 @@ def check_workdir(workdir: str, kind: str = "run") -> str:
     except ValueError as e:
         raise ConfigError(f"workdir {e}") from None
     if fs.is_uri(workdir):
-        # An object store has no permissions to probe before writing, nor parents to create.
-        if fs.isdir(workdir):
-            _check_ours(workdir, kind)
-        elif fs.exists(workdir):
-            raise ConfigError(f"workdir {workdir} is a file; pass a directory path to "
-                              "--workdir")
+        _check_uri(workdir, kind)
         return workdir
     probe = workdir
     while not os.path.exists(probe):
@@ -62,6 +57,25 @@ def check_workdir(workdir: str, kind: str = "run") -> str:
     if probe == workdir:
         _check_ours(workdir, kind)
     return workdir
+
+
+def _check_uri(workdir: str, kind: str) -> None:
+    """`check_workdir` of a URI: an object store has no permissions to probe before writing,
+    nor parents to create, so the workdir must be reachable and absent, empty or ours."""
+    try:
+        if fs.isdir(workdir):
+            _check_ours(workdir, kind)
+        elif fs.exists(workdir):
+            raise ConfigError(f"workdir {workdir} is a file; pass a directory path to "
+                              "--workdir")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- tf.errors, OSError, auth errors alike
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = (lines[0] if lines else type(e).__name__)[:240]
+        raise ConfigError(f"workdir {workdir} cannot be read ({why}); check the bucket name "
+                          "and the credentials (gcloud auth application-default login, or "
+                          "the VM's service account)") from None
 
 
 def _read_json(path: str):
