@@ -1,7 +1,7 @@
 """A workdir on GCS (issue 16): train.py trains into gs://bucket/run and a second process
 resumes there, with Orbax's arrays (TensorStore), its step directories and commit files
 (etils.epath), config.json / model.json / the marker / tokenizer/ and the TensorBoard events
-(tf.io.gfile) all in the bucket and nothing on the local disk; the final parameters, read back
+(tf.io.gfile) and jax's compilation cache all in the bucket and nothing on the local disk; the final parameters, read back
 with `bigs_jax.load("gs://...")`, equal bit for bit those of the same run trained straight
 through in a local workdir.
 
@@ -26,6 +26,7 @@ RUN = "gs://bucket/run"
 # tests.runs.smoke(steps) as flags.
 FLAGS = ["--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
          "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
+CACHE = "gs://bucket/xla"  # the compilation cache, in the bucket too
 
 
 @pytest.fixture
@@ -41,7 +42,8 @@ def train(steps: int, cwd) -> str:
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"),
          f"--config={os.path.join(ROOT, 'configs', 'quickstart.py')}:smoke", f"--workdir={RUN}",
-         f"--config.train.steps={steps}", *FLAGS],
+         f"--config.train.steps={steps}", f"--config.train.compilation_cache_dir={CACHE}",
+         *FLAGS],
         cwd=cwd, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
         timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -55,10 +57,13 @@ def test_train_and_resume_on_gcs_equal_a_local_run(gcs, tmp_path):
     first = train(4, cwd)
     assert "fresh start, training to step 4" in first
     assert f"checkpoints [2, 4] in {RUN}" in first
+    cached = {n for n in gcs.names("bucket") if n.startswith("xla/") and n.endswith("-cache")}
+    assert cached  # jax wrote its compiled programs to the bucket
     second = train(6, cwd)
     assert "resuming from step 4, training to step 6" in second
     assert f"checkpoints [2, 4, 6] in {RUN}" in second
     assert list(cwd.iterdir()) == []  # nothing was written locally
+    assert cached <= set(gcs.names("bucket"))  # the resume kept them (and added its own)
 
     names = gcs.names("bucket")
     for name in ("run/bigs_jax.json", "run/config.json", "run/model.json",
