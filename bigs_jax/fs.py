@@ -1,4 +1,6 @@
-"""Workdir paths anywhere `etils.epath` reaches: local directories, gs://, s3://, az://.
+"""Workdir paths anywhere `etils.epath` reaches: local directories, gs://, s3://, az://
+(a train workdir is local or gs://: Orbax writes its arrays nowhere else, see
+`train.workdir.check_workdir`).
 
 Every file of a workdir (config.json, model.json, the marker, tokenizer files, results, scores,
 damaged-checkpoint moves) goes through here, the way Orbax reaches its own files: a local path

@@ -57,6 +57,9 @@ def test_unsupported_scheme_is_refused_in_one_line(tmp_path, monkeypatch):
         check_workdir("memory://run")
     with pytest.raises(ValueError, match="memory:// paths are not supported"):
         fs.exists("memory://run/config.json")
+    with pytest.raises(ConfigError, match=r"^workdir s3://bucket/run: Orbax writes checkpoints "
+                                          r"to local paths and gs:// only"):
+        check_workdir("s3://bucket/run")
     assert list(tmp_path.iterdir()) == []
 
 

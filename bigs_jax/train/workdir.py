@@ -43,6 +43,9 @@ def check_workdir(workdir: str, kind: str = "run") -> str:
     except ValueError as e:
         raise ConfigError(f"workdir {e}") from None
     if fs.is_uri(workdir):
+        if fs.scheme(workdir) != "gs":  # Orbax 0.12.8 writes arrays to GCS or local disks
+            raise ConfigError(f"workdir {workdir}: Orbax writes checkpoints to local paths "
+                              "and gs:// only; pass one of those to --workdir")
         _check_uri(workdir, kind)
         return workdir
     probe = workdir
