@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
+from bigs_jax import fs  # noqa: E402
 from bigs_jax.data import tasks  # noqa: E402
 from bigs_jax.data import vocab as vocab_lib  # noqa: E402
 from bigs_jax.generation import can_generate, generate  # noqa: E402
@@ -35,10 +36,10 @@ def workdir_vocabulary(workdir: str, vocab_size: int, path: str = ""):
     """(SeqIO vocabulary, end-of-text id) of a workdir's model: `path`, else the workdir's
     tokenizer/ files, else the embedded vocabulary when the model has its size."""
     if not path:
-        tok = os.path.join(checkpointing.resolve(workdir)[0], TOKENIZER_DIR)
+        tok = fs.join(checkpointing.resolve(workdir)[0], TOKENIZER_DIR)
         for name in ("vocab.json", "spm.model", "tokenizer.model", "vocab.txt"):
-            if os.path.isfile(os.path.join(tok, name)):
-                path = os.path.join(tok, name)
+            if fs.isfile(fs.join(tok, name)):
+                path = fs.join(tok, name)
                 break
     if path:
         vocabulary = tasks.load_vocabulary(path)

@@ -29,7 +29,7 @@ from flax import nnx, serialization
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from bigs_jax import embedding
+from bigs_jax import embedding, fs
 from bigs_jax.paths import flat_paths
 from bigs_jax.train import checkpointing
 
@@ -416,6 +416,9 @@ def abstract_params(config) -> tuple[dict, dict[str, tuple]]:
 
 
 def _fresh_tmp(dst: str) -> str:
+    if fs.is_uri(dst):  # os.path would make gs://b/x the local directory <cwd>/gs:/b/x
+        raise ConversionError(f"{dst}: convert writes a local directory; convert to a local "
+                              "path, then copy it to the bucket (gsutil -m cp -r)")
     dst = os.path.abspath(dst)
     if os.path.lexists(dst):
         raise ConversionError(f"{dst} already exists; pass a new destination (nothing is "

@@ -18,12 +18,12 @@ from any SeqIO source of `{"text": ...}` examples, for instance with another voc
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import seqio
 import tensorflow as tf
 
+from bigs_jax import fs
 from bigs_jax.data import (
     bpe,
     corpus,
@@ -202,9 +202,9 @@ def load_vocabulary(path: str | os.PathLike, lower_case: bool | None = None) -> 
         ValueError: a vocabulary without the special pieces the pipeline needs.
     """
     path = os.fspath(path)
-    if path.endswith(".json") or os.path.isfile(os.path.join(path, "merges.txt")):
+    if path.endswith(".json") or fs.isfile(fs.join(path, "merges.txt")):
         return bpe.ByteLevelBPEVocabulary(path)  # GPT-2 vocab.json + merges.txt
-    if os.path.isdir(path):
+    if fs.isdir(path):
         found = vocab.workdir_vocabulary_file(path)
         if found is None:
             raise FileNotFoundError(
@@ -214,15 +214,14 @@ def load_vocabulary(path: str | os.PathLike, lower_case: bool | None = None) -> 
     if vocab.is_sentencepiece_file(path):
         return vocab.sentencepiece_vocabulary(path)
     if lower_case is None:
-        settings = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        settings = fs.join(fs.dirname(path), "tokenizer_config.json")
         lower_case = True
-        if os.path.isfile(settings):
-            with open(settings) as f:
-                try:
-                    lower_case = bool(json.load(f).get("do_lower_case", True))
-                except (ValueError, AttributeError):
-                    raise ValueError(f"{settings} is not a JSON object; fix or remove it "
-                                     "(it only sets do_lower_case)") from None
+        if fs.isfile(settings):
+            try:
+                lower_case = bool(fs.read_json(settings).get("do_lower_case", True))
+            except (ValueError, AttributeError):
+                raise ValueError(f"{settings} is not a JSON object; fix or remove it "
+                                 "(it only sets do_lower_case)") from None
     return wordpiece.WordPieceVocabulary(path, lower_case=lower_case)
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
+from bigs_jax import fs
 from bigs_jax.data import corpus, hide_accelerators_from_tensorflow
 
 if TYPE_CHECKING:
@@ -123,11 +124,12 @@ def special_ids(vocabulary: seqio.Vocabulary) -> SpecialIds:
 
 
 def workdir_vocabulary_file(workdir: str | pathlib.Path) -> str | None:
-    """The vocabulary file a workdir records in `tokenizer/`, or None."""
+    """The vocabulary file a workdir (local or a gs://... URI) records in `tokenizer/`, or
+    None."""
     for name in WORKDIR_VOCAB_FILES:
-        path = pathlib.Path(workdir) / TOKENIZER_DIR / name
-        if path.is_file():
-            return str(path)
+        path = fs.join(str(workdir), TOKENIZER_DIR, name)
+        if fs.isfile(path):
+            return path
     return None
 
 
@@ -137,8 +139,7 @@ def is_sentencepiece_file(path: str | pathlib.Path) -> bool:
     if str(path).endswith(".model"):
         return True
     try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
+        head = fs.read_bytes(str(path))[:4096]
     except OSError:
         return False
     try:
@@ -173,7 +174,10 @@ def embedded_special_ids() -> SpecialIds:
     return _special_ids_of(_load_processor(EMBEDDED_MODEL_PATH), str(EMBEDDED_MODEL_PATH))
 
 
-def _load_processor(path: pathlib.Path) -> spm.SentencePieceProcessor:
+def _load_processor(path: pathlib.Path | str) -> spm.SentencePieceProcessor:
+    if fs.is_uri(str(path)) and fs.isfile(str(path)):
+        return spm.SentencePieceProcessor(model_proto=fs.read_bytes(str(path)))
+    path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"SentencePiece model {path} does not exist; pass the path of a .model file "
@@ -195,7 +199,7 @@ def sentencepiece_vocabulary(path: str | pathlib.Path) -> seqio.SentencePieceVoc
         FileNotFoundError: if `path` is not a file.
         ValueError: if the model lacks the special pieces or pads with another id.
     """
-    path = pathlib.Path(path)
+    path = str(path) if fs.is_uri(str(path)) else pathlib.Path(path)
     _special_ids_of(_load_processor(path), str(path))  # fail early with a clear message
     # SeqIO imports TensorFlow: keep both out of cheap imports of this module.
     import seqio  # pylint: disable=import-outside-toplevel

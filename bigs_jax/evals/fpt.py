@@ -20,16 +20,13 @@ same architecture at random init, frozen alike), `full` (config.init's weights, 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from typing import Optional
 
-import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from bigs_jax import fpt
+from bigs_jax import fpt, fs
 from bigs_jax.data.fpt_tasks import apply_task_settings
 from bigs_jax.fpt import freeze_patterns
 from bigs_jax.train import checkpointing, loop
@@ -82,11 +79,10 @@ def run_config(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
 def run_one(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
             out: str) -> Optional[dict]:
     """Train and score one run; None if it was preempted."""
-    run_dir = os.path.join(out, task, mode, f"lr{lr:g}", f"seed{seed}")
-    path = os.path.join(run_dir, RESULT_JSON)
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    run_dir = fs.join(out, task, mode, f"lr{lr:g}", f"seed{seed}")
+    path = fs.join(run_dir, RESULT_JSON)
+    if fs.exists(path):
+        return fs.read_json(path)
     rc = run_config(c, task, mode, lr, seed, run_dir)
     summary = loop.train_and_evaluate(rc, run_dir)
     if summary.get("preempted"):
@@ -99,7 +95,7 @@ def run_one(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
               "validation": last["validation"], "test": last["test"],
               "trainable": trainable, "params": total,
               "train_seconds": summary["elapsed_sec"]}
-    if jax.process_index() == 0:
+    if fs.is_primary():
         checkpointing.write_json_atomic(path, result)
     return result
 
@@ -170,8 +166,8 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
         raise ConfigError(f"unknown config.protocol.sweep {c.protocol.sweep!r}; choose all "
                           "or first_seed")
     out = check_workdir(out, "eval")
-    os.makedirs(out, exist_ok=True)
-    if jax.process_index() == 0:
+    fs.makedirs(out)
+    if fs.is_primary():
         checkpointing.write_marker(out, "eval")
     rows = []
     for task in tasks:
@@ -193,9 +189,8 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
                     runs[best].append(result)
             rows.append(summarize(task, mode, runs))
     summary = {"protocol": c.protocol.to_dict(), "init": c.init, "rows": rows}
-    if jax.process_index() == 0:
-        checkpointing.write_json_atomic(os.path.join(out, "results.json"), summary)
-        with open(os.path.join(out, "results.md"), "w") as f:
-            f.write(markdown(rows))
+    if fs.is_primary():
+        checkpointing.write_json_atomic(fs.join(out, "results.json"), summary)
+        fs.write_text(fs.join(out, "results.md"), markdown(rows))
     print(markdown(rows), flush=True)
     return summary

@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import time
 from typing import Optional
 
@@ -22,6 +20,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from bigs_jax import fs
 from bigs_jax.data import vocab as vocab_lib
 from bigs_jax.errors import ConfigError
 from bigs_jax.evals import glue, scrolls
@@ -66,8 +65,7 @@ def run_config(c: ConfigDict, task: str, seed: int, init: str, run_dir: str,
     """The train-loop config of one (task, seed) run."""
     r = recipe(c, task)
     workdir = checkpointing.resolve(init)[0]
-    with open(os.path.join(workdir, checkpointing.MODEL_JSON)) as f:
-        family = json.load(f)["family"]
+    family = fs.read_json(fs.join(workdir, checkpointing.MODEL_JSON))["family"]
     # Models with learned positions cannot read past their max_len: dev rows are cut there.
     limit = getattr(checkpointing.read_model_config(workdir), "max_len", None) or math.inf
     if r["max_len"] > limit:
@@ -117,11 +115,10 @@ def _normalized(d: dict) -> dict:
 
 def check_run_dir(run_dir: str, rc: ConfigDict) -> None:
     """Refuse a run directory that holds a run with other settings."""
-    path = os.path.join(run_dir, checkpointing.CONFIG_JSON)
-    if not os.path.exists(path):
+    path = fs.join(run_dir, checkpointing.CONFIG_JSON)
+    if not fs.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
+    old = fs.read_json(path)
     new = _normalized(rc.to_dict())
     if old != new:
         diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict)
@@ -137,7 +134,7 @@ def transfer_init(mnli_dir: str, dst: str, num_labels: int, seed: int) -> str:
     MRPC and STS-B have other label counts than MNLI; every parameter but the classifier's
     (whose shape differs) is the MNLI model's, as HF's `ignore_mismatched_sizes` does.
     """
-    if os.path.isdir(os.path.join(dst, checkpointing.CHECKPOINTS)):
+    if fs.isdir(fs.join(dst, checkpointing.CHECKPOINTS)):
         return dst
     workdir, step = checkpointing.resolve(mnli_dir)
     config = checkpointing.read_model_config(workdir)
@@ -148,38 +145,37 @@ def transfer_init(mnli_dir: str, dst: str, num_labels: int, seed: int) -> str:
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: flat[p] if p in flat and flat[p].shape == x.shape else x, fresh)
     tmp = f"{dst}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    fs.rmtree(tmp)
+    fs.makedirs(tmp)
     checkpointing.save_params_only(tmp, 0, params, {"from": workdir, "step": step})
-    checkpointing.write_json_atomic(os.path.join(tmp, checkpointing.MODEL_JSON),
+    checkpointing.write_json_atomic(fs.join(tmp, checkpointing.MODEL_JSON),
                                     checkpointing.model_json(target))
-    os.replace(tmp, dst)
+    fs.rename(tmp, dst)
     return dst
 
 
 def run_one(c: ConfigDict, bench, task: str, seed: int, out: str) -> Optional[dict]:
     """Fine-tune and score one (task, seed); None if the run was preempted."""
-    run_dir = os.path.join(out, task, f"seed{seed}")
+    run_dir = fs.join(out, task, f"seed{seed}")
     init = c.init
     if c.from_mnli and task in MNLI_STARTED and c.benchmark == "glue":
-        mnli = c.mnli_init or os.path.join(out, "mnli", f"seed{seed}")
-        if not c.mnli_init and not os.path.exists(os.path.join(mnli, RESULT_JSON)):
+        mnli = c.mnli_init or fs.join(out, "mnli", f"seed{seed}")
+        if not c.mnli_init and not fs.exists(fs.join(mnli, RESULT_JSON)):
             if run_one(c, bench, "mnli", seed, out) is None:
                 return None
         # The run directory is ours before its init/ lands in it (train loop's workdir check).
-        os.makedirs(run_dir, exist_ok=True)
-        if jax.process_index() == 0:
+        fs.makedirs(run_dir)
+        if fs.is_primary():
             checkpointing.write_marker(run_dir)
-        init = transfer_init(mnli, os.path.join(run_dir, "init"),
+        init = transfer_init(mnli, fs.join(run_dir, "init"),
                              bench.get_task(task).num_labels, seed)
     rc = run_config(c, task, seed, init, run_dir, bench)
     if hasattr(bench, "check_model"):
         bench.check_model(task, checkpointing.read_model_config(checkpointing.resolve(init)[0]))
-    result_path = os.path.join(run_dir, RESULT_JSON)
+    result_path = fs.join(run_dir, RESULT_JSON)
     check_run_dir(run_dir, rc)
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
+    if fs.exists(result_path):
+        result = fs.read_json(result_path)
         print(f"{task} seed {seed}: reusing {result_path}", flush=True)
         return result
     t0 = time.perf_counter()
@@ -191,7 +187,7 @@ def run_one(c: ConfigDict, bench, task: str, seed: int, out: str) -> Optional[di
                    "train_examples": bench.train_size(rc),
                    "seconds": round(time.perf_counter() - t0, 1),
                    "train_seconds": summary["elapsed_sec"]})
-    if jax.process_index() == 0:
+    if fs.is_primary():
         checkpointing.write_json_atomic(result_path, result)
     return result
 
@@ -217,11 +213,9 @@ def aggregate(results: dict[str, list[dict]], bench) -> dict:
 
 
 def write_results(out: str, summary: dict, bench) -> None:
-    checkpointing.write_json_atomic(os.path.join(out, "results.json"),
-                                    _json_safe(summary))
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(bench.markdown(summary))
-    writer = tb.writer(os.path.join(out, "tb"))
+    checkpointing.write_json_atomic(fs.join(out, "results.json"), _json_safe(summary))
+    fs.write_text(fs.join(out, "results.md"), bench.markdown(summary))
+    writer = tb.writer(fs.join(out, "tb"))
     scalars = {f"{bench.NAME}/{col}/{m}": v["mean"]
                for t in summary["tasks"].values() for col, ms in t["columns"].items()
                for m, v in ms.items() if not math.isnan(v["mean"])}
@@ -257,8 +251,8 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     if c.select not in ("best", "last"):
         raise ConfigError(f"unknown config.select {c.select!r}; choose best or last")
     out = check_workdir(out, "eval")
-    os.makedirs(out, exist_ok=True)
-    if jax.process_index() == 0:
+    fs.makedirs(out)
+    if fs.is_primary():
         checkpointing.write_marker(out, "eval")
     results = {}
     for task in tasks:
@@ -271,7 +265,7 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
             runs.append(result)
         results[task] = runs
     summary = aggregate(results, bench)
-    if jax.process_index() == 0:
+    if fs.is_primary():
         write_results(out, summary, bench)
     print(bench.markdown(summary), flush=True)
     return summary

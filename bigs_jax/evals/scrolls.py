@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bigs_jax import generation
+from bigs_jax import fs, generation
 from bigs_jax.data import registry
 from bigs_jax.data import vocab as vocab_lib
 from bigs_jax.evals import finetune, metrics
@@ -421,7 +421,8 @@ def finish(rc: ConfigDict, run_dir: str, how: str) -> dict:
     else:
         step, entry = finetune.select(read_scores(run_dir), how)
         scores, predictions = entry["scores"], entry["predictions"]
-    checkpointing.write_json_atomic(os.path.join(run_dir, "predictions.json"), predictions)
+    if fs.is_primary():
+        checkpointing.write_json_atomic(fs.join(run_dir, "predictions.json"), predictions)
     return {"step": step, "select": how, "scores": scores}
 
 

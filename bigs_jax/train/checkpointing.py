@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
-import os
 import sys
 from typing import Any, Optional
 
@@ -26,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from bigs_jax import fs
 from bigs_jax.errors import CheckpointReadError, CheckpointWriteError, DamagedCheckpoint
 from bigs_jax.models import FAMILIES, build, family_of
 from bigs_jax.paths import flat_paths, path_str
@@ -74,32 +73,28 @@ def config_from_json(data: dict):
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON through a temp file and rename, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON whole or not at all (`fs.write_json`), so a crash never leaves half a
+    file."""
+    fs.write_json(path, data)
 
 
 def write_marker(workdir: str, kind: str = "run") -> None:
     """Mark `workdir` as a bigs_jax directory of `kind` ("run": train loop / convert output,
     "eval": eval.py's output); `train.workdir.check_workdir` recognises it."""
-    path = os.path.join(workdir, MARKER_JSON)
-    if not os.path.exists(path):
+    path = fs.join(workdir, MARKER_JSON)
+    if not fs.exists(path):
         write_json_atomic(path, {"bigs_jax": kind, "format": WORKDIR_FORMAT})
 
 
 def read_model_config(workdir: str):
-    path = os.path.join(workdir, MODEL_JSON)
-    if not os.path.exists(path):
+    path = fs.join(workdir, MODEL_JSON)
+    if not fs.exists(path):
         raise FileNotFoundError(f"{path} not found: {workdir!r} is not a bigs_jax workdir "
                                 "(made by train.py or `python -m bigs_jax.convert`)")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path} is not JSON ({e})") from None
+    try:
+        data = fs.read_json(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
     return config_from_json(data)
 
 
@@ -117,9 +112,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = fs.resolve(workdir)
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
+            fs.join(self.workdir, CHECKPOINTS),
             item_names=ITEMS, options=options)
 
     def latest_step(self) -> Optional[int]:
@@ -206,15 +201,15 @@ def save_params_only(workdir: str, step: int, params, meta: Optional[dict] = Non
 
 def resolve(path: str, step: Optional[int] = None) -> tuple[str, int]:
     """(workdir, step) for a workdir or a `workdir/checkpoints/<step>` directory."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = fs.resolve(path)
+    if not fs.isdir(path):
         raise FileNotFoundError(f"{path} does not exist; pass a workdir or a checkpoint step "
                                 "directory")
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == CHECKPOINTS and os.path.basename(path).isdigit():
-        return os.path.dirname(parent), int(os.path.basename(path))
-    steps = ocp.utils.checkpoint_steps(os.path.join(path, CHECKPOINTS)) if os.path.isdir(
-        os.path.join(path, CHECKPOINTS)) else []
+    parent = fs.dirname(path)
+    if fs.basename(parent) == CHECKPOINTS and fs.basename(path).isdigit():
+        return fs.dirname(parent), int(fs.basename(path))
+    steps = ocp.utils.checkpoint_steps(fs.join(path, CHECKPOINTS)) if fs.isdir(
+        fs.join(path, CHECKPOINTS)) else []
     if step is None:
         if not steps:
             raise FileNotFoundError(f"no checkpoint under {path}/{CHECKPOINTS}; train or "
@@ -235,7 +230,7 @@ def restore_params(workdir: str, step: int, abstract_params):
     """Restore the `params` item of one step onto the abstract targets' shardings;
     DamagedCheckpoint if its files are missing or cannot be read."""
     def read():
-        with ocp.CheckpointManager(os.path.join(workdir, CHECKPOINTS),
+        with ocp.CheckpointManager(fs.join(workdir, CHECKPOINTS),
                                    item_names=ITEMS) as manager:
             return manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params))).params
@@ -270,7 +265,7 @@ def load_model(path: str, *, step: Optional[int] = None) -> nnx.Module:
     try:
         params = restore_params(workdir, resolved, target)
     except DamagedCheckpoint as e:
-        others = [s for s in ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS))
+        others = [s for s in ocp.utils.checkpoint_steps(fs.join(workdir, CHECKPOINTS))
                   if s != resolved]
         intact = _intact_steps(workdir, others, target)
         fix = (f"load an intact one with bigs_jax.load({workdir!r}, step={intact[0]})"
@@ -328,13 +323,13 @@ def missing_files(workdir: str, step: int, items=ITEMS) -> Optional[str]:
     """What a look at the files finds missing from step `step`'s `items`, or None (a
     truncated file is found only by reading it: `_read_step`)."""
     for item in items:
-        path = os.path.join(workdir, CHECKPOINTS, str(step), item)
-        if not os.path.isdir(path):
+        path = fs.join(workdir, CHECKPOINTS, str(step), item)
+        if not fs.isdir(path):
             return f"{item}/ is missing"
-        index = os.path.join(path, _ITEM_INDEX[item])
-        if not os.path.isfile(index):
+        index = fs.join(path, _ITEM_INDEX[item])
+        if not fs.isfile(index):
             return f"{item}/{_ITEM_INDEX[item]} is missing"
-        if os.path.getsize(index) == 0:
+        if fs.size(index) == 0:
             return f"{item}/{_ITEM_INDEX[item]} is empty"
     return None
 
@@ -394,25 +389,25 @@ def _read_step(workdir: str, step: int, items, read):
             _quiet_failed_reads()
             if _passing(e):
                 raise CheckpointReadError(
-                    f"reading checkpoint step {step} in {os.path.join(workdir, CHECKPOINTS)} "
+                    f"reading checkpoint step {step} in {fs.join(workdir, CHECKPOINTS)} "
                     f"failed ({_first_line(e)}); this is not damage to its files, so nothing "
                     "was moved; free memory or restore access and rerun the same command"
                 ) from None
             why = f"its files cannot be read ({_first_line(e)})"
-    raise DamagedCheckpoint(f"checkpoint step {step} in {os.path.join(workdir, CHECKPOINTS)} "
+    raise DamagedCheckpoint(f"checkpoint step {step} in {fs.join(workdir, CHECKPOINTS)} "
                             f"is damaged: {why}", step, why)
 
 
 def set_aside(workdir: str, step: int) -> str:
     """Move `checkpoints/<step>` to `damaged_checkpoints/<step>` (`<step>.2`, ... if that is
     taken); returns the new path. Nothing is deleted."""
-    dst_dir = os.path.join(workdir, DAMAGED)
-    os.makedirs(dst_dir, exist_ok=True)
-    dst, n = os.path.join(dst_dir, str(step)), 1
-    while os.path.exists(dst):
+    dst_dir = fs.join(workdir, DAMAGED)
+    fs.makedirs(dst_dir)
+    dst, n = fs.join(dst_dir, str(step)), 1
+    while fs.exists(dst):
         n += 1
-        dst = os.path.join(dst_dir, f"{step}.{n}")
-    os.rename(os.path.join(workdir, CHECKPOINTS, str(step)), dst)
+        dst = fs.join(dst_dir, f"{step}.{n}")
+    fs.rename(fs.join(workdir, CHECKPOINTS, str(step)), dst)
     return dst
 
 

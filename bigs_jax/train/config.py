@@ -99,6 +99,9 @@ def train_config() -> ConfigDict:
         # Resume although the optimizer/data settings differ from the workdir's config.json
         # (the change is recorded in config_history.json; workdir.check_resume_config).
         "allow_config_change": False,
+        # jax's persistent compilation cache (local or gs://...; '' = jax's own setting, off
+        # unless JAX_COMPILATION_CACHE_DIR is set): reruns and resumes skip compiling.
+        "compilation_cache_dir": "",
     })
 
 

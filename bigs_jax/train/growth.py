@@ -38,7 +38,6 @@ bench/growth.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigs_jax import growth
+from bigs_jax import fs, growth
 from bigs_jax.train import checkpointing, optim
 from bigs_jax.train.step import TrainState
 
@@ -277,13 +276,13 @@ def sync_model_json(workdir: str, base_config, events: list[dict], model_config)
     """Rewrite model.json for `model_config` when it holds another stage of this schedule
     (a run killed between a growth checkpoint and its model.json); other models are left for
     the loop's own check to refuse."""
-    path = os.path.join(workdir, checkpointing.MODEL_JSON)
-    if not os.path.exists(path):
+    path = fs.join(workdir, checkpointing.MODEL_JSON)
+    if not fs.exists(path):
         return
     existing = checkpointing.read_model_config(workdir)
     stages = [config_at(base_config, events, s)
               for s in [0] + [int(e["step"]) for e in events]]
-    if existing != model_config and existing in stages:
+    if existing != model_config and existing in stages and fs.is_primary():
         checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
 
 
@@ -303,8 +302,8 @@ def grow_checkpoint(config, workdir: str, state: TrainState, base_config, events
               {"rng": np.asarray(grown.rng).tolist(), "step": step,
                "data": {"task": config.data.task, "batches_consumed": step}}, force=True)
     ckpt.wait()
-    if jax.process_index() == 0:
-        checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.MODEL_JSON),
+    if fs.is_primary():
+        checkpointing.write_json_atomic(fs.join(workdir, checkpointing.MODEL_JSON),
                                         checkpointing.model_json(new_config))
     n_old, n_new = (checkpointing.param_count(x) for x in (state.params, grown.params))
     scalars = {"growth/params": n_new, "growth/params_ratio": n_new / n_old}

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import os
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import ConfigDict
 
 # The sources of data/ register themselves; evals/ registers its own (see data.registry).
+from bigs_jax import fs
 from bigs_jax.data import fpt_tasks, images, registry, seqio_source  # noqa: F401
 from bigs_jax.errors import ConfigError
 from bigs_jax.models import build, family_of
@@ -51,6 +52,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
     Nothing is written to the workdir before the config, data and model have been validated.
     """
     workdir = check_workdir(workdir)
+    use_compilation_cache(config.train.get("compilation_cache_dir", ""))
     check_values(config)
     check_resume_config(workdir, config)
     source = registry.make_data_source(config)
@@ -98,6 +100,25 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         # (rebuilt, re-sharded and re-compiled for the grown model).
         summary = _join_stages(summary, train_and_evaluate(config, workdir))
     return summary
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Keep every program this process compiles in jax's persistent cache at `directory`
+    (local or gs://...; '' leaves jax's setting as it is), so a rerun, a resume or a
+    preempted job's restart loads its programs instead of compiling them again."""
+    if not directory:
+        return
+    try:
+        directory = fs.resolve(directory)
+    except ValueError as e:
+        raise ConfigError(f"config.train.compilation_cache_dir {e}") from None
+    if jax.config.jax_compilation_cache_dir != directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        compilation_cache.reset_cache()  # a cache opened at another directory is dropped
+    # Every program, however quick to compile: the train and eval steps take seconds on a
+    # CPU but minutes on a pod, and a threshold would make "cached or not" depend on timing.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # ---------------------------------------------------------------------------- growth
@@ -276,7 +297,7 @@ def _existing_checkpointer(workdir: str, t: Optional[ConfigDict]
                            ) -> Optional[checkpointing.Checkpointer]:
     """The workdir's checkpoints, if it has any (opening none creates nothing); `t` (the
     train section) sets retention, None opens them read-only in effect."""
-    if not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINTS)):
+    if not fs.isdir(fs.join(workdir, checkpointing.CHECKPOINTS)):
         return None
     if t is None:
         return checkpointing.Checkpointer(workdir)
@@ -408,7 +429,7 @@ def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, 
         print(_trainable_line(config, state), flush=True)
     if (start is None and t.eval_at_start) or eval_first:
         log.eval(step, evaluate(state.params, step))
-    profiler = metrics.Profiler(os.path.join(workdir, "profile"), t.profile_start_step,
+    profiler = metrics.Profiler(fs.join(workdir, "profile"), t.profile_start_step,
                                 t.profile_num_steps)
     t_start, preempted, stop = time.perf_counter(), False, metrics.StopSignal()
     try:

@@ -9,9 +9,6 @@ keeps the evaluations made before it was interrupted.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 import signal
 import sys
 import time
@@ -21,7 +18,7 @@ import jax
 from clu import metric_writers
 from tqdm import tqdm
 
-from bigs_jax.train.checkpointing import write_json_atomic
+from bigs_jax import fs
 
 
 def writer(logdir: str) -> metric_writers.MetricWriter:
@@ -175,7 +172,7 @@ class RunLog:
 
     def __init__(self, workdir: str, start: int, total: int, flops: float,
                  peak_flops_override: float = 0.0):
-        self.writer = writer(os.path.join(workdir, "tb"))
+        self.writer = writer(fs.join(workdir, "tb"))
         self.bar = Progress(start, total)
         self.meter = Throughput()
         self.flops = flops
@@ -246,16 +243,15 @@ def write_scores(scores_dir: str, step: int, scores: dict, predictions: dict) ->
     scores_dir)."""
     if not scores_dir or jax.process_index() != 0:
         return
-    os.makedirs(os.path.join(scores_dir, "dev"), exist_ok=True)
-    write_json_atomic(os.path.join(scores_dir, "dev", f"step_{step}.json"),
+    fs.makedirs(fs.join(scores_dir, "dev"))
+    fs.write_json(fs.join(scores_dir, "dev", f"step_{step}.json"),
                       {"step": step, "scores": scores, "predictions": predictions})
 
 
 def read_scores(scores_dir: str) -> dict[int, dict]:
     """{step: {"scores": ..., "predictions": ...}} of every evaluation written so far."""
     out = {}
-    for path in glob.glob(os.path.join(scores_dir, "dev", "step_*.json")):
-        with open(path) as f:
-            data = json.load(f)
+    for path in fs.glob(fs.join(scores_dir, "dev", "step_*.json")):
+        data = fs.read_json(path)
         out[int(data["step"])] = data
     return out

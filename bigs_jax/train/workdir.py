@@ -18,9 +18,9 @@ import os
 import time
 from typing import Optional
 
-import jax
 from ml_collections import ConfigDict
 
+from bigs_jax import fs
 from bigs_jax.data import vocab
 from bigs_jax.errors import ConfigError
 from bigs_jax.models import FAMILIES, MODELS, make_config
@@ -35,9 +35,19 @@ _EVAL_DEPTH = 4
 
 
 def check_workdir(workdir: str, kind: str = "run") -> str:
-    """Absolute workdir path after checking it can be written and is absent, empty or ours
-    (of `kind`: "run" for the train loop, "eval" for eval.py's output), creating nothing."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    """The workdir path (local: absolute; a gs://... URI: as given) after checking it can be
+    written and is absent, empty or ours (of `kind`: "run" for the train loop, "eval" for
+    eval.py's output), creating nothing."""
+    try:
+        workdir = fs.resolve(workdir)
+    except ValueError as e:
+        raise ConfigError(f"workdir {e}") from None
+    if fs.is_uri(workdir):
+        if fs.scheme(workdir) != "gs":  # Orbax 0.12.8 writes arrays to GCS or local disks
+            raise ConfigError(f"workdir {workdir}: Orbax writes checkpoints to local paths "
+                              "and gs:// only; pass one of those to --workdir")
+        _check_uri(workdir, kind)
+        return workdir
     probe = workdir
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -52,11 +62,29 @@ def check_workdir(workdir: str, kind: str = "run") -> str:
     return workdir
 
 
+def _check_uri(workdir: str, kind: str) -> None:
+    """`check_workdir` of a URI: an object store has no permissions to probe before writing,
+    nor parents to create, so the workdir must be reachable and absent, empty or ours."""
+    try:
+        if fs.isdir(workdir):
+            _check_ours(workdir, kind)
+        elif fs.exists(workdir):
+            raise ConfigError(f"workdir {workdir} is a file; pass a directory path to "
+                              "--workdir")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- tf.errors, OSError, auth errors alike
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = (lines[0] if lines else type(e).__name__)[:240]
+        raise ConfigError(f"workdir {workdir} cannot be read ({why}); check the bucket name "
+                          "and the credentials (gcloud auth application-default login, or "
+                          "the VM's service account)") from None
+
+
 def _read_json(path: str):
     """The JSON object at `path`, or None if it is missing or not a JSON object."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = fs.read_json(path)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -64,23 +92,23 @@ def _read_json(path: str):
 
 def _is_legacy_run(path: str) -> bool:
     """A run workdir written before the marker: our model.json or our config.json."""
-    model = _read_json(os.path.join(path, checkpointing.MODEL_JSON))
+    model = _read_json(fs.join(path, checkpointing.MODEL_JSON))
     if model is not None and model.get("family") in FAMILIES and isinstance(
             model.get("config"), dict):
         return True
-    config = _read_json(os.path.join(path, checkpointing.CONFIG_JSON))
+    config = _read_json(fs.join(path, checkpointing.CONFIG_JSON))
     return config is not None and _RUN_CONFIG_KEYS <= set(config)
 
 
 def _is_legacy_eval(path: str) -> bool:
     """An eval output written before the marker: results.json, or run workdirs below it."""
-    if os.path.isfile(os.path.join(path, "results.json")):
+    if fs.isfile(fs.join(path, "results.json")):
         return True
-    top = path.count(os.sep)
-    for root, dirs, _ in os.walk(path):
-        if root != path and _is_legacy_run(root):
+    top = path.rstrip("/").count("/")
+    for root, dirs, _ in fs.walk(path):
+        if root.rstrip("/") != path.rstrip("/") and _is_legacy_run(root):
             return True
-        if root.count(os.sep) - top >= _EVAL_DEPTH:
+        if root.rstrip("/").count("/") - top >= _EVAL_DEPTH:
             dirs.clear()
         dirs[:] = [d for d in dirs if d != checkpointing.CHECKPOINTS]
     return False
@@ -89,13 +117,13 @@ def _is_legacy_eval(path: str) -> bool:
 def _check_ours(workdir: str, kind: str) -> None:
     """Refuse an existing, non-empty directory that is not a bigs_jax directory of `kind`."""
     try:
-        entries = sorted(os.listdir(workdir))
+        entries = fs.listdir(workdir)
     except OSError as e:
         raise ConfigError(f"workdir {workdir} cannot be read ({e.strerror}); pass a readable "
                           "--workdir") from None
     if not entries:
         return
-    marker = _read_json(os.path.join(workdir, checkpointing.MARKER_JSON))
+    marker = _read_json(fs.join(workdir, checkpointing.MARKER_JSON))
     if marker is not None and marker.get("bigs_jax") == kind:
         return
     if marker is not None and marker.get("bigs_jax"):
@@ -119,6 +147,7 @@ _RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.check
               "train.keep_checkpoints", "train.dry_run", "train.peak_flops_per_device",
               "train.profile_start_step", "train.profile_num_steps", "train.log_grad_norm",
               "train.eval_at_start", "train.allow_config_change", "train.grad_accum_steps",
+              "train.compilation_cache_dir",
               "data.eval_batches", "data.eval_batch_size"}
 _RESUMABLE_SECTIONS = {"mesh", "model"}
 HISTORY_JSON = "config_history.json"
@@ -137,10 +166,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def config_changes(workdir: str, config: ConfigDict) -> dict:
     """{dotted key: [stored, new]} of the values that differ from the workdir's config.json
     (keys it lacks, added to the schema after it was written, are not changes)."""
-    path = os.path.join(workdir, checkpointing.CONFIG_JSON)
+    path = fs.join(workdir, checkpointing.CONFIG_JSON)
     stored = _read_json(path)
     if stored is None:
-        if os.path.exists(path):
+        if fs.exists(path):
             raise ConfigError(f"workdir {workdir} has a {checkpointing.CONFIG_JSON} that cannot "
                               "be read as a JSON object; nothing was written; restore it, or "
                               "remove it to record this run's config there")
@@ -167,7 +196,7 @@ def check_resume_config(workdir: str, config: ConfigDict) -> dict:
 
 def _record_changes(workdir: str, changes: dict) -> None:
     """Append a resume's config changes to config_history.json, oldest first."""
-    path = os.path.join(workdir, HISTORY_JSON)
+    path = fs.join(workdir, HISTORY_JSON)
     history = _read_json(path) or {"changes": []}
     history["changes"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "changed": changes})
@@ -217,8 +246,8 @@ def model_config_from(config: ConfigDict, data_overrides: Optional[dict] = None)
 def check_same_model(workdir: str, model_config) -> None:
     """Refuse a workdir whose model.json holds another model (checked before its checkpoints
     are read, so a different model is never mistaken for a damaged checkpoint)."""
-    path = os.path.join(workdir, checkpointing.MODEL_JSON)
-    if os.path.exists(path):
+    path = fs.join(workdir, checkpointing.MODEL_JSON)
+    if fs.exists(path):
         try:
             existing = checkpointing.read_model_config(workdir)
         except (ValueError, TypeError) as e:
@@ -235,15 +264,15 @@ def prepare_workdir(workdir: str, config: ConfigDict, model_config) -> None:
     """Write the marker, config.json and model.json (a resume's config changes appended to
     config_history.json); a workdir of a different model or with changed settings is
     refused."""
-    path = os.path.join(workdir, checkpointing.MODEL_JSON)
+    path = fs.join(workdir, checkpointing.MODEL_JSON)
     check_same_model(workdir, model_config)
     changes = check_resume_config(workdir, config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
+    fs.makedirs(workdir)
+    if fs.is_primary():
         checkpointing.write_marker(workdir)
         if changes:
             _record_changes(workdir, changes)
-        checkpointing.write_json_atomic(os.path.join(workdir, checkpointing.CONFIG_JSON),
+        checkpointing.write_json_atomic(fs.join(workdir, checkpointing.CONFIG_JSON),
                                         config.to_dict())
         checkpointing.write_json_atomic(path, checkpointing.model_json(model_config))
 
@@ -253,12 +282,8 @@ def record_vocabulary(workdir: str, vocabulary) -> None:
     eval.py and `data.tasks.load_vocabulary` find the ids the model was trained on. A workdir
     that records one already (a resume, a converted model's) keeps it."""
     files = vocab.vocabulary_files(vocabulary) if vocabulary is not None else {}
-    if not files or jax.process_index() or vocab.workdir_vocabulary_file(workdir):
+    if not files or not fs.is_primary() or vocab.workdir_vocabulary_file(workdir):
         return
-    os.makedirs(os.path.join(workdir, vocab.TOKENIZER_DIR), exist_ok=True)
+    fs.makedirs(fs.join(workdir, vocab.TOKENIZER_DIR))
     for name, data in files.items():
-        path = os.path.join(workdir, vocab.TOKENIZER_DIR, name)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        fs.write_bytes(fs.join(workdir, vocab.TOKENIZER_DIR, name), data)

@@ -107,6 +107,14 @@ def test_destination_must_not_exist(tiny_dirs, tmp_path):
     assert os.listdir(dst) == ["keep.txt"]
 
 
+def test_a_bucket_destination_is_refused_not_made_local(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # os.path.abspath would have written <cwd>/gs:/bucket/out
+    with pytest.raises(ConversionError, match=r"^gs://bucket/out: convert writes a local "
+                                              r"directory; convert to a local path"):
+        convert(str(tiny_dirs / "bert"), "gs://bucket/out")
+    assert os.listdir(tmp_path) == []
+
+
 def test_unsupported_formats_and_flags(tiny_dirs, tmp_path):
     fails(tiny_dirs / "bert", tmp_path / "out", "unknown --from 'not-yet'; choose one of",
           from_="not-yet")
