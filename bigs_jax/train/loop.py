@@ -174,6 +174,11 @@ class Program:
             lambda: build(model_config, seed=t.seed)))
         param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
         abstract_params = _with_shardings(nnx.to_pure_dict(abstract_state), param_shardings)
+        indivisible = partitioning.indivisible(abstract_params)
+        if indivisible:
+            raise ConfigError(f"config.mesh.shape splits parameters unevenly: "
+                              f"{'; '.join(indivisible[:3])}; set config.model.vocab_multiple="
+                              "128 for a vocabulary axis, or mesh/model sizes that divide")
         tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, t.steps,
                                                  train_growth.restarts(config))
         abstract_opt = jax.eval_shape(tx.init, abstract_params)

@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bigs_jax.paths import path_str
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES = (
@@ -105,6 +107,22 @@ def opt_state_shardings(opt_state, params, param_shardings, mesh: Mesh):
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def indivisible(tree) -> list[str]:
+    """'path shape: axis i (n) over mesh axes (...) = m' for each leaf of a tree of sharded
+    ShapeDtypeStructs that its sharding cannot split evenly (XLA would stop with
+    IndivisibleError)."""
+    problems = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        spec, sizes = x.sharding.spec, dict(x.sharding.mesh.shape)
+        for i, axes in enumerate(tuple(spec)[:len(x.shape)]):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([sizes[a] for a in axes]))
+            if x.shape[i] % ways:
+                problems.append(f"{path_str(path)} {tuple(x.shape)}: axis {i} ({x.shape[i]}) "
+                                f"over mesh axes {axes} = {ways}")
+    return problems
 
 
 def bytes_per_device(tree) -> tuple[int, int]:

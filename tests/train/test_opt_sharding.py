@@ -116,3 +116,16 @@ def test_bert_large_state_bytes_split_on_2x2x2():
 def test_state_bytes_per_device_split_by_every_mesh(model):
     for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2)):
         check_bytes_split(model, shape)
+
+
+def test_an_unpadded_real_vocabulary_on_a_tensor_axis_is_refused_in_one_line():
+    """GPT-2's 50257 ids over tensor=2 without vocab_multiple: a ConfigError naming the table
+    and the fix, not XLA's IndivisibleError; with vocab_multiple=128 the same mesh builds."""
+    with pytest.raises(loop.ConfigError) as e:
+        program("gpt2-tiny", (4, 1, 2), vocab_size=50257, ssm_state=None, vocab_multiple=1)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "embeddings/word/embedding (50257, 64): axis 0 (50257) over mesh axes ('tensor',) = 2" \
+        in message and "config.model.vocab_multiple=128" in message
+    prog = program("gpt2-tiny", (4, 1, 2), vocab_size=50257, ssm_state=None, vocab_multiple=128)
+    assert prog.abstract_params["embeddings"]["word"]["embedding"].shape == (50304, 64)
