@@ -3,6 +3,7 @@
     python -m bigs_jax.convert SRC DST
         [--from auto|hf|hf-bert|hf-gpt2|hf-vit|bigs-official|m2-official]
         [--to bigs|hf|bigs-official|m2-official] [--official-padding]
+        [--vocab-multiple N]
 
 Import (`--to bigs`, the default) turns an HF BERT / GPT-2 / ViT directory or an official BiGS
 or M2-BERT checkpoint into a new workdir that `bigs_jax.load(DST)` reads; export turns a
@@ -41,10 +42,15 @@ def main(argv=None) -> int:
                         help="bigs-official and m2-official: let pads reach the mixers as the "
                              "official code does (exact parity on padded batches); default is "
                              "padding-correct")
+    parser.add_argument("--vocab-multiple", type=int, default=1,
+                        help="importing: pad the vocabulary (embedding rows, MLM bias, LM "
+                             "head) to a multiple of N, e.g. 128 for tensor parallelism; pad "
+                             "logits are masked and an export drops the rows again")
     args = parser.parse_args(argv)
     try:
         print(convert(args.src, args.dst, from_=args.from_, to=args.to,
-                      official_padding=args.official_padding), flush=True)
+                      official_padding=args.official_padding,
+                      vocab_multiple=args.vocab_multiple), flush=True)
     except (ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

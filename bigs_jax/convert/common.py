@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from bigs_jax import embedding, fs
+from bigs_jax.layers.embeddings import padded_vocab
 from bigs_jax.paths import flat_paths
 from bigs_jax.train import checkpointing
 
@@ -415,6 +416,44 @@ def abstract_params(config) -> tuple[dict, dict[str, tuple]]:
     return tree, {p: tuple(v.shape) for p, v in flat_paths(tree).items()}
 
 
+def pad_vocab(config, params: Mapping[str, np.ndarray]) -> Tensors:
+    """Flat params of `config.vocab_size` ids with their vocabulary axes zero-padded to the
+    rows `config.vocab_multiple` asks for (pad logits are masked, so zeros never matter)."""
+    out = dict(params)
+    for path, axis in checkpointing.vocab_axes(config).items():
+        x = np.asarray(out[path])
+        width = [(0, 0)] * x.ndim
+        width[axis] = (0, padded_vocab(config.vocab_size, config.vocab_multiple) - x.shape[axis])
+        out[path] = np.pad(x, width)
+    return out
+
+
+def unpad_vocab(config, params: Mapping[str, np.ndarray]) -> Tensors:
+    """Flat params with a padded vocabulary's pad rows dropped: the layout of
+    `config.vocab_size` ids that foreign formats hold."""
+    out = dict(params)
+    if getattr(config, "vocab_multiple", 1) == 1:
+        return out
+    for path, axis in checkpointing.vocab_axes(config).items():
+        out[path] = np.take(np.asarray(out[path]), np.arange(config.vocab_size), axis=axis)
+    return out
+
+
+def with_vocab_multiple(imported: Imported, multiple: int) -> Imported:
+    """`imported` for a model whose vocabulary is padded to a multiple of `multiple`."""
+    if multiple == 1:
+        return imported
+    if not hasattr(imported.config, "vocab_multiple"):
+        raise ConversionError(f"--vocab-multiple applies to models with a vocabulary; this "
+                              f"{imported.format} checkpoint has none, drop the flag")
+    try:
+        config = dataclasses.replace(imported.config, vocab_multiple=multiple)
+    except ValueError as e:
+        raise ConversionError(f"--vocab-multiple {multiple}: {e}") from None
+    return dataclasses.replace(imported, config=config, params=pad_vocab(config,
+                                                                          imported.params))
+
+
 def _fresh_tmp(dst: str) -> str:
     if fs.is_uri(dst):  # os.path would make gs://b/x the local directory <cwd>/gs:/b/x
         raise ConversionError(f"{dst}: convert writes a local directory; convert to a local "
@@ -441,8 +480,9 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
 
 
 def import_to_workdir(src: str, dst: str, *, from_: str = "auto",
-                      official_padding: bool = False) -> Imported:
-    """Convert a foreign checkpoint directory into a new bigs_jax workdir `dst`."""
+                      official_padding: bool = False, vocab_multiple: int = 1) -> Imported:
+    """Convert a foreign checkpoint directory into a new bigs_jax workdir `dst`, its
+    vocabulary padded to a multiple of `vocab_multiple` (see `pad_vocab`)."""
     if os.path.exists(os.path.join(src, checkpointing.MODEL_JSON)):
         raise ConversionError(f"{src} is already a bigs_jax workdir; export it with --to "
                               f"{{{'|'.join(EXPORTERS)}}}")
@@ -456,6 +496,7 @@ def import_to_workdir(src: str, dst: str, *, from_: str = "auto",
         imported.notes.append(f"sentence-transformers pooling {'+'.join(pooling.modes)}"
                               f"{' + normalize' if pooling.normalize else ''} kept in "
                               f"{embedding.POOLING_JSON}")
+    imported = with_vocab_multiple(imported, vocab_multiple)
     tree, _ = abstract_params(imported.config)
     params = unflatten_like(imported.params, tree)
     tmp = _fresh_tmp(dst)
@@ -498,6 +539,7 @@ def export_from_workdir(src: str, dst: str, *, to: str = "hf") -> str:
     foreign_config = exporter.hf_config(config) if to == "hf" else exporter.export_config(config)
     model = checkpointing.load_model(src)
     params = {p: np.asarray(v) for p, v in flat_paths(nnx.to_pure_dict(nnx.state(model))).items()}
+    params = unpad_vocab(config, params)  # foreign formats hold vocab_size rows
     tmp = _fresh_tmp(dst)
     try:
         if to == "hf":
@@ -520,7 +562,7 @@ def export_from_workdir(src: str, dst: str, *, to: str = "hf") -> str:
 
 
 def convert(src: str, dst: str, *, from_: str = "auto", to: str = "bigs",
-            official_padding: bool = False) -> str:
+            official_padding: bool = False, vocab_multiple: int = 1) -> str:
     """Convert `src` into the new directory `dst`; returns a one-line summary.
 
     Args:
@@ -533,6 +575,8 @@ def convert(src: str, dst: str, *, from_: str = "auto", to: str = "bigs",
         (pytorch_model.bin + config.json); `EXPORT_PAIRS` lists the families each holds.
       official_padding: for bigs-official and m2-official imports, build the model in
         official padding mode.
+      vocab_multiple: importing, pad the vocabulary to a multiple of it (e.g. 128, so it
+        splits over a tensor-parallel axis); an export always drops the padding.
     """
     if not os.path.isdir(src):
         raise ConversionError(f"{src} is not a directory; pass the checkpoint directory "
@@ -541,9 +585,13 @@ def convert(src: str, dst: str, *, from_: str = "auto", to: str = "bigs",
         if official_padding:
             raise ConversionError("--official-padding applies to importing bigs-official and "
                                   f"m2-official checkpoints, not to --to {to}")
+        if vocab_multiple != 1:
+            raise ConversionError("--vocab-multiple applies to importing (--to bigs); an "
+                                  "export always writes the unpadded vocabulary")
         arch = export_from_workdir(src, dst, to=to)
         return f"wrote {arch} ({to}) to {os.path.abspath(dst)}"
-    imported = import_to_workdir(src, dst, from_=from_, official_padding=official_padding)
+    imported = import_to_workdir(src, dst, from_=from_, official_padding=official_padding,
+                                 vocab_multiple=vocab_multiple)
     family = checkpointing.model_json(imported.config)["family"]
     line = (f"converted {imported.format} checkpoint "
             f"({checkpointing.param_count(imported.params):,} params, "

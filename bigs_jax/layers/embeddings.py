@@ -44,6 +44,29 @@ def check_index_range(ids, size: int, name: str, table: str, what: str, fix: str
                          f"{fix}")
 
 
+# The logit of a padding row of the vocabulary (`padded_vocab`): exp(PAD_LOGIT - max) is 0 in
+# fp32, so pads take no probability in softmax, loss, argmax or sampling; finite, so log-softmax
+# and entropy stay finite too.
+PAD_LOGIT = -1e9
+
+
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (the rows of the embedding table)."""
+    if int(multiple) < 1:
+        raise ValueError(f"vocab_multiple must be >= 1, got {multiple}; use 1 for no padding "
+                         "or e.g. 128 so the vocabulary splits over the tensor axis")
+    return -(-int(vocab_size) // int(multiple)) * int(multiple)
+
+
+def mask_pad_logits(logits_C: jax.Array, vocab_size: int) -> jax.Array:
+    """`logits_C` (vocabulary last, possibly padded) with entries of ids >= vocab_size set to
+    PAD_LOGIT; unchanged when there is no padding."""
+    if logits_C.shape[-1] == vocab_size:
+        return logits_C
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits_C.shape, logits_C.ndim - 1)
+    return jnp.where(ids < vocab_size, logits_C, jnp.asarray(PAD_LOGIT, logits_C.dtype))
+
+
 def embed(num: int, features: int, axes, *, init_std: float, rngs: nnx.Rngs,
           dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32) -> nnx.Embed:
     """An `nnx.Embed` with a normal(init_std) table named `axes`."""
@@ -68,12 +91,17 @@ class BertEmbeddings(nnx.Module):
         dtype: Optional[Dtype] = None,
         param_dtype: Dtype = jnp.float32,
         learned_positions: bool = True,
+        vocab_multiple: int = 1,
         rngs: nnx.Rngs,
     ):
         """`learned_positions=False` drops the position table (models whose mixer carries
-        position, e.g. M2 with `use_positional_encodings: False`); max_len is still enforced."""
+        position, e.g. M2 with `use_positional_encodings: False`); max_len is still enforced.
+        The word table has `padded_vocab(vocab_size, vocab_multiple)` rows; ids stay below
+        `vocab_size`."""
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.word = embed(vocab_size, features, ("vocab", "embed"), **kw)
+        self.word = embed(padded_vocab(vocab_size, vocab_multiple), features, ("vocab", "embed"),
+                          **kw)
+        self.vocab_size = vocab_size
         self.position = nnx.data(embed(max_len, features, (None, "embed"), **kw)
                                  if learned_positions else None)
         self.token_type = (embed(type_vocab_size, features, (None, "embed"), **kw)
@@ -96,7 +124,7 @@ class BertEmbeddings(nnx.Module):
         """`inputs_embeds_BLD` replaces word[ids] (frozen backbones fed by an input adapter,
         as in FPT); `ids_BL` is then ignored."""
         if inputs_embeds_BLD is None:
-            check_token_ids(ids_BL, self.word.num_embeddings)
+            check_token_ids(ids_BL, self.vocab_size)
         L = (ids_BL if inputs_embeds_BLD is None else inputs_embeds_BLD).shape[1]
         if L > self.max_len:
             raise ValueError(f"input length {L} exceeds the model's max_len {self.max_len}; "

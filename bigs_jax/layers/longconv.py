@@ -88,11 +88,13 @@ def _torch_linear(in_features: int, out_features: int, axes, *, use_bias: bool,
 
 
 def _filter_mlp(emb_dim: int, order: int, features: int, rngs: nnx.Rngs) -> nnx.List:
+    # Every kernel but the tiny first one is split over fsdp and tensor (the filter width O
+    # taking the role of an MLP width), or a large M2's filters would be replicated bytes.
     return nnx.List([
         _torch_linear(emb_dim, order, (None, None), use_bias=True, rngs=rngs),
-        _torch_linear(order, order, (None, None), use_bias=True, rngs=rngs),
-        _torch_linear(order, order, (None, None), use_bias=True, rngs=rngs),
-        _torch_linear(order, features, (None, "embed"), use_bias=False, rngs=rngs),
+        _torch_linear(order, order, ("embed", "mlp"), use_bias=True, rngs=rngs),
+        _torch_linear(order, order, ("embed", "mlp"), use_bias=True, rngs=rngs),
+        _torch_linear(order, features, ("mlp", "embed"), use_bias=False, rngs=rngs),
     ])
 
 

@@ -38,7 +38,7 @@ from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
 from bigs_jax.layers.blocks import block_call, check_remat
-from bigs_jax.layers.embeddings import BertEmbeddings
+from bigs_jax.layers.embeddings import BertEmbeddings, padded_vocab
 from bigs_jax.layers.linear import activation, dense, gelu_tanh, layer_norm
 from bigs_jax.layers.mlp import MLP
 from bigs_jax.layers.ssm import S4D, reverse_padded
@@ -58,6 +58,7 @@ class EncoderConfig:
     block: str = "stack"
     mixer: str = "attention"
     vocab_size: int = 30522
+    vocab_multiple: int = 1                  # pad the word table (and logits) to a multiple
     max_len: int = 512
     type_vocab_size: int = 2
     hidden_size: int = 768
@@ -99,6 +100,7 @@ class EncoderConfig:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
         activation(self.hidden_act)
         check_remat(self.remat)
+        padded_vocab(self.vocab_size, self.vocab_multiple)
 
     @property
     def uses_pre_norm(self) -> bool:
@@ -239,13 +241,14 @@ class Encoder(nnx.Module):
         dt = _compute_dtype(c)
         self.embeddings = BertEmbeddings(c.vocab_size, c.max_len, c.type_vocab_size,
                                          c.hidden_size, norm_eps=c.norm_eps, dropout=c.dropout,
-                                         init_std=c.init_std, dtype=dt, rngs=rngs)
+                                         init_std=c.init_std, dtype=dt,
+                                         vocab_multiple=c.vocab_multiple, rngs=rngs)
         block = StackBlock if c.block == "stack" else GatedBlock
         self.layers = nnx.List([block(c, rngs=rngs) for _ in range(c.num_layers)])
         drop = c.dropout if c.classifier_dropout is None else c.classifier_dropout
         self.mlm_head = nnx.data(MLMHead(
             c.hidden_size, c.vocab_size, norm_eps=c.norm_eps, init_std=c.mlm_head_init_std,
-            dtype=dt, rngs=rngs) if c.head == "mlm" else None)
+            dtype=dt, vocab_multiple=c.vocab_multiple, rngs=rngs) if c.head == "mlm" else None)
         self.classifier = nnx.data(ClassificationHead(
             c.hidden_size, c.num_labels, pooler=c.pooler, dropout=drop, init_std=c.init_std,
             dtype=dt, rngs=rngs) if c.head == "classification" else None)

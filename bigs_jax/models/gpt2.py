@@ -28,7 +28,7 @@ from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
 from bigs_jax.layers.blocks import block_call, check_remat
-from bigs_jax.layers.embeddings import check_token_ids, embed
+from bigs_jax.layers.embeddings import check_token_ids, embed, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import activation, dense, layer_norm, rms_norm
 from bigs_jax.layers.mlp import MLP
 from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
@@ -48,6 +48,7 @@ class GPT2Config:
     """Hyperparameters of GPT-2. HF `GPT2Config` names in comments."""
 
     vocab_size: int = 50257
+    vocab_multiple: int = 1                  # pad the word table, head and logits to a multiple
     max_len: int = 1024                      # n_positions
     hidden_size: int = 768                   # n_embd
     num_layers: int = 12                     # n_layer
@@ -73,6 +74,7 @@ class GPT2Config:
         check_dtype_policy(self)
         check_remat(self.remat)
         activation(self.hidden_act)
+        padded_vocab(self.vocab_size, self.vocab_multiple)
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {NORMS}")
         if (self.qk_head_dim is None or self.v_head_dim is None) and \
@@ -91,7 +93,8 @@ class Embeddings(nnx.Module):
 
     def __init__(self, c: GPT2Config, *, rngs: nnx.Rngs):
         kw = dict(init_std=c.init_std, rngs=rngs, dtype=jnp.dtype(c.dtype))
-        self.word = embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), **kw)
+        self.word = embed(padded_vocab(c.vocab_size, c.vocab_multiple), c.hidden_size,
+                          ("vocab", "embed"), **kw)
         self.position = embed(c.max_len, c.hidden_size, (None, "embed"), **kw)
         self.dropout = nnx.Dropout(c.dropout)
         self.max_len = c.max_len
@@ -156,7 +159,8 @@ class GPT2(nnx.Module):
         self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
         self.final_norm = _norm(c, dt)
         self.lm_head = nnx.data(None if c.tie_word_embeddings else dense(
-            c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, init_std=c.init_std,
+            c.hidden_size, padded_vocab(c.vocab_size, c.vocab_multiple), ("embed", "vocab"),
+            rngs=rngs, init_std=c.init_std,
             use_bias=False, dtype=dt))
 
     @with_output_dtype
@@ -256,14 +260,18 @@ class GPT2(nnx.Module):
 
     def logits(self, h_BLD: jax.Array) -> jax.Array:
         """fp32 LM logits (B, L, C) of final hidden states, whatever the compute dtype
-        (the output dtype policy casts them afterwards)."""
+        (the output dtype policy casts them afterwards); a padded vocabulary's pad rows get
+        PAD_LOGIT."""
+        fp32 = jnp.promote_types(h_BLD.dtype, "float32")
         if self.lm_head is None:
             w_CD = self.embeddings.word.embedding[...]
-            return jnp.einsum("BLD,CD->BLC", h_BLD, w_CD.astype(h_BLD.dtype),
-                              preferred_element_type=jnp.promote_types(h_BLD.dtype, "float32"))
-        w_DC = self.lm_head.kernel[...]
-        return jnp.einsum("BLD,DC->BLC", h_BLD, w_DC.astype(h_BLD.dtype),
-                          preferred_element_type=jnp.promote_types(h_BLD.dtype, "float32"))
+            logits_BLC = jnp.einsum("BLD,CD->BLC", h_BLD, w_CD.astype(h_BLD.dtype),
+                                    preferred_element_type=fp32)
+        else:
+            w_DC = self.lm_head.kernel[...]
+            logits_BLC = jnp.einsum("BLD,DC->BLC", h_BLD, w_DC.astype(h_BLD.dtype),
+                                    preferred_element_type=fp32)
+        return mask_pad_logits(logits_BLC, self.config.vocab_size)
 
 
 # ---------------------------------------------------------------------------- registry

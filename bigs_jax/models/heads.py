@@ -11,22 +11,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigs_jax.layers.embeddings import mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import Dtype, dense, gelu_exact, layer_norm, sharded
 
 POOLERS = ("cls", "mean", "non_padding_mean")
 
 
 class MLMHead(nnx.Module):
-    """Dense → exact GELU → LayerNorm → tied decoder (word embeddingᵀ) + bias."""
+    """Dense → exact GELU → LayerNorm → tied decoder (word embeddingᵀ) + bias; the logits of
+    a padded vocabulary's pad rows are PAD_LOGIT."""
 
     def __init__(self, features: int, vocab_size: int, *, norm_eps: float,
                  init_std: Optional[float], dtype: Optional[Dtype] = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 param_dtype: Dtype = jnp.float32, vocab_multiple: int = 1, rngs: nnx.Rngs):
         self.transform = dense(features, features, ("embed", None), rngs=rngs,
                                init_std=init_std, dtype=dtype, param_dtype=param_dtype)
         self.norm = layer_norm(features, eps=norm_eps, rngs=rngs, dtype=dtype,
                                param_dtype=param_dtype)
-        self.bias = nnx.Param(jnp.zeros((vocab_size,), param_dtype), **sharded(("vocab",)))
+        self.bias = nnx.Param(jnp.zeros((padded_vocab(vocab_size, vocab_multiple),),
+                                        param_dtype), **sharded(("vocab",)))
+        self.vocab_size = vocab_size
 
     def __call__(self, h_BPD: jax.Array, embedding_CD: jax.Array) -> jax.Array:
         h_BPD = self.norm(gelu_exact(self.transform(h_BPD)))
@@ -34,7 +38,8 @@ class MLMHead(nnx.Module):
         logits_BPC = jnp.einsum("BPD,CD->BPC", h_BPD, embedding_CD.astype(h_BPD.dtype),
                                 preferred_element_type=jnp.promote_types(h_BPD.dtype,
                                                                          "float32"))
-        return logits_BPC + self.bias[...].astype(logits_BPC.dtype)[None, None, :]
+        logits_BPC = logits_BPC + self.bias[...].astype(logits_BPC.dtype)[None, None, :]
+        return mask_pad_logits(logits_BPC, self.vocab_size)
 
 
 def pool(h_BLD: jax.Array, mask_BL: Optional[jax.Array], kind: str) -> jax.Array:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.blocks import block_call, check_remat
-from bigs_jax.layers.embeddings import BertEmbeddings
+from bigs_jax.layers.embeddings import BertEmbeddings, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv
 from bigs_jax.layers.monarch import BlockdiagLinear
@@ -57,6 +57,7 @@ class M2Config:
 
     causal: bool = False                     # M2-GPT; False is M2-BERT (`bidirectional`)
     vocab_size: int = 30528                  # bert-base-uncased padded to a multiple of 8
+    vocab_multiple: int = 1                  # pad the word table (and logits) to a multiple
     max_len: int = 128                       # max_position_embeddings = long_conv_l_max
     positions: bool = True                   # use_positional_encodings (learned, absolute)
     type_vocab_size: int = 2
@@ -100,6 +101,7 @@ class M2Config:
             raise ValueError(f"hidden_size {self.hidden_size} and intermediate_size "
                              f"{self.intermediate_size} must be multiples of mlp_nblocks "
                              f"{self.mlp_nblocks}")
+        padded_vocab(self.vocab_size, self.vocab_multiple)
 
 
 class M2SequenceMixer(nnx.Module):
@@ -243,11 +245,13 @@ class M2(nnx.Module):
         self.embeddings = BertEmbeddings(c.vocab_size, c.max_len, c.type_vocab_size,
                                          c.hidden_size, norm_eps=c.norm_eps, dropout=c.dropout,
                                          init_std=c.init_std, dtype=dt,
-                                         learned_positions=c.positions, rngs=rngs)
+                                         learned_positions=c.positions,
+                                         vocab_multiple=c.vocab_multiple, rngs=rngs)
         self.layers = nnx.List([M2Layer(c, rngs=rngs) for _ in range(c.num_layers)])
         drop = c.dropout if c.classifier_dropout is None else c.classifier_dropout
         self.mlm_head = nnx.data(MLMHead(c.hidden_size, c.vocab_size, norm_eps=c.norm_eps,
-                                         init_std=c.init_std, dtype=dt, rngs=rngs)
+                                         init_std=c.init_std, dtype=dt,
+                                         vocab_multiple=c.vocab_multiple, rngs=rngs)
                                  if c.head == "mlm" else None)
         self.classifier = nnx.data(ClassificationHead(
             c.hidden_size, c.num_labels, pooler=c.pooler, dropout=drop, init_std=c.init_std,
@@ -321,8 +325,9 @@ class M2(nnx.Module):
 
     def _lm_logits(self, x_BLD):
         word_CD = self.embeddings.word.embedding[...]
-        return jnp.einsum("BLD,CD->BLC", x_BLD, word_CD.astype(x_BLD.dtype),
-                          preferred_element_type=jnp.float32)
+        return mask_pad_logits(jnp.einsum("BLD,CD->BLC", x_BLD, word_CD.astype(x_BLD.dtype),
+                                          preferred_element_type=jnp.float32),
+                               self.config.vocab_size)
 
     # ------------------------------------------------------------ decoding (bigs_jax.generation)
     # M2-GPT decodes exactly with a cache of its long-convolution inputs. The implicit filters

@@ -226,6 +226,23 @@ def abstract_model(config):
     return nnx.split(model)
 
 
+def vocab_axes(config) -> dict[str, int]:
+    """{path: axis} of a model's parameters that have a vocabulary axis (logical name
+    `vocab`): the rows a padded vocabulary (`vocab_multiple`) adds live there."""
+    axes = {}
+    for path, var in nnx.to_flat_state(abstract_model(config)[1]):
+        names = tuple(var.get_metadata().get("out_sharding") or ())
+        if "vocab" in names:
+            axes["/".join(map(str, path))] = names.index("vocab")
+    return axes
+
+
+def _padded_only(shape, target, axis: Optional[int]) -> bool:
+    """`target` is `shape` with more rows on `axis` (a vocabulary padded further)."""
+    return axis is not None and len(shape) == len(target) and all(
+        s == t if i != axis else s < t for i, (s, t) in enumerate(zip(shape, target)))
+
+
 def restore_params(workdir: str, step: int, abstract_params):
     """Restore the `params` item of one step onto the abstract targets' shardings;
     DamagedCheckpoint if its files are missing or cannot be read."""
@@ -281,14 +298,19 @@ def restore_matching(path: str, params) -> tuple[Any, str]:
     Fine-tuning starts here: every parameter the checkpoint shares with `params` (same path,
     same shape) is restored onto that parameter's sharding and dtype; parameters the checkpoint
     lacks (a new classifier) keep their value; checkpoint parameters `params` lacks (an MLM
-    head) are dropped. Returns (params, one-line report). Shared paths with different shapes
-    raise ValueError listing them.
+    head) are dropped. A vocabulary padded further here (`vocab_multiple`) gets zero rows.
+    Returns (params, one-line report). Shared paths with other different shapes raise
+    ValueError listing them.
     """
     workdir, step = resolve(path)
-    source = nnx.to_pure_dict(abstract_model(read_model_config(workdir))[1])
+    source_config = read_model_config(workdir)
+    source = nnx.to_pure_dict(abstract_model(source_config)[1])
     src, dst = flat_paths(source), flat_paths(params)
-    misshaped = sorted(f"{k} {tuple(src[k].shape)} vs {tuple(v.shape)}"
-                       for k, v in dst.items() if k in src and src[k].shape != v.shape)
+    axes = vocab_axes(source_config)
+    padded = {k for k, v in dst.items() if k in src and _padded_only(src[k].shape, v.shape,
+                                                                       axes.get(k))}
+    misshaped = sorted(f"{k} {tuple(src[k].shape)} vs {tuple(v.shape)}" for k, v in dst.items()
+                       if k in src and src[k].shape != v.shape and k not in padded)
     if misshaped:
         raise ValueError(f"config.init {path} does not fit this model: {'; '.join(misshaped)}; "
                          "keep the checkpoint's architecture options (max_len, sizes)")
@@ -298,7 +320,7 @@ def restore_matching(path: str, params) -> tuple[Any, str]:
     def abstract(path_, x):
         key = path_str(path_)
         like = dst.get(key)
-        sharding = like.sharding if like is not None else fallback
+        sharding = like.sharding if like is not None and key not in padded else fallback
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     restored = flat_paths(restore_params(workdir, step, jax.tree_util.tree_map_with_path(
@@ -308,7 +330,14 @@ def restore_matching(path: str, params) -> tuple[Any, str]:
 
     def pick(path_, like):
         key = path_str(path_)
-        return restored[key].astype(like.dtype) if key in dst and key in src else like
+        if key not in dst or key not in src:
+            return like
+        x = restored[key].astype(like.dtype)
+        if key in padded:
+            x = jax.device_put(jax.numpy.pad(x, [(0, t - s) for s, t in zip(x.shape,
+                                                                             like.shape)]),
+                               like.sharding)
+        return x
 
     params = jax.tree_util.tree_map_with_path(pick, params)
     report = (f"initialized from {workdir} step {step}: {len(dst) - len(fresh)} arrays loaded"

@@ -173,10 +173,19 @@ def run_config(*, model: ConfigDict, data: ConfigDict, objective: str,
     return c
 
 
+# New pretraining runs pad the vocabulary to a multiple of 128 (`vocab_multiple`), so any
+# vocabulary (GPT-2's 50257, BERT's 30522) splits over a tensor axis of up to 128 devices; the
+# pad logits are masked and exports drop the rows. Models built by `create` or converted keep 1.
+VOCAB_MULTIPLE = 128
+
+
 def base_config(*, model: str, task: str, objective: str) -> ConfigDict:
     """A pretraining run of registry model `model` on SeqIO task `task`."""
-    return run_config(model=model_config(model), data=seqio_data_config(task),
-                      objective=objective)
+    c = run_config(model=model_config(model), data=seqio_data_config(task),
+                   objective=objective)
+    if "vocab_multiple" in c.model:
+        c.model.vocab_multiple = VOCAB_MULTIPLE
+    return c
 
 
 def add_finetune_sections(c: ConfigDict, tasks, model_options: dict[str, type]) -> None:

@@ -195,11 +195,17 @@ class Program:
             lambda: build(model_config, seed=t.seed)))
         param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
         abstract_params = _with_shardings(nnx.to_pure_dict(abstract_state), param_shardings)
+        indivisible = partitioning.indivisible(abstract_params)
+        if indivisible:
+            raise ConfigError(f"config.mesh.shape splits parameters unevenly: "
+                              f"{'; '.join(indivisible[:3])}; set config.model.vocab_multiple="
+                              "128 for a vocabulary axis, or mesh/model sizes that divide")
         tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, t.steps,
                                                  train_growth.restarts(config))
-        opt_shardings = _opt_shardings(tx, abstract_params)
-        abstract_opt = _with_shardings(jax.eval_shape(tx.init, abstract_params),
-                                       opt_shardings)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        opt_shardings = partitioning.opt_state_shardings(abstract_opt, abstract_params,
+                                                         param_shardings, mesh)
+        abstract_opt = _with_shardings(abstract_opt, opt_shardings)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         state_shardings = TrainState(step=replicated, params=param_shardings,
                                      opt_state=opt_shardings, rng=replicated)
@@ -250,15 +256,6 @@ class Program:
 def _with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
-
-
-def _opt_shardings(tx, abstract_params):
-    """Shardings of the optimizer state, as XLA propagates them from the params' shardings.
-
-    Moments come out sharded like their parameters and counters replicated; compiling
-    `tx.init` is cheap and spares matching optimizer-state paths to parameter paths by hand.
-    """
-    return jax.jit(tx.init).lower(abstract_params).compile().output_shardings
 
 
 def _make_predict_step(graphdef):
@@ -510,5 +507,20 @@ def _dry_run(config: ConfigDict, program: Program, batch: dict, cost: dict) -> d
             lines.append(f"  {key.replace('_', ' ')} per device: {cost[key] / 2**30:.3f} GiB")
     if "peak_bytes" in cost:
         lines.append(f"  estimated peak memory per device: {cost['peak_bytes'] / 2**30:.3f} GiB")
-    print("\n".join(lines), flush=True)
-    return {"dry_run": True, "params": n_params, "tokens_per_step": tokens, **cost}
+    table, state_bytes = state_bytes_table(program)
+    print("\n".join(lines + table), flush=True)
+    return {"dry_run": True, "params": n_params, "tokens_per_step": tokens, **cost,
+            **state_bytes}
+
+
+def state_bytes_table(program: Program) -> tuple[list[str], dict]:
+    """Lines of a table of the params' and optimizer state's bytes, in all and per device
+    (from the shardings alone), and the same numbers as {"<part>_bytes": (total, per device)}."""
+    parts = {"params": program.abstract_params, "opt_state": program.abstract_opt}
+    sizes = {k: partitioning.bytes_per_device(v) for k, v in parts.items()}
+    sizes["both"] = tuple(map(sum, zip(*sizes.values())))
+    lines = [f"  {'state':<10} {'total GiB':>10} {'per device GiB':>15} {'total/per device':>17}"]
+    for name, (total, per_device) in sizes.items():
+        lines.append(f"  {name:<10} {total / 2**30:>10.3f} {per_device / 2**30:>15.3f} "
+                     f"{total / max(per_device, 1):>17.2f}")
+    return lines, {f"{k}_bytes": v for k, v in sizes.items()}

@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bigs_jax.paths import path_str
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES = (
@@ -80,6 +82,58 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of (B, ...) batch arrays: B over the mesh axes the `batch` rule names."""
     axes = dict(rules).get("batch")
     return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def opt_state_shardings(opt_state, params, param_shardings, mesh: Mesh):
+    """Shardings of an optimizer state: each leaf that mirrors a parameter takes exactly that
+    parameter's sharding; every other leaf (step counts) is replicated.
+
+    optax keeps per-parameter state (Adam's mu and nu, a growth wrapper's masks) as trees
+    shaped like the params, nested in chains and groups (a masked group's tree has holes
+    where other groups' params are), so a leaf mirrors parameter p when its key path ends
+    with p's key path and its shape is p's; the longest such ending wins. Compiling `tx.init`
+    is no substitute: its zeros depend on no input, and XLA replicates them.
+    """
+    by_path = {tuple(path): (x.shape, s) for (path, x), s in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings),
+        strict=True)}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        for j in range(len(path)):
+            hit = by_path.get(tuple(path[j:]))
+            if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def indivisible(tree) -> list[str]:
+    """'path shape: axis i (n) over mesh axes (...) = m' for each leaf of a tree of sharded
+    ShapeDtypeStructs that its sharding cannot split evenly (XLA would stop with
+    IndivisibleError)."""
+    problems = []
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        spec, sizes = x.sharding.spec, dict(x.sharding.mesh.shape)
+        for i, axes in enumerate(tuple(spec)[:len(x.shape)]):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([sizes[a] for a in axes]))
+            if x.shape[i] % ways:
+                problems.append(f"{path_str(path)} {tuple(x.shape)}: axis {i} ({x.shape[i]}) "
+                                f"over mesh axes {axes} = {ways}")
+    return problems
+
+
+def bytes_per_device(tree) -> tuple[int, int]:
+    """(total bytes, bytes each device holds) of a tree of arrays or ShapeDtypeStructs that
+    carry shardings (each device holds one shard of every leaf)."""
+    total = per_device = 0
+    for x in jax.tree.leaves(tree):
+        itemsize = np.dtype(x.dtype).itemsize
+        total += int(np.prod(x.shape)) * itemsize
+        per_device += int(np.prod(x.sharding.shard_shape(x.shape))) * itemsize
+    return total, per_device
 
 
 def _cluster_detected() -> bool:

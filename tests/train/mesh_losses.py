@@ -5,7 +5,8 @@
         [COORDINATOR NUM_PROCESSES PROCESS_ID]
 prints one JSON line {"losses": [...], "devices": n, "first_batch_rows": [...]} per mesh, in
 order (several meshes run one after the other in this process, in WORKDIR/0, WORKDIR/1, ...).
-MESH_LOSSES_SET='{"data.streaming": true, ...}' overrides config fields (dotted names).
+MESH_LOSSES_SET='{"data.streaming": true, "objective": "lm", ...}' overrides config fields
+(dotted names, or top-level ones).
 """
 
 import json
@@ -46,8 +47,8 @@ def run(model: str, mesh: str, steps: str, workdir: str) -> None:
     config.train.eval_every = int(steps)
     config.train.checkpoint_every = int(steps)
     for name, value in json.loads(os.environ.get("MESH_LOSSES_SET", "{}")).items():
-        section, key = name.split(".")
-        config[section][key] = value
+        *section, key = name.split(".")
+        (config[section[0]] if section else config)[key] = value
     summary = loop.train_and_evaluate(config, workdir)
     losses = [summary["train_loss"][s] for s in sorted(summary["train_loss"])]
     first = next(seqio_source.make_data(config, start_step=0)[0])["input_ids"]

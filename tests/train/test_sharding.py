@@ -11,11 +11,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def mesh_losses(model, meshes, steps, workdir, devices=8):
+def mesh_losses(model, meshes, steps, workdir, devices=8, overrides=None):
     """[per-step train losses] of each mesh in `meshes`, run one after the other in one
-    process with `devices` CPU devices."""
+    process with `devices` CPU devices; `overrides` {dotted config key: value}."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=ROOT)
+               PYTHONPATH=ROOT, MESH_LOSSES_SET=json.dumps(overrides or {}))
     out = subprocess.run([sys.executable, "-m", "tests.train.mesh_losses", model,
                           ";".join(meshes), str(steps), str(workdir)], capture_output=True,
                          text=True, cwd=ROOT, env=env, timeout=900)
@@ -47,6 +47,21 @@ def test_bigs_losses_match_across_meshes(tmp_path):  # runs these meshes and mor
 @pytest.mark.parametrize("model", ["bigs-tiny", "bert-tiny"])
 def test_losses_match_across_meshes_20_steps(model, tmp_path):
     check_meshes(model, ["8,1,1", "1,8,1", "2,2,2"], 20, tmp_path)
+
+
+@pytest.mark.slow  # three 8-device compiles per model with the real embedding tables
+@pytest.mark.parametrize("model,vocab,task,objective", [
+    ("gpt2-tiny", 50257, "embedded_lm", "lm"), ("bert-tiny", 30522, "embedded_mlm", "mlm")])
+def test_real_vocabularies_under_tensor_parallelism(model, vocab, task, objective, tmp_path):
+    """GPT-2's 50257 and BERT's 30522 ids split over tensor=2 and tensor=8 once the table is
+    padded to a multiple of 128: the same losses as pure data parallelism."""
+    overrides = {"model.vocab_size": vocab, "model.vocab_multiple": 128, "model.ssm_state": None,
+                 "data.task": task, "objective": objective}
+    reference, *tensor = mesh_losses(model, ["8,1,1", "4,1,2", "1,1,8"], 5, tmp_path,
+                                     overrides=overrides)
+    assert len(reference) == 5 and reference[-1] < reference[0]
+    for mesh, got in zip(["4,1,2", "1,1,8"], tensor, strict=True):
+        np.testing.assert_allclose(got, reference, rtol=1e-5, err_msg=f"{model} {mesh}")
 
 
 def run_two_processes(model, mesh, steps, workdir, overrides=None):
