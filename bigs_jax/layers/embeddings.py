@@ -35,7 +35,8 @@ def check_index_range(ids, size: int, name: str, table: str, what: str, fix: str
         return
     ids = np.asarray(ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be integer ids of shape [batch, length], got "
+        kind = "token ids" if name == "input_ids" else "ids"
+        raise ValueError(f"{name} must be integer {kind} of shape [batch, length], got "
                          f"{ids.dtype} of shape {ids.shape}; pass e.g. ids[None] for one row")
     bad = ids[(ids < 0) | (ids >= size)]
     if bad.size:

@@ -150,20 +150,23 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore())))
         return out.params, out.opt_state, out.meta
 
-    def restore_newest_intact(self, abstract_params, abstract_opt_state):
+    def restore_newest_intact(self, abstract_params, abstract_opt_state, steps=None):
         """(step, (params, opt_state, meta), [DamagedCheckpoint of each newer step]) of the
-        newest step that restores; DamagedCheckpoint naming every step if none does."""
+        newest of `steps` (default: all) that restores; DamagedCheckpoint naming every step
+        if none does (its `skipped` lists them)."""
         skipped = []
-        for step in sorted(self.all_steps(), reverse=True):
+        for step in sorted(self.all_steps() if steps is None else steps, reverse=True):
             try:
                 return step, self.restore(step, abstract_params, abstract_opt_state), skipped
             except DamagedCheckpoint as e:
                 skipped.append(e)
-        raise DamagedCheckpoint(
+        error = DamagedCheckpoint(
             f"no intact checkpoint in {self.manager.directory}: "
             f"{'; '.join(f'step {e.step}: {e.why}' for e in skipped)}; nothing was changed; "
             "move the damaged step directories out of it to start the run over, or use a new "
             "--workdir", skipped[0].step, "no intact step")
+        error.skipped = skipped
+        raise error
 
     def set_aside(self, step: int) -> str:
         """Move damaged step `step` to `<workdir>/damaged_checkpoints/` (a fresh name if taken)

@@ -27,7 +27,7 @@ from ml_collections import ConfigDict
 # The sources of data/ register themselves; evals/ registers its own (see data.registry).
 from bigs_jax import fs
 from bigs_jax.data import fpt_tasks, images, registry, seqio_source  # noqa: F401
-from bigs_jax.errors import ConfigError
+from bigs_jax.errors import ConfigError, DamagedCheckpoint
 from bigs_jax.models import build, family_of
 from bigs_jax.train import checkpointing, metrics, optim, partitioning
 from bigs_jax.train import growth as train_growth
@@ -68,7 +68,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         program = Program.build(config, model_config, mesh, rules, hasattr(source, "score"))
         ckpt = _existing_checkpointer(workdir, config.train)
         check_same_model(workdir, model_config)
-        restored = Restored.newest_intact(ckpt, program) if ckpt else None
+        steps = _stage_steps(ckpt, base_model_config, events, model_config)
+        try:
+            restored = Restored.newest_intact(ckpt, program, steps) if ckpt else None
+        except DamagedCheckpoint as e:
+            if not ckpt or set(ckpt.all_steps()) == set(steps):
+                raise
+            # Every step of the newest growth stage is damaged: set them aside and resume
+            # in the stage of the newest step left (other shapes, so another program).
+            _set_aside(ckpt, e.skipped, "an earlier growth stage")
+            return train_and_evaluate(config, workdir)
         start = restored.step if restored else None
         train_iter, eval_batches = _checked_data(source, start or 0, model_config)
         first = next(train_iter)
@@ -311,12 +320,13 @@ class Restored:
     skipped: list  # checkpointing.DamagedCheckpoint of each newer step, newest first
 
     @classmethod
-    def newest_intact(cls, ckpt, program: Program) -> Optional["Restored"]:
-        """None if the workdir has no checkpoint; DamagedCheckpoint if none is intact."""
+    def newest_intact(cls, ckpt, program: Program, steps: list[int]) -> Optional["Restored"]:
+        """None if the workdir has no checkpoint; DamagedCheckpoint if none of `steps` (those
+        of the program's growth stage) is intact."""
         if not ckpt.all_steps():
             return None
         step, (params, opt_state, meta), skipped = ckpt.restore_newest_intact(
-            program.abstract_params, program.abstract_opt)
+            program.abstract_params, program.abstract_opt, steps)
         state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                            opt_state=opt_state, rng=jnp.asarray(np.asarray(meta["rng"],
                                                                            np.uint32)))
@@ -325,16 +335,30 @@ class Restored:
     def state(self, ckpt) -> TrainState:
         """The restored state, after moving the damaged newer steps out of the manager's
         reach (the run retrains and saves those steps anew; nothing is deleted)."""
-        for damaged in self.skipped:
-            where = damaged.step
-            if jax.process_index() == 0:
-                where = ckpt.set_aside(damaged.step)
-            print(f"warning: checkpoint step {damaged.step} is damaged ({damaged.why}); moved "
-                  f"to {where} (kept, not deleted); resuming from step {self.step}", flush=True)
-        if self.skipped and jax.process_count() > 1:
-            multihost_utils.sync_global_devices("bigs_jax damaged checkpoints set aside")
-            ckpt.manager.reload()
+        _set_aside(ckpt, self.skipped, f"step {self.step}")
         return self.train_state
+
+
+def _set_aside(ckpt, skipped: list, resume_from: str) -> None:
+    """Move the damaged steps of `skipped` out of the manager's reach, a warning line each."""
+    for damaged in skipped:
+        where = damaged.step
+        if jax.process_index() == 0:
+            where = ckpt.set_aside(damaged.step)
+        print(f"warning: checkpoint step {damaged.step} is damaged ({damaged.why}); moved "
+              f"to {where} (kept, not deleted); resuming from {resume_from}", flush=True)
+    if skipped and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("bigs_jax damaged checkpoints set aside")
+        ckpt.manager.reload()
+
+
+def _stage_steps(ckpt, base_model_config, events: list[dict], model_config) -> list[int]:
+    """The checkpoint steps saved in `model_config`'s growth stage (all steps without
+    growth): a step of another stage holds other shapes, and failing to restore it onto this
+    stage's program would be no sign of damage."""
+    steps = ckpt.all_steps() if ckpt else []
+    return [s for s in steps
+            if not events or train_growth.config_at(base_model_config, events, s) == model_config]
 
 
 def _init(config: ConfigDict, program: Program) -> TrainState:

@@ -123,7 +123,14 @@ def _check_ours(workdir: str, kind: str) -> None:
                           "--workdir") from None
     if not entries:
         return
-    marker = _read_json(fs.join(workdir, checkpointing.MARKER_JSON))
+    marker_path = fs.join(workdir, checkpointing.MARKER_JSON)
+    marker = _read_json(marker_path)
+    if marker is None and checkpointing.MARKER_JSON in entries:
+        raise ConfigError(
+            f"workdir {workdir} has a damaged {checkpointing.MARKER_JSON} (not a JSON object); "
+            f"nothing was written; if the directory is ours, write "
+            f"{{\"bigs_jax\": \"{kind}\", \"format\": {checkpointing.WORKDIR_FORMAT}}} into it, "
+            "else pass an empty or new --workdir")
     if marker is not None and marker.get("bigs_jax") == kind:
         return
     if marker is not None and marker.get("bigs_jax"):

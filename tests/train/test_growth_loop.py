@@ -3,6 +3,7 @@ exact resume after growth (also after SIGKILL), and a sharded mesh."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from bigs_jax.train import checkpointing, loop
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from configs import quickstart  # noqa: E402
+from tests.runs import params_of  # noqa: E402
+from tests.train.test_damaged import truncate_largest  # noqa: E402
 
 GROWTH = [{"step": 3, "hidden_size": 128, "num_layers": 3, "intermediate_size": 256,
            "ssm_state": 24}]
@@ -35,9 +38,15 @@ def grown_run(steps: int):
     return config
 
 
-def test_growth_schedule_in_a_train_run(tmp_path):
-    workdir = str(tmp_path / "run")
-    summary = loop.train_and_evaluate(grown_run(4), workdir)
+@pytest.fixture(scope="module")
+def grown4(tmp_path_factory):
+    """(workdir, summary) of grown_run(4): checkpoints 2 (base model), 3 (grown), 4."""
+    workdir = str(tmp_path_factory.mktemp("grown4") / "run")
+    return workdir, loop.train_and_evaluate(grown_run(4), workdir)
+
+
+def test_growth_schedule_in_a_train_run(grown4):
+    workdir, summary = grown4
     before, after = summary["growth"][3]["eval_loss_before"], summary["growth"][3][
         "eval_loss_after"]
     print(f"eval loss at the growth step: before {before:.7f}, after {after:.7f}")
@@ -48,6 +57,25 @@ def test_growth_schedule_in_a_train_run(tmp_path):
     assert (grown.hidden_size, grown.num_layers, grown.intermediate_size,
             grown.ssm_state) == (128, 3, 256, 24)
     assert bigs_jax.load(workdir).config == grown  # the grown workdir loads like any other
+
+
+def test_damaged_grown_steps_resume_in_the_stage_before_growth(grown4, tmp_path, capsys):
+    """Both steps saved after growth (3, 4) damaged: the run resumes from step 2 in the base
+    model's stage (not restoring step 2 onto the grown model and calling it damaged too), sets
+    3 and 4 aside, grows again at 3 and ends with the uninterrupted run's parameters."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(grown4[0], workdir)
+    for step in (3, 4):
+        truncate_largest(os.path.join(workdir, "checkpoints", str(step)))
+    summary = loop.train_and_evaluate(grown_run(4), workdir)
+    out = capsys.readouterr().out
+    for step in (4, 3):
+        assert (f"warning: checkpoint step {step} is damaged (its files cannot be read (" in out
+                and "resuming from an earlier growth stage" in out), out
+    assert sorted(os.listdir(os.path.join(workdir, checkpointing.DAMAGED))) == ["3", "4"]
+    assert summary["checkpoints"] == [2, 3, 4]
+    for a, b in zip(params_of(workdir), params_of(grown4[0])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_rewarm_steps_ramp_the_logged_lr_after_growth(tmp_path):

@@ -101,6 +101,22 @@ def test_our_workdirs_old_and_new_are_recognised(smoke_run, tmp_path):
     assert check_workdir(str(tmp_path / "empty")) == str(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]"])
+def test_a_damaged_marker_is_refused_not_trusted(smoke_run, tmp_path, text):
+    """A bigs_jax.json that is not a JSON object: one line, nothing changed (the run files
+    beside it must not vouch for it)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], workdir)
+    (workdir / checkpointing.MARKER_JSON).write_text(text)
+    before = hashes(workdir)
+    with pytest.raises(loop.ConfigError, match=(
+            rf"^workdir {workdir} has a damaged bigs_jax.json \(not a JSON object\); nothing "
+            r'was written; if the directory is ours, write \{"bigs_jax": "run", "format": 1\} '
+            r"into it, else pass an empty or new --workdir$")):
+        loop.train_and_evaluate(smoke(4), str(workdir))
+    assert hashes(workdir) == before
+
+
 # ---------------------------------------------------------------------------- item 3
 
 
