@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
+import os
 import sys
+import traceback
 from typing import Any, Optional
 
 import jax
@@ -113,6 +116,7 @@ class Checkpointer:
             create=True,
         )
         self.workdir = fs.resolve(workdir)
+        _quiet_failed_io()
         self.manager = ocp.CheckpointManager(
             fs.join(self.workdir, CHECKPOINTS),
             item_names=ITEMS, options=options)
@@ -135,10 +139,13 @@ class Checkpointer:
             raise self._write_failed(e) from None
 
     def _write_failed(self, e: BaseException) -> CheckpointWriteError:
+        latest = self.manager.latest_step()
+        newest = ("there is no complete checkpoint yet" if latest is None else
+                  f"the newest complete checkpoint is step {latest}")
         return CheckpointWriteError(
-            f"writing a checkpoint to {self.manager.directory} failed ({_first_line(e)}); the "
-            f"newest complete checkpoint is step {self.manager.latest_step()}; free space on "
-            "that disk (or restore write access) and rerun the same command to resume")
+            f"writing a checkpoint to {self.manager.directory} failed ({_first_line(e)}); "
+            f"{newest}; free space on that disk (or restore write access) and rerun the same "
+            "command to resume")
 
     def restore(self, step: int, abstract_params, abstract_opt_state):
         """(params, opt_state, meta) restored onto the shardings of the abstract targets;
@@ -392,12 +399,32 @@ def _first_line(e: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
-def _quiet_failed_reads() -> None:
-    """Drop the 'Exception ignored' reports of the coroutines a failed TensorStore read
-    leaves behind (printed whenever they are collected, around the one-line error); every
-    other unraisable exception still reaches the hook that was installed."""
+class _OrbaxFailureReports(logging.Filter):
+    """Drops the ERROR reports (a traceback each) of Orbax's background save threads and of
+    the asyncio futures its failed writes leave unretrieved: every failure they report is
+    raised again in the loop's thread (`save` or `wait`) and reported there as one line with
+    its cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if "/orbax/" in record.pathname:
+            return False
+        if not record.exc_info:
+            return True
+        _, error, tb = record.exc_info
+        # TensorStore raises from C++ (no Orbax frame), but names Orbax's temporary directory.
+        return not ("orbax-checkpoint-tmp" in str(error) or any(
+            "/orbax/" in frame.filename for frame in traceback.extract_tb(tb)))
+
+
+def _quiet_failed_io() -> None:
+    """Keep a failed checkpoint read or write to its one line: Orbax's error reports and the
+    'Exception ignored' reports of the coroutines a failed TensorStore I/O leaves behind
+    (printed whenever they are collected) are dropped; every other unraisable exception still
+    reaches the hook that was installed. BIGS_JAX_DEBUG=1 keeps them all."""
     hook = sys.unraisablehook
-    if getattr(hook, "bigs_jax_quiet", False):
+    if os.environ.get("BIGS_JAX_DEBUG") == "1" or getattr(hook, "bigs_jax_quiet", False):
         return
 
     def quiet(unraisable):
@@ -408,6 +435,8 @@ def _quiet_failed_reads() -> None:
 
     quiet.bigs_jax_quiet = True
     sys.unraisablehook = quiet
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_OrbaxFailureReports())
 
 
 def _read_step(workdir: str, step: int, items, read):
@@ -418,7 +447,7 @@ def _read_step(workdir: str, step: int, items, read):
         try:
             return read()
         except Exception as e:  # noqa: BLE001 -- TensorStore, Orbax and JSON errors alike
-            _quiet_failed_reads()
+            _quiet_failed_io()
             if _passing(e):
                 raise CheckpointReadError(
                     f"reading checkpoint step {step} in {fs.join(workdir, CHECKPOINTS)} "

@@ -4,7 +4,11 @@ not an object, a checkpoint write that fails (a full disk): one line each, nothi
 
 import json
 import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ import bigs_jax
 from bigs_jax.convert.common import ConversionError, read_json
 from bigs_jax.errors import CheckpointWriteError
 from bigs_jax.train import checkpointing, loop
-from tests.runs import smoke
+from tests.runs import ROOT, smoke
 from tests.train.test_refusals import hashes
 
 
@@ -77,6 +81,36 @@ def test_a_failed_checkpoint_write_is_one_line(tmp_path, monkeypatch):
         ckpt.save(1, {"w": np.zeros(2)}, {}, {})
     assert str(e.value) == (
         f"writing a checkpoint to {tmp_path}/checkpoints failed (RESOURCE_EXHAUSTED: Error "
-        'writing "d/abc" in OCDBT database); the newest complete checkpoint is step None; '
+        'writing "d/abc" in OCDBT database); there is no complete checkpoint yet; '
         "free space on that disk (or restore write access) and rerun the same command to "
         "resume")
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG (a full disk as TensorStore's
+    background writes meet it) instead of killing the process."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_train_py_on_a_full_disk_ends_in_one_line(tmp_path):
+    """The optimizer state (~2 MB) cannot be written: Orbax's background threads and the
+    futures they leave report nothing of their own; the run ends in the one error line."""
+    workdir = str(tmp_path / "run")
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/quickstart.py:smoke",
+         f"--workdir={workdir}", "--config.train.steps=4"], cwd=ROOT, capture_output=True,
+        text=True, preexec_fn=_file_size_limit(300_000), timeout=600)
+    assert p.returncode == 1, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: writing a checkpoint to {workdir}/checkpoints failed "
+                                "("), p.stderr[-3000:]
+    assert lines[-1].endswith("; there is no complete checkpoint yet; free space on that disk "
+                              "(or restore write access) and rerun the same command to resume")
+    for noise in ("Traceback", "never retrieved", "raised an exception"):
+        assert noise not in p.stderr, p.stderr[-3000:]
+    # no step was completed: only Orbax's temporary directories, which a rerun ignores
+    assert all(name.endswith(".orbax-checkpoint-tmp")
+               for name in os.listdir(os.path.join(workdir, "checkpoints")))
