@@ -96,22 +96,29 @@ def pad_rows(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class Examples:
-    """Tokenized examples as padded arrays; `labels` int (classes) or float (regression)."""
+    """Tokenized examples as padded arrays; `labels` int (classes) or float (regression).
+
+    `lengths` holds each row's token count: the attention mask comes from it, not from the
+    ids, since id 0 is a real token in some vocabularies (GPT-2's byte-level BPE: "!").
+    """
 
     input_ids: np.ndarray
     token_type_ids: np.ndarray
     labels: np.ndarray
+    lengths: np.ndarray
 
     @classmethod
     def build(cls, ids, types, labels, length: int) -> "Examples":
-        return cls(pad_rows(ids, length), pad_rows(types, length), np.asarray(labels))
+        lengths = np.array([min(len(r), length) for r in ids], np.int32)
+        return cls(pad_rows(ids, length), pad_rows(types, length), np.asarray(labels), lengths)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
         ids = self.input_ids[index]
-        return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int32),
+        mask = np.arange(ids.shape[1]) < self.lengths[index][:, None]
+        return {"input_ids": ids, "attention_mask": mask.astype(np.int32),
                 "token_type_ids": self.token_type_ids[index], "labels": self.labels[index]}
 
 

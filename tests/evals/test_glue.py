@@ -196,3 +196,14 @@ def test_select_best_and_last():
     assert finetune.select({0: entry(1.0), 5: entry(float("nan"))}, "best")[0] == 5
     with pytest.raises(DataError, match="unknown config.select 'max'"):
         finetune.select(scores, "max")
+
+
+def test_attention_mask_follows_row_lengths_not_id_zero():
+    # Id 0 is a real token in a byte-level BPE vocabulary ("!" in GPT-2's): the mask must
+    # cover it inside a row and stop exactly at each row's end, rows truncated to the length.
+    ids = [[5, 0, 7], [0], [3, 0, 0, 9, 2, 4]]
+    ex = finetune.Examples.build(ids, [[0] * len(r) for r in ids], [0, 1, 0], length=5)
+    batch = ex.rows(np.array([2, 0, 1]))
+    np.testing.assert_array_equal(batch["attention_mask"],
+                                  [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["input_ids"][1], [5, 0, 7, 0, 0])
