@@ -4,10 +4,11 @@ import statistics
 import time
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int, warmup=None) -> float:
     """Median seconds of `fn()` over `repeats` calls; one call first warms up (tracing,
-    compilation). `fn` must block until its result is ready."""
-    fn()
+    compilation), of `warmup()` where given (a cheaper call that compiles the same programs).
+    `fn` must block until its result is ready."""
+    (warmup or fn)()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

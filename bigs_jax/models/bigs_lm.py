@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.blocks import block_call, check_remat
-from bigs_jax.layers.embeddings import check_token_ids, embed
+from bigs_jax.layers.embeddings import check_token_ids, embed, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import dense, gelu_tanh, layer_norm
 from bigs_jax.layers.ssm import INITS, S4D
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
@@ -50,6 +50,7 @@ class BigsLMConfig:
     """Hyperparameters of the causal gated-SSM LM (names as the encoder's and GPT-2's)."""
 
     vocab_size: int = 50257                  # GPT-2's byte-level BPE
+    vocab_multiple: int = 1                  # pad the word table, head and logits to a multiple
     max_len: int = 1024                      # training length and generation limit only
     hidden_size: int = 768
     num_layers: int = 12
@@ -73,6 +74,7 @@ class BigsLMConfig:
     def __post_init__(self):
         check_dtype_policy(self)
         check_remat(self.remat)
+        padded_vocab(self.vocab_size, self.vocab_multiple)
         for name, value, valid in (("ssm_mode", self.ssm_mode, SSM_MODES),
                                    ("ssm_init", self.ssm_init, INITS)):
             if value not in valid:
@@ -128,8 +130,9 @@ class Embeddings(nnx.Module):
     """The token table alone, at GPT-2's path `embeddings/word` (freeze specs, growth)."""
 
     def __init__(self, c: BigsLMConfig, *, rngs: nnx.Rngs):
-        self.word = embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), init_std=c.init_std,
-                          rngs=rngs, dtype=jnp.dtype(c.dtype))
+        self.word = embed(padded_vocab(c.vocab_size, c.vocab_multiple), c.hidden_size,
+                          ("vocab", "embed"), init_std=c.init_std, rngs=rngs,
+                          dtype=jnp.dtype(c.dtype))
 
 
 class BigsLM(nnx.Module):
@@ -143,8 +146,8 @@ class BigsLM(nnx.Module):
         self.layers = nnx.List([CausalGatedBlock(c, rngs=rngs) for _ in range(c.num_layers)])
         self.final_norm = layer_norm(c.hidden_size, eps=c.norm_eps, rngs=rngs, dtype=dt)
         self.lm_head = nnx.data(None if c.tie_word_embeddings else dense(
-            c.hidden_size, c.vocab_size, ("embed", "vocab"), rngs=rngs, init_std=c.init_std,
-            use_bias=False, dtype=dt))
+            c.hidden_size, padded_vocab(c.vocab_size, c.vocab_multiple), ("embed", "vocab"),
+            rngs=rngs, init_std=c.init_std, use_bias=False, dtype=dt))
 
     @with_output_dtype
     def __call__(
@@ -192,14 +195,18 @@ class BigsLM(nnx.Module):
         return ModelOutput(hidden_states=h_BLD, logits=self.logits(h_BLD))
 
     def logits(self, h_BLD: jax.Array) -> jax.Array:
-        """fp32 LM logits (..., C) of final hidden states (..., D)."""
+        """fp32 LM logits (..., C) of final hidden states (..., D); the rows of a padded
+        vocabulary (`vocab_multiple`) get `PAD_LOGIT`."""
         out = jnp.promote_types(h_BLD.dtype, "float32")
         if self.lm_head is None:
             w_CD = self.embeddings.word.embedding[...]
-            return jnp.einsum("...D,CD->...C", h_BLD, w_CD.astype(h_BLD.dtype),
-                              preferred_element_type=out)
-        return jnp.einsum("...D,DC->...C", h_BLD, self.lm_head.kernel[...].astype(h_BLD.dtype),
-                          preferred_element_type=out)
+            logits = jnp.einsum("...D,CD->...C", h_BLD, w_CD.astype(h_BLD.dtype),
+                                preferred_element_type=out)
+        else:
+            logits = jnp.einsum("...D,DC->...C", h_BLD,
+                                self.lm_head.kernel[...].astype(h_BLD.dtype),
+                                preferred_element_type=out)
+        return mask_pad_logits(logits, self.config.vocab_size)
 
     # ------------------------------------------------------------ decoding (bigs_jax.generation)
     # The cache is each layer's SSM state (B, D, N), whatever the cache length; the discretized

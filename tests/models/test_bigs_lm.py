@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import bigs_jax
+from bigs_jax.layers.embeddings import PAD_LOGIT
 from bigs_jax.models import make_config
 from bigs_jax.train import loop
 from configs import bigs_lm as bigs_lm_configs
@@ -36,6 +37,32 @@ def test_param_counts_exact():
     untied = nnx.eval_shape(lambda: bigs_jax.create("bigs-lm-tiny", tie_word_embeddings=False))
     tied = nnx.eval_shape(lambda: bigs_jax.create("bigs-lm-tiny"))
     assert bigs_jax.count_params(untied) - bigs_jax.count_params(tied) == 50257 * 64
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padded_vocabulary_keeps_the_logits_and_masks_the_pad_rows(jitted, tied):
+    """vocab_multiple=128 (pretraining configs): the table and head get 128 - 97 more rows;
+    with the unpadded model's weights in the first rows, the real logits are equal and every
+    pad logit is PAD_LOGIT, so neither the loss nor generation can pick a pad id."""
+    small = _tiny(tie_word_embeddings=tied)
+    padded = _tiny(tie_word_embeddings=tied, vocab_multiple=128)
+    table = np.array(padded.embeddings.word.embedding[...])
+    assert table.shape == (128, 64)
+    table[:V] = small.embeddings.word.embedding[...]
+    padded.embeddings.word.embedding[...] = table
+    if not tied:
+        kernel = np.array(padded.lm_head.kernel[...])
+        kernel[:, :V] = small.lm_head.kernel[...]
+        padded.lm_head.kernel[...] = kernel
+    ids = _ids((2, L))
+    want, got = jitted(small)(ids).logits, jitted(padded)(ids).logits
+    assert got.shape == (2, L, 128)
+    np.testing.assert_array_equal(np.asarray(got[..., V:]), PAD_LOGIT)
+    np.testing.assert_allclose(got[..., :V], want, atol=1e-6, rtol=0)
+    out = np.asarray(bigs_jax.generate(padded, ids[:, :4], max_new_tokens=6))
+    np.testing.assert_array_equal(out, bigs_jax.generate(small, ids[:, :4], max_new_tokens=6))
+    with pytest.raises(ValueError, match="vocab_multiple must be >= 1"):
+        _tiny(vocab_multiple=0)
 
 
 @pytest.mark.parametrize("mode", ["toeplitz", "fft"])
