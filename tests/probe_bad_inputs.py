@@ -353,7 +353,7 @@ def eval_converted_without_vocab(fx, d):
     glue = copy(fx["glue"], d / "glue")
     return [cli("bigs_jax.convert", hf, d / "ours", setup=True),
             cli("eval.py", *GLUE, f"--config.init={d / 'ours'}", f"--config.data_dir={glue}",
-                f"--workdir={d / 'out'}")]
+                "--config.max_len=32", "--config.eval_max_len=32", f"--workdir={d / 'out'}")]
 
 
 # ---------------------------------------------------------------------------- item 5
