@@ -83,7 +83,8 @@ def run(args) -> str:
         raise ValueError("the prompt encodes to no tokens; pass some text")
     sample = args.temperature is not None or args.top_k > 0 or args.top_p < 1
     out = generate(model, [ids], max_new_tokens=args.max_new_tokens, eos_id=eos,
-                   do_sample=sample, temperature=args.temperature or 1.0, top_k=args.top_k,
+                   do_sample=sample, top_k=args.top_k,
+                   temperature=1.0 if args.temperature is None else args.temperature,
                    top_p=args.top_p, key=jax.random.key(args.seed), num_beams=args.num_beams,
                    length_penalty=args.length_penalty, return_dict=True)
     return args.prompt + vocabulary.decode(out.tolist(eos_id=eos)[0])

@@ -68,6 +68,9 @@ def test_cli_errors_are_one_line(gpt2_workdir, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),
         ([gpt2_workdir, "--prompt", "x", "--top_p", "0"], "top_p"),
+        # 0 is a temperature no sampler can use, not "the default" (it once sampled at 1.0)
+        ([gpt2_workdir, "--prompt", "x", "--temperature", "0"], "temperature must be > 0, "
+                                                                "got 0.0"),
         ([gpt2_workdir, "--prompt", "x", "--vocab", str(tmp_path / "no.json")], "merges.txt"),
     ]
     for argv, message in cases:

@@ -21,6 +21,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bigs_jax.convert.common import FROM_CHOICES, TO_CHOICES, ConversionError, convert
+from bigs_jax.errors import CheckpointWriteError
 
 
 def main(argv=None) -> int:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         print(convert(args.src, args.dst, from_=args.from_, to=args.to,
                       official_padding=args.official_padding,
                       vocab_multiple=args.vocab_multiple), flush=True)
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, CheckpointWriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=3, help="rows to print")
     p.add_argument("--batches", type=int, default=4, help="batches for the statistics")
     args = parser.parse_args(argv)
+    if args.batches < 1 or args.examples < 0:
+        parser.error(f"--batches must be >= 1 and --examples >= 0, got {args.batches} and "
+                     f"{args.examples}")
     try:
         config = _load_config(args.config)
         if args.task:

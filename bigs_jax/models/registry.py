@@ -85,6 +85,11 @@ def get_spec(name: str) -> ModelSpec:
                          ) from None
 
 
+# Sizes no model can have fewer than one of (a negative num_layers built an empty stack).
+_POSITIVE = ("num_layers", "hidden_size", "num_heads", "intermediate_size", "vocab_size",
+             "max_len")
+
+
 def make_config(name: str, **overrides):
     """The frozen config of registry entry `name` with `overrides` applied."""
     spec = get_spec(name)
@@ -94,6 +99,10 @@ def make_config(name: str, **overrides):
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for model {name!r}; "
                          f"valid options: {', '.join(sorted(fields))}")
+    small = [f"{k}={v}" for k, v in overrides.items()
+             if k in _POSITIVE and isinstance(v, int) and not isinstance(v, bool) and v < 1]
+    if small:
+        raise ValueError(f"model {name!r}: {', '.join(small)} must be >= 1")
     return family.config_cls(**{**spec.overrides, **overrides})
 
 

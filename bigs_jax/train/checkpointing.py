@@ -200,9 +200,15 @@ class Checkpointer:
 def save_params_only(workdir: str, step: int, params, meta: Optional[dict] = None) -> None:
     """Write a checkpoint holding parameters only (converted or exported models)."""
     ckpt = Checkpointer(workdir, keep=1, async_save=False)
-    ckpt.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta or {})), force=True)
-    ckpt.wait()
+    try:
+        ckpt.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta or {})),
+            force=True)
+        ckpt.manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointWriteError(f"writing the parameters failed ({_first_line(e)}); free "
+                                   "space on that disk (or restore write access) and rerun"
+                                   ) from None
     ckpt.close()
 
 

@@ -131,6 +131,12 @@ def check_values(config: ConfigDict) -> None:
             if not math.isfinite(value) or value < low or (high is not None and value >= high):
                 bound = f">= {low}" if high is None else f"in [{low}, {high})"
                 problems.append(f"config.{section}.{key}={value} (must be {bound})")
+    # The step splits each batch into grad_accum_steps microbatches of equal size.
+    batch = (config.get("data") or {}).get("batch_size")
+    accum = (config.get("train") or {}).get("grad_accum_steps")
+    if isinstance(batch, int) and isinstance(accum, int) and accum >= 1 and batch % accum:
+        problems.append(f"config.data.batch_size={batch} is not divisible by "
+                        f"config.train.grad_accum_steps={accum}")
     if problems:
         raise ConfigError(f"impossible config values: {'; '.join(problems)}; pass values in "
                           "range with --config.<section>.<key>=...")

@@ -89,11 +89,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         cost = metrics.step_cost(compiled)
         if config.train.dry_run:
             return _dry_run(config, program, first, cost)
+        # A config.init that cannot be read fails here, before anything is written.
+        fresh = None if restored else _init(config, program)
         prepare_workdir(workdir, config, model_config)
         record_vocabulary(workdir, getattr(source, "vocabulary", lambda: None)())
         ckpt = ckpt or checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                                   save_every=config.train.checkpoint_every)
-        state = restored.state(ckpt) if restored else _init(config, program)
+        state = restored.state(ckpt) if restored else fresh
         scorer = getattr(source, "score", None)
         grow = None
         if events:

@@ -331,3 +331,14 @@ def test_streaming_arguments_are_checked(corpus):
         streaming.make_stream_iterator(corpus["text"], split="train", batch_size=9, seq_len=L,
                                        seed=0, num_shards=2)
     assert tf.executing_eagerly()
+
+
+@pytest.mark.parametrize("flag,value", [("--batches", "0"), ("--examples", "-1")])
+def test_inspect_refuses_counts_it_cannot_show(capsys, flag, value):
+    """Found by tests/probe_bad_inputs.py: --batches 0 was a traceback from np.concatenate."""
+    with pytest.raises(SystemExit) as e:
+        inspect_cli.main(["inspect", "--config=configs/quickstart.py:smoke", flag, value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --batches must be >= 1 and --examples >= 0, got "
+        + ("0 and 3" if flag == "--batches" else "4 and -1"))

@@ -158,6 +158,10 @@ def test_registry_errors_list_valid_names():
         bigs_jax.create("bigs-huge")
     with pytest.raises(ValueError, match=re.escape("unknown option(s) ['hiden_size']")):
         bigs_jax.create("bigs-tiny", hiden_size=3)
+    # found by tests/probe_bad_inputs.py: num_layers=-1 built a model with no layers
+    with pytest.raises(ValueError, match=re.escape("model 'bert-tiny': num_layers=-1, "
+                                                   "max_len=0 must be >= 1")):
+        bigs_jax.create("bert-tiny", num_layers=-1, max_len=0)
 
 
 @functools.cache

@@ -140,3 +140,19 @@ def test_a_passing_read_failure_is_not_damage(straight, tmp_path, monkeypatch, c
                                 "memory or restore access and rerun the same command"), message
     assert hashes(workdir) == before
     assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED))
+
+
+def test_a_damaged_init_is_refused_before_the_workdir_is_written(smoke_run, tmp_path):
+    """Found by tests/probe_bad_inputs.py: eval.py (and train.py --config.init) wrote the run's
+    config.json, model.json and tokenizer/ before reading the init checkpoint."""
+    init = tmp_path / "init"
+    shutil.copytree(smoke_run[0], init)
+    shutil.rmtree(init / "checkpoints" / "2" / "params")
+    before = hashes(init)
+    config = smoke(2)
+    config.init = str(init)
+    with pytest.raises(loop.ConfigError, match=rf"^checkpoint step 2 in {init}/checkpoints is "
+                                               r"damaged: params/ is missing"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    assert hashes(init) == before

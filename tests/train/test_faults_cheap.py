@@ -86,6 +86,19 @@ def test_a_failed_checkpoint_write_is_one_line(tmp_path, monkeypatch):
         "resume")
 
 
+def test_a_failed_parameter_write_is_one_line(tmp_path, monkeypatch):
+    """Found by tests/probe_bad_inputs.py: convert on a full disk ended in Orbax's traceback."""
+    def full_disk(*args, **kwargs):
+        raise ValueError('OUT_OF_RANGE: Error writing "w/0" in OCDBT database\nmore')
+
+    monkeypatch.setattr(checkpointing.ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as e:
+        checkpointing.save_params_only(str(tmp_path), 0, {"w": np.zeros(2)})
+    assert str(e.value) == ('writing the parameters failed (OUT_OF_RANGE: Error writing "w/0" '
+                            "in OCDBT database); free space on that disk (or restore write "
+                            "access) and rerun")
+
+
 def _file_size_limit(limit: int):
     """preexec_fn: writes past `limit` bytes fail with EFBIG (a full disk as TensorStore's
     background writes meet it) instead of killing the process."""

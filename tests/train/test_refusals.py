@@ -13,6 +13,7 @@ import pytest
 import bigs_jax
 from bigs_jax.data import registry
 from bigs_jax.train import checkpointing, loop
+from bigs_jax.train.config import check_values
 from bigs_jax.train.workdir import check_workdir
 from configs import bert, quickstart
 from tests.runs import smoke, snapshot
@@ -233,6 +234,21 @@ def test_impossible_values_are_refused_before_anything_is_written(tmp_path):
         "config.data.batch_size=0 (must be >= 1); config.optim.lr=-0.001 (must be >= 0); "
         "pass values in range with --config.<section>.<key>=...")
     assert not os.path.exists(workdir)
+
+
+def test_a_batch_that_does_not_split_into_microbatches_is_refused(tmp_path):
+    """Found by tests/probe_bad_inputs.py: it was a ValueError traceback from inside the
+    traced step, after the workdir was checked."""
+    config = smoke(2)
+    config.train.grad_accum_steps = 3  # batch 8
+    workdir = str(tmp_path / "run")
+    with pytest.raises(loop.ConfigError, match=(
+            r"^impossible config values: config.data.batch_size=8 is not divisible by "
+            r"config.train.grad_accum_steps=3; ")):
+        loop.train_and_evaluate(config, workdir)
+    assert not os.path.exists(workdir)
+    config.train.grad_accum_steps = 4
+    check_values(config)  # 8 = 4 x 2: accepted
 
 
 def test_resume_with_changed_settings_refuses_or_records(smoke_run, tmp_path):
