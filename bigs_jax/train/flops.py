@@ -12,10 +12,11 @@ Conventions are XLA's (HloCostAnalysis), so both counts agree on a loop-free ste
 dot_general 2·batch·M·N·K; convolution 2 · output elements · (input features per group ·
 kernel window) (padding counted); FFT 8 · operand elements · Π floor(log2 n) over the
 transformed lengths; elementwise arithmetic, comparisons, selects and casts 1 per output
-element; reductions 1 per input element not in the output; transcendentals (exp, log, tanh,
-rsqrt, ...) 0, as XLA counts them apart; data movement (reshape, gather, slices) 0. Random
-bit generation is 0 here while XLA counts its integer ops, so with dropout XLA's count of a
-loop-free step is a little higher.
+element (cumulative sums too, where XLA's count depends on its lowering); reductions 1 per
+input element not in the output; transcendentals (exp, log, tanh, rsqrt, pow, ...) 0, as XLA
+counts them apart; data movement (reshape, gather, slices) 0. Random bit generation is 0 here
+while XLA counts its integer ops, so with dropout XLA's count of a loop-free step is a little
+higher.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.extend as jex
 import numpy as np
 
 _ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "rem", "max", "min", "neg", "abs", "sign", "pow",
+    "add", "add_any", "sub", "mul", "div", "rem", "max", "min", "neg", "abs", "sign",
     "square", "floor", "ceil", "round", "clamp", "select_n", "convert_element_type",
     "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor", "nextafter",
     "shift_left", "shift_right_logical", "shift_right_arithmetic", "is_finite", "copysign",
+    "cumsum", "cumprod", "cummax", "cummin",
 })
 _REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                          "reduce_or", "reduce_xor", "argmax", "argmin"})

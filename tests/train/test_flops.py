@@ -3,7 +3,6 @@ counts, XLA's conventions elsewhere, and the dry run's number against a hand cou
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from bigs_jax.layers import attention
@@ -48,6 +47,23 @@ def test_nested_scans_multiply_and_a_cond_counts_its_costliest_branch():
     predicate = (4 * 8 - 1) + 1 + 1  # the sum, > 0, and the bool cast to the branch index
     assert count.flops == 5 * (3 * mm + 2 * mm + predicate)
     assert count.uncounted_loops == []
+
+
+def test_the_gradient_of_scanned_rematerialized_layers_counts_every_layer():
+    """The shape of a scan over layers: a lax.scan of a checkpointed layer under jax.grad.
+    Each layer's matmul runs forward, again when rematerialized, and twice backward."""
+    n, B, D = 6, 32, 64
+    w_NDD = jnp.full((n, D, D), 0.01)
+    x_BD = jnp.ones((B, D))
+
+    def loss(w_NDD, x_BD):
+        layer = jax.checkpoint(lambda h_BD, w_DD: (jnp.tanh(h_BD @ w_DD), None))
+        return jax.lax.scan(layer, x_BD, w_NDD)[0].sum()
+
+    count = flops.count(jax.make_jaxpr(jax.grad(loss))(w_NDD, x_BD))
+    matmuls = n * 4 * 2 * B * D * D
+    assert matmuls <= count.flops <= 1.02 * matmuls  # + tanh's derivative and the sum
+    assert xla_flops(jax.grad(loss), w_NDD, x_BD) < 0.5 * matmuls
 
 
 def test_a_while_loop_counts_once_and_is_named():
