@@ -84,9 +84,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         train_iter = itertools.chain([first], train_iter)
         _refuse_unsupported_packing(first, model_config, config)
         # Compile ahead of time: the FLOP count and memory of the real step, before training.
-        compiled = program.train_step.lower(program.abstract_state(),
-                                            program.abstract_batch(first)).compile()
-        cost = metrics.step_cost(compiled)
+        traced = program.train_step.trace(program.abstract_state(),
+                                          program.abstract_batch(first))
+        compiled = traced.lower().compile()
+        cost = metrics.step_cost(traced, compiled, program.mesh.size)
+        for loop_line in cost["uncounted_loops"]:
+            print(f"warning: FLOPs: {loop_line}", flush=True)
         if config.train.dry_run:
             return _dry_run(config, program, first, cost)
         # A config.init that cannot be read fails here, before anything is written.
@@ -526,8 +529,13 @@ def _dry_run(config: ConfigDict, program: Program, batch: dict, cost: dict) -> d
         f"{dict(zip(mesh.axis_names, mesh.devices.shape))} on {jax.device_count()} "
         f"{jax.devices()[0].device_kind} device(s), global batch {tokens:,} tokens",
         f"  FLOPs per step per device: {cost['flops']:.4g}"
-        f" ({cost['flops'] * jax.device_count() / tokens:.4g} per token, all devices)",
+        f" ({cost['flops'] * jax.device_count() / tokens:.4g} per token, all devices;"
+        " counted over the step's jaxpr, loops times their trip counts: TFLOP/s and MFU use it)",
     ]
+    if abs(cost["xla_flops"] - cost["flops"]) > 0.05 * cost["flops"]:
+        lines.append(f"  XLA's cost analysis: {cost['xla_flops']:.4g} per device "
+                     f"({cost['xla_flops'] / cost['flops'] - 1:+.1%}; it counts each loop "
+                     "body once)")
     for key in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes"):
         if key in cost:
             lines.append(f"  {key.replace('_', ' ')} per device: {cost[key] / 2**30:.3f} GiB")

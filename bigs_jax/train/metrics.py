@@ -19,6 +19,7 @@ from clu import metric_writers
 from tqdm import tqdm
 
 from bigs_jax import fs
+from bigs_jax.train import flops
 
 
 def writer(logdir: str) -> metric_writers.MetricWriter:
@@ -86,12 +87,28 @@ def peak_flops(override: float = 0.0) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
 
 
-def step_cost(compiled) -> dict:
-    """FLOPs and memory of one compiled step, per device, from XLA's own analyses."""
+def step_cost(traced, compiled, num_devices: int) -> dict:
+    """FLOPs and memory of one step, per device.
+
+    `flops` is counted over the step's jaxpr (`flops.count`: every loop body times its trip
+    count) and shared evenly by the `num_devices` the step runs on, which is what TFLOP/s and
+    MFU use; `xla_flops` is XLA's own count for one device, which counts each while-loop body
+    once (blocked attention, gradient accumulation and scanned layers are undercounted);
+    `uncounted_loops` names each while loop the jaxpr count could only count once. Memory
+    comes from XLA's analysis.
+
+    Args:
+      traced: the step's `jax.stages.Traced` (`jitted.trace(*args)`).
+      compiled: `traced.lower().compile()`.
+      num_devices: the devices of the step's mesh.
+    """
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
-    out = {"flops": float((analysis or {}).get("flops", 0.0))}
+    counted = flops.count(traced.jaxpr)
+    out = {"flops": counted.flops / num_devices,
+           "xla_flops": float((analysis or {}).get("flops", 0.0)),
+           "uncounted_loops": counted.uncounted_loops}
     memory = compiled.memory_analysis()
     if memory is not None:
         out.update({
