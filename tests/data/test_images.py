@@ -307,3 +307,41 @@ def test_batches_equal_the_per_image_path(digits_dir, photos_dir, tmp_path, data
         assert len(new) == len(old) == -(-len(ty) // 16)
         for a, b in zip(new, old):
             assert_batches_equal(a, b)
+
+
+class BigsTestManyPhotos(BigsTestPhotos):
+    """50,000 small JPEGs in `test` (an ImageNet-validation-sized split), read at 224x224."""
+
+    COUNTS = {"train": 8, "test": 50_000}
+    SIZES = [(24, 32), (32, 24)]
+
+
+MEMORY_PROBE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from tests.data.test_images import BigsTestManyPhotos  # registers the builder
+from bigs_jax.data import images
+src = images.ImageSource("bigs_test_many_photos", data_dir={data_dir!r}, image_size=224,
+                         eval_batch_size=1000)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows = weight = 0
+for batch in src.eval_stream():
+    rows += len(batch["image"])
+    weight += float(batch["example_weights"].sum())
+print(rows, weight, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_eval_split_of_50k_images_stays_under_2gb(tmp_path):
+    """Acceptance (issue 16): iterating a 50k-image eval split at 224x224 (7.5 GB of uint8
+    if held, 30 GB as float32) peaks below 2 GB of host memory, interpreter, TF and JAX
+    included, measured in a fresh process (ru_maxrss, KiB on Linux)."""
+    BigsTestManyPhotos(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=ROOT,
+                                                                    data_dir=str(tmp_path))],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    rows, weight, before, peak = out.stdout.split()[-4:]
+    assert int(rows) == 50_000 and float(weight) == 50_000
+    print(f"peak RSS {int(peak) / 2**20:.2f} GiB (before the eval pass {int(before) / 2**20:.2f})")
+    assert int(peak) < 2 * 2**20
