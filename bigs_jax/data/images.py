@@ -196,7 +196,11 @@ class Examples:
         ds = ds.map(lambda x, y, w: {"image": self.decode(x), "labels": y,
                                      "example_weights": w},
                     num_parallel_calls=tf.data.AUTOTUNE)  # deterministic: order is kept
-        return iter(tfds.as_numpy(ds.batch(size).prefetch(PREFETCH)))
+        options = tf.data.Options()
+        # Its own threads (0: one per core): the map's parallelism must not depend on the
+        # process's TensorFlow inter-op pool, which may be kept small (bench/data.py pins it).
+        options.threading.private_threadpool_size = 0
+        return iter(tfds.as_numpy(ds.batch(size).prefetch(PREFETCH).with_options(options)))
 
     def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decoded uint8 images (n, S, S, C) and int32 labels (n,) of examples `index`."""
