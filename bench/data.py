@@ -1,9 +1,11 @@
 """Input pipeline throughput: ours vs naive Python peers, and vs a BERT-base training step.
 
     python bench/data.py [--lines 20000] [--batches 40] [--repeats 3] [--step-batch 8]
+                         [--image-batches 8] [--only images]
 
-Measured side by side in one run, TensorFlow pinned to one CPU core (intra/inter-op threads 1),
-medians of `repeats` timed runs after one warm-up:
+Measured side by side in one run, TensorFlow pinned to one CPU core (intra/inter-op threads 1;
+tf.data's own map threads still use every core), medians of `repeats` timed runs after one
+warm-up:
 
 1. WordPiece tokenization of real lines (../shared/data text corpora): our
    `WordPieceVocabulary.encode_tf` on batches inside tf.data, vs HF `BertTokenizerFast`
@@ -12,7 +14,12 @@ medians of `repeats` timed runs after one warm-up:
    `GPT2TokenizerFast` on the same batches, with a BPE trained on the lines.
 2. MLM batches (L=128, batch 256, 15% masking) from `pipeline.make_iterator`, vs a naive
    numpy peer that masks the same rows one by one in a Python loop.
-3. The consumption of a jitted BERT-base MLM train step (forward + backward + AdamW, fp32) on
+3. Image batches (`config.data.source = "images"`): 224x224 from 400x300 JPEGs in an
+   ArrayRecord tfds dataset (ImageNet's layout), ours (`ImageSource.train_batches`: tf.data
+   decode/resize in a parallel map, prefetch, uint8) vs the per-image Python path it replaced
+   (kept here as `old_image_batches`: tfds' numpy reader, an eager resize, float32
+   normalisation), timed in turns, images/s.
+4. The consumption of a jitted BERT-base MLM train step (forward + backward + AdamW, fp32) on
    this machine's JAX backend, in tokens/s; the table's last column is pipeline / step (the
    pipeline must stay >= 3x ahead).
 """
@@ -206,6 +213,101 @@ def bench_step(batch: int, repeats: int) -> float:
     return batch * L / median_time(run, repeats), jax.devices()[0].device_kind
 
 
+def photos_builder(data_dir: str, count: int):
+    """An ArrayRecord tfds dataset of `count` 400x300 JPEGs (16 distinct, smooth + noise)."""
+    import io  # pylint: disable=import-outside-toplevel
+
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    class BenchPhotos(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "bench data"}
+        url_infos = {}
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(num_classes=10)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            rng, photos = np.random.default_rng(0), []
+            for _ in range(16):
+                yy, xx = np.mgrid[0:300, 0:400]
+                base = 127 + 100 * np.sin(xx[..., None] / rng.uniform(5, 60, 3)
+                                          + yy[..., None] / rng.uniform(5, 60, 3))
+                x = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(x).save(buf, format="JPEG", quality=90)
+                photos.append(buf.getvalue())
+            for i in range(count):
+                yield i, {"image": io.BytesIO(photos[i % 16]), "label": i % 10}
+
+    builder = BenchPhotos(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+def old_image_batches(builder, index_batches, size: int, mean: float, std: float):
+    """The replaced path (bigs_jax before issue 16): one example at a time through tfds' numpy
+    reader (PIL decode), an eager resize each, float32 normalisation on the host."""
+    source = builder.as_data_source(split="train")
+    for index in index_batches:
+        xs, labels = [], []
+        for i in index:
+            ex = source[int(i)]
+            x = np.asarray(ex["image"])
+            if x.shape[:2] != (size, size):
+                out = tf.image.resize(x[None], (size, size), method="bilinear", antialias=True)
+                x = np.asarray(tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8))[0]
+            xs.append(x)
+            labels.append(ex["label"])
+        yield {"image": (np.stack(xs).astype(np.float32) / 255.0 - mean) / std,
+               "labels": np.asarray(labels, np.int32),
+               "example_weights": np.ones(len(index), np.float32)}
+
+
+def bench_images(batches: int, repeats: int, batch: int = 64, size: int = 224):
+    """images/s of ours and of the replaced path, timed in turns (old, new, old, ...)."""
+    import statistics  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+
+    from bigs_jax.data import images  # pylint: disable=C0415
+
+    data_dir = tempfile.mkdtemp(prefix="bench_images_")
+    builder = photos_builder(data_dir, 2048)
+    src = images.ImageSource(builder.name, data_dir=data_dir, image_size=size, batch_size=batch)
+    n, starts = len(src.examples("train")), iter(range(0, 10**6, batches))
+
+    def run_new():
+        it = src.train_batches(next(starts))
+        for _ in range(batches):
+            next(it)
+        del it  # stops the prefetching pipeline before the other path's turn
+
+    def run_old():
+        idx = images.train_indices(n, batch, seed=0, start_step=next(starts))
+        it = old_image_batches(builder, idx, size, src.mean, src.std)
+        for _ in range(batches):
+            next(it)
+
+    times = {"new": [], "old": []}
+    cpu = {"new": [], "old": []}
+    for turn in range(repeats + 1):  # the first turn warms both up
+        for name, fn in (("old", run_old), ("new", run_new)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if turn:
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {k: (batches * batch / statistics.median(times[k]),
+                batches * batch / statistics.median(cpu[k])) for k in times}
+
+
 def print_tokenizer_rows(rows) -> None:
     """A markdown table of (name, lines/s, tokens/s) rows, ours first."""
     print("| tokenizer | lines/s | tokens/s | vs ours |")
@@ -221,12 +323,33 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--step-batch", type=int, default=8, help="BERT-base step batch")
     parser.add_argument("--task", default=None, help="MLM task (default: wikitext-2, WordPiece)")
+    parser.add_argument("--image-batches", type=int, default=8, help="image batches of 64 "
+                        "per timed run")
+    parser.add_argument("--only", choices=["images"], default=None,
+                        help="run only this section")
     args = parser.parse_args()
-    task = args.task or (f"text_mlm:{DATA}/wikitext-2/wiki.test.tokens,validation="
-                         f"{DATA}/wikitext-2/wiki.valid.tokens,vocab={vocab_file()}")
     print(f"# bench/data.py  {datetime.date.today()}  tf {tf.__version__}  "
           f"{platform.processor() or platform.machine()}  {os.cpu_count()} CPUs; "
           f"TF on 1 thread; median of {args.repeats} after a warm-up")
+    if args.only != "images":
+        text_rows(args)
+    rates = bench_images(args.image_batches, args.repeats)
+    print(f"\n## Image batches, 224x224 from 400x300 JPEGs (ArrayRecord), batch 64, "
+          f"{args.image_batches} batches per run, timed in turns; tf.data map on "
+          f"{os.cpu_count()} cores")
+    print("| pipeline | images/s | vs old | images per CPU-second (all threads) | vs old |")
+    print("|---|---:|---:|---:|---:|")
+    for name, key in (("ours: ImageSource.train_batches (tf.data, uint8)", "new"),
+                      ("old: per-image Python decode/resize, float32", "old")):
+        (wall, cpu), (old_wall, old_cpu) = rates[key], rates["old"]
+        print(f"| {name} | {wall:,.0f} | {wall / old_wall:.2f}x | {cpu:,.0f} | "
+              f"{cpu / old_cpu:.2f}x |")
+
+
+def text_rows(args) -> None:
+    """The tokenizer, MLM pipeline and BERT-base step sections."""
+    task = args.task or (f"text_mlm:{DATA}/wikitext-2/wiki.test.tokens,validation="
+                         f"{DATA}/wikitext-2/wiki.valid.tokens,vocab={vocab_file()}")
     print(f"\n## WordPiece tokenization, {args.lines} real lines (bert-base-uncased vocab)")
     print_tokenizer_rows(bench_tokenizers(read_lines(args.lines), args.repeats))
     print(f"\n## Byte-level BPE tokenization, {args.lines} real lines (8k BPE trained on them)")

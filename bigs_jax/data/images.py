@@ -9,24 +9,28 @@ in `data_dir` (`tfds build NAME --data_dir=DIR`); nothing is downloaded at train
 smoke configs use `sklearn_digits`: scikit-learn's bundled 8x8 digits (1797 images, 10
 classes) as a tfds builder, built into `data_dir` on first use with no network.
 
-Batches are host-local numpy dicts: `image` float32 (B, H, W, C) = (pixels/255 - mean) / std,
-`labels` int32 (B,), `example_weights` float32 (B,) (0 on the padding rows of the last eval
-batch). The training stream is a pure function of (seed, batch index): epoch e visits the
-split in the order `permutation(seed, e)`, the stream runs on across epochs, global batch k is
-positions [k·G, (k+1)·G) of it, and host h of n takes rows [h·G/n, (h+1)·G/n) of each global
-batch. So resuming at batch k needs no replay, and the hosts' parts are disjoint and add up to
-the single-host stream.
+Batches are host-local numpy dicts: `image` uint8 (B, H, W, C), `labels` int32 (B,),
+`example_weights` float32 (B,) (0 on the padding rows of the last eval batch). The pixels
+travel as uint8; `ImageSource.device_batch`, run inside the jitted steps, makes them float32
+(pixels/255 - mean) / std. The training stream is a pure function of (seed, batch index):
+epoch e visits the split in the order `permutation(seed, e)`, the stream runs on across
+epochs, global batch k is positions [k·G, (k+1)·G) of it, and host h of n takes rows
+[h·G/n, (h+1)·G/n) of each global batch. So resuming at batch k needs no replay, and the
+hosts' parts are disjoint and add up to the single-host stream.
 
-Examples are read by index: datasets prepared as ArrayRecord (`tfds build
---file_format=array_record`) are read lazily through `tfds.data_source` (ImageNet-sized sets);
-TFRecord-prepared ones are loaded into memory once (digits, MNIST, CIFAR). No augmentation.
+Examples are read by index, images still encoded: datasets prepared as ArrayRecord (`tfds
+build --file_format=array_record`) are read lazily through `tfds.data_source` (ImageNet-sized
+sets: host memory is then bounded by the prefetch depth, not the split size); TFRecord-prepared
+ones are loaded into memory once, encoded (digits, MNIST, CIFAR). tf.data decodes and resizes
+them in a parallel map, PREFETCH batches ahead of the consumer. The eval split is streamed
+afresh at every evaluation, never held. No augmentation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -112,50 +116,96 @@ def not_prepared(name: str, data_dir: str) -> FileNotFoundError:
         "time")
 
 
-def _resize(images, size: int):
-    """uint8 (N, h, w, C) → uint8 (N, size, size, C), bilinear with antialiasing."""
-    out = tf.image.resize(images, (size, size), method="bilinear", antialias=True)
-    return np.asarray(tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8))
+PREFETCH = 2  # host batches decoded ahead of the consumer: what bounds the pipeline's memory
+
+
+def decode_fn(features: tfds.features.FeaturesDict, size: int):
+    """The tf.data map of one encoded image (JPEG/PNG bytes) → uint8 (size, size, C): decoded
+    (JPEG with the accurate DCT, others by tfds' `image` feature), then, unless already that
+    size, a bilinear resize with antialiasing rounded half to even back to uint8."""
+    image = features["image"]
+
+    def resize(x):
+        out = tf.image.resize(x, (size, size), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+    def decode(encoded: tf.Tensor) -> tf.Tensor:
+        # JPEGs with the accurate integer DCT, as libjpeg's and PIL's default (and tfds' numpy
+        # reader, which read ArrayRecord sets before); TensorFlow's default is the fast one.
+        x = tf.cond(tf.io.is_jpeg(encoded),
+                    lambda: tf.io.decode_jpeg(encoded, channels=image.shape[-1],
+                                              dct_method="INTEGER_ACCURATE"),
+                    lambda: image.decode_example(encoded))
+        same = tf.logical_and(tf.shape(x)[0] == size, tf.shape(x)[1] == size)
+        x = tf.cond(same, lambda: x, lambda: resize(x))
+        return tf.ensure_shape(x, (size, size, image.shape[-1]))
+
+    return decode
 
 
 class Examples:
-    """Random access to (image, label) pairs of one split, by example index."""
+    """Random access to one split's examples by index, images still encoded (JPEG/PNG bytes).
+
+    ArrayRecord splits are read lazily from disk; TFRecord ones (small sets) are loaded into
+    memory once, encoded. `batches` decodes them in tf.data's parallel map.
+    """
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, image_size: int):
         self.image_size = image_size
+        self.decode = decode_fn(builder.info.features, image_size)
         self.source = None
+        skip = {"image": tfds.decode.SkipDecoding()}
         if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-            self.source = builder.as_data_source(split=split)
+            self.source = builder.as_data_source(split=split, decoders=skip)
             self.size = len(self.source)
             return
-        ds = builder.as_dataset(split=split, shuffle_files=False)
-        ds = ds.map(lambda ex: (tf.image.resize(ex["image"], (image_size, image_size),
-                                                antialias=True)
-                                if ex["image"].shape[0] != image_size else ex["image"],
-                                ex["label"]))
-        images, labels = [], []
-        for x, y in tfds.as_numpy(ds.batch(1024)):
-            images.append(np.clip(np.round(x), 0, 255).astype(np.uint8))
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=skip)
+        encoded, labels = [], []
+        for x, y in tfds.as_numpy(ds.map(lambda ex: (ex["image"], ex["label"])).batch(1024)):
+            encoded.append(x)
             labels.append(y)
-        self.images = np.concatenate(images) if images else np.zeros((0,), np.uint8)
-        self.labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros(
-            (0,), np.int32)
+        self.encoded = np.concatenate(encoded) if encoded else np.zeros((0,), object)
+        self.labels = (np.concatenate(labels).astype(np.int32) if labels
+                       else np.zeros((0,), np.int32))
         self.size = len(self.labels)
 
     def __len__(self) -> int:
         return self.size
 
-    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (n, S, S, C) and int32 labels (n,) of examples `index`."""
+    def take_encoded(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded images (n,) (bytes) and int32 labels (n,) of examples `index`."""
         if self.source is None:
-            return self.images[index], self.labels[index]
-        examples = [self.source[int(i)] for i in index]
-        images = []
-        for ex in examples:
-            x = np.asarray(ex["image"])
-            images.append(x if x.shape[0] == self.image_size and x.shape[1] == self.image_size
-                          else _resize(x[None], self.image_size)[0])
-        return np.stack(images), np.asarray([ex["label"] for ex in examples], np.int32)
+            return self.encoded[index], self.labels[index]
+        examples = self.source.__getitems__([int(i) for i in index])
+        return (np.asarray([ex["image"] for ex in examples], object),
+                np.asarray([ex["label"] for ex in examples], np.int32))
+
+    def batches(self, rows: Iterable[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[dict]:
+        """The host batches of `rows`, (example indices, example weights) of `size` rows per
+        batch: `image` uint8 (size, S, S, C), `labels` int32, `example_weights` float32;
+        decoded and resized in parallel by tf.data, PREFETCH batches ahead."""
+
+        def encoded():
+            for index, weights in rows:
+                images, labels = self.take_encoded(index)
+                yield images, labels, weights.astype(np.float32)
+
+        spec = (tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None], tf.float32))
+        ds = tf.data.Dataset.from_generator(encoded, output_signature=spec).unbatch()
+        ds = ds.map(lambda x, y, w: {"image": self.decode(x), "labels": y,
+                                     "example_weights": w},
+                    num_parallel_calls=tf.data.AUTOTUNE)  # deterministic: order is kept
+        options = tf.data.Options()
+        # Its own threads (0: one per core): the map's parallelism must not depend on the
+        # process's TensorFlow inter-op pool, which may be kept small (bench/data.py pins it).
+        options.threading.private_threadpool_size = 0
+        return iter(tfds.as_numpy(ds.batch(size).prefetch(PREFETCH).with_options(options)))
+
+    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded uint8 images (n, S, S, C) and int32 labels (n,) of examples `index`."""
+        batch = next(self.batches([(np.asarray(index), np.ones(len(index)))], len(index)))
+        return batch["image"], batch["labels"]
 
 
 def train_indices(n: int, global_batch: int, *, seed: int, start_step: int = 0,
@@ -237,24 +287,23 @@ class ImageSource:
         return {"num_labels": self.num_labels, "image_size": self.image_size,
                 "num_channels": self.channels}
 
-    def _batch(self, examples: Examples, index: np.ndarray,
-               weights: Optional[np.ndarray] = None) -> dict:
-        images, labels = examples.take(index)
-        x = (images.astype(np.float32) / 255.0 - self.mean) / self.std
-        return {"image": x, "labels": labels,
-                "example_weights": (np.ones(len(index), np.float32) if weights is None
-                                    else weights)}
+    def device_batch(self, batch: dict) -> dict:
+        """`batch` with its uint8 `image` normalised, (pixels/255 - mean) / std in float32:
+        run inside the jitted steps (the loop's `Program`), so hosts send uint8."""
+        return {**batch, "image": normalize(batch["image"], self.mean, self.std)}
 
     def train_batches(self, start_step: int = 0) -> Iterator[dict]:
         examples = self.examples(self.train_split)
-        for index in train_indices(len(examples), self.batch_size, seed=self.seed,
-                                   start_step=start_step, shard_index=self.shard_index,
-                                   num_shards=self.num_shards):
-            yield self._batch(examples, index)
+        index = train_indices(len(examples), self.batch_size, seed=self.seed,
+                              start_step=start_step, shard_index=self.shard_index,
+                              num_shards=self.num_shards)
+        local = self.batch_size // self.num_shards
+        return examples.batches(((i, np.ones(local)) for i in index), local)
 
-    def eval_batches_list(self) -> list[dict]:
+    def eval_stream(self) -> "Batches":
         """The eval split in order, global batches of eval_batch_size (the last padded with
-        weight-0 rows), this host's rows of each."""
+        weight-0 copies of the last example), this host's rows of each; decoded afresh on
+        every pass, so memory does not grow with the split."""
         examples = self.examples(self.eval_split)
         g, n = self.eval_batch_size, len(examples)
         if g % self.num_shards:
@@ -264,15 +313,32 @@ class ImageSource:
         count = -(-n // g)
         if self.eval_batches:
             count = min(count, self.eval_batches)
-        out = []
-        for k in range(count):
-            pos = k * g + self.shard_index * local + np.arange(local)
-            weights = (pos < n).astype(np.float32)
-            out.append(self._batch(examples, np.minimum(pos, n - 1), weights))
-        return out
+        positions = [k * g + self.shard_index * local + np.arange(local) for k in range(count)]
+        return Batches(lambda: examples.batches(
+            ((np.minimum(pos, n - 1), (pos < n).astype(np.float32)) for pos in positions),
+            local), count)
 
-    def iterators(self, start_step: int) -> tuple[Iterator[dict], list[dict]]:
-        return self.train_batches(start_step), self.eval_batches_list()
+    def iterators(self, start_step: int) -> tuple[Iterator[dict], "Batches"]:
+        return self.train_batches(start_step), self.eval_stream()
+
+
+def normalize(image, mean: float, std: float):
+    """uint8 pixels (numpy or jax) → float32 (pixels/255 - mean) / std."""
+    return (image.astype(np.float32) / 255.0 - mean) / std
+
+
+@dataclasses.dataclass
+class Batches:
+    """A finite stream of batches that can be iterated again (each eval reads it afresh)."""
+
+    make: Callable[[], Iterator[dict]]
+    count: int
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.make())
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def data_source(config) -> ImageSource:

@@ -9,7 +9,8 @@ others, so `train/` never names `evals/`.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Protocol
+import dataclasses
+from typing import Callable, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -24,14 +25,17 @@ class DataSource(Protocol):
     evaluation with `predict`, a function from a host batch to the model's logits, and logs
     what it returns (GLUE/SCROLLS metrics); and `vocabulary()`, the SeqIO vocabulary of its
     token ids, which the loop records in the workdir (`tokenizer/`) for eval.py and
-    `data.tasks.load_vocabulary`.
+    `data.tasks.load_vocabulary`; and `device_batch(batch) -> batch`, a jax function the
+    jitted steps apply to every global batch before the model (the image source normalises
+    its uint8 pixels there, so hosts send a quarter of the bytes).
     """
 
     def model_overrides(self) -> dict:
         """Model options the data fixes, e.g. {"vocab_size": 8192} or {"num_labels": 3}."""
 
-    def iterators(self, start_step: int) -> tuple[Iterator[dict], list[dict]]:
-        """(host-local train batches from batch `start_step` on, held-out eval batches)."""
+    def iterators(self, start_step: int) -> tuple[Iterator[dict], Iterable[dict]]:
+        """(host-local train batches from batch `start_step` on, held-out eval batches: a
+        list, or a finite stream the loop iterates afresh at every evaluation)."""
 
 
 SourceFactory = Callable[[ConfigDict], DataSource]
@@ -88,3 +92,17 @@ def checked_batches(batches: Iterator[dict], vocab_size: Optional[int], start_st
     for step, batch in enumerate(batches, start_step + 1):
         yield check_token_ids(batch, vocab_size, f"config.data's train batch of step {step}",
                               type_vocab_size)
+
+
+@dataclasses.dataclass
+class CheckedEvalBatches:
+    """A stream of eval batches, each checked by `check_token_ids` as it is read."""
+
+    batches: Iterable[dict]
+    vocab_size: Optional[int]
+    type_vocab_size: Optional[int] = None
+
+    def __iter__(self) -> Iterator[dict]:
+        for i, batch in enumerate(self.batches):
+            yield check_token_ids(batch, self.vocab_size, f"config.data's eval batch {i}",
+                                  self.type_vocab_size)

@@ -14,7 +14,7 @@ import functools
 import itertools
 import math
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +65,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"config.{e}") from None
     rules = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        program = Program.build(config, model_config, mesh, rules, hasattr(source, "score"))
+        program = Program.build(config, model_config, mesh, rules, hasattr(source, "score"),
+                                getattr(source, "device_batch", None))
         ckpt = _existing_checkpointer(workdir, config.train)
         check_same_model(workdir, model_config)
         steps = _stage_steps(ckpt, base_model_config, events, model_config)
@@ -196,15 +197,17 @@ class Program:
     predict_step: Optional[Any]      # jax.jit(params, batch) -> logits, for scoring sources
 
     @classmethod
-    def build(cls, config: ConfigDict, model_config, mesh, rules,
-              scoring: bool) -> "Program":
-        """Shardings from an abstract model, then the jitted steps; allocates nothing."""
+    def build(cls, config: ConfigDict, model_config, mesh, rules, scoring: bool,
+              device_batch: Optional[Callable[[dict], dict]] = None) -> "Program":
+        """Shardings from an abstract model, then the jitted steps; allocates nothing.
+        `device_batch` (the source's, if any) maps each batch inside the steps."""
         t = config.train
         if config.objective not in OBJECTIVES:
             raise ConfigError(f"unknown config.objective {config.objective!r}; choose one of "
                               f"{sorted(OBJECTIVES)}")
-        loss_fn = functools.partial(OBJECTIVES[config.objective],
-                                    max_predictions=t.max_predictions)
+        loss_fn = _on_device_batch(functools.partial(OBJECTIVES[config.objective],
+                                                     max_predictions=t.max_predictions),
+                                   device_batch)
         graphdef, abstract_state = nnx.split(nnx.eval_shape(
             lambda: build(model_config, seed=t.seed)))
         param_shardings = nnx.to_pure_dict(nnx.get_named_sharding(abstract_state, mesh))
@@ -246,7 +249,8 @@ class Program:
                    state_shardings=state_shardings, data_sharding=data_sharding,
                    init_state=init_state, train_step=train_step,
                    eval_step=jax.jit(make_eval_step(graphdef, loss_fn), **params_and_batch),
-                   predict_step=(jax.jit(_make_predict_step(graphdef), **params_and_batch)
+                   predict_step=(jax.jit(_make_predict_step(graphdef, device_batch),
+                                         **params_and_batch)
                                  if scoring else None))
 
     def abstract_state(self) -> TrainState:
@@ -272,24 +276,36 @@ def _with_shardings(tree, shardings):
                         tree, shardings)
 
 
-def _make_predict_step(graphdef):
+def _on_device_batch(loss_fn: Callable, device_batch: Optional[Callable]) -> Callable:
+    """`loss_fn` on `device_batch(batch)` (e.g. uint8 pixels normalised on the device)."""
+    if device_batch is None:
+        return loss_fn
+    return lambda model, batch, **kw: loss_fn(model, device_batch(batch), **kw)
+
+
+def _make_predict_step(graphdef, device_batch: Optional[Callable] = None):
     """(params, token batch) -> the model's logits, without dropout."""
 
     def predict_step(params, batch):
+        batch = device_batch(batch) if device_batch is not None else batch
         return forward(nnx.merge(graphdef, params), batch, deterministic=True,
                        rngs=None).logits
 
     return predict_step
 
 
-def _checked_data(source, start: int, model_config) -> tuple[Iterator[dict], list[dict]]:
+def _checked_data(source, start: int, model_config) -> tuple[Iterator[dict], Iterable[dict]]:
     """The source's iterators, every batch's token ids checked against the model's
-    vocabulary on the host (the compiled step would turn a foreign id into NaN or garbage)."""
+    vocabulary on the host (the compiled step would turn a foreign id into NaN or garbage).
+    Eval batches held in a list are checked now, streamed ones (images) as they are read."""
     train_iter, eval_batches = source.iterators(start)
     sizes = getattr(model_config, "vocab_size", None), getattr(model_config, "type_vocab_size",
                                                                 None)
-    for i, batch in enumerate(eval_batches):
-        registry.check_token_ids(batch, sizes[0], f"config.data's eval batch {i}", sizes[1])
+    if not isinstance(eval_batches, list):
+        eval_batches = registry.CheckedEvalBatches(eval_batches, *sizes)
+    else:
+        for i, batch in enumerate(eval_batches):
+            registry.check_token_ids(batch, sizes[0], f"config.data's eval batch {i}", sizes[1])
     return registry.checked_batches(train_iter, sizes[0], start, sizes[1]), eval_batches
 
 
@@ -390,7 +406,7 @@ class Evaluator:
     """Eval loss (and the source's own scores, if it scores predictions) of given params."""
 
     program: Program
-    batches: list[dict]
+    batches: Iterable[dict]          # a list, or a stream read afresh at each evaluation
     score: Optional[Callable] = None   # source.score(step, predict) -> {metric: value}
 
     def __call__(self, params, step: int) -> dict:
