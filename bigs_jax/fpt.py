@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigs_jax.layers.blocks import block_call
+from bigs_jax.layers.blocks import run_layers
 from bigs_jax.models.outputs import ModelOutput
 from bigs_jax.models.registry import FAMILIES, build, family_of, make_config
 from bigs_jax.train import checkpointing
@@ -164,9 +164,8 @@ class FPT(nnx.Module):
         x_BLD = x_BLD.astype(jnp.dtype(c.backbone.dtype))
         if c.backbone_family in VISION_FAMILIES:
             x_BLD = x_BLD + self.positions[...].astype(x_BLD.dtype)[None]
-            apply = block_call(c.backbone.remat, kw["deterministic"])
-            for layer in b.layers:
-                x_BLD = apply(layer, x_BLD, kw["rngs"])
+            x_BLD = run_layers(b.layers, x_BLD, rngs=kw["rngs"], remat=c.backbone.remat,
+                               deterministic=kw["deterministic"], scan=c.backbone.scan_layers)
             return b.final_norm(x_BLD)
         return b(inputs_embeds=x_BLD, attention_mask=mask_BL, **kw).hidden_states
 
