@@ -1,16 +1,17 @@
 """Compile time of the train step with the layers unrolled (a Python loop) vs scanned.
 
-    python bench/compile.py [--models bigs-large,bert-large] [--batch 8] [--seq 128]
-                            [--repeats 1] [--check]
+    python bench/compile.py [--models bigs-large,bert-large] [--what step,grad] [--batch 8]
+                            [--seq 128] [--repeats 1] [--check]
 
 For each model, the train step that `train.py` jits (`make_train_step`: forward + backward +
 AdamW update, dropout on, fp32; the masked-LM objective with 20 predictions per row, or the
-causal-LM one for decoders) is traced, lowered and compiled by XLA from abstract inputs
+causal-LM one for decoders), and (`--what grad`) its forward + backward alone, are traced, lowered and compiled by XLA from abstract inputs
 (nothing is allocated), once with `scan_layers=False` and once with `scan_layers=True`, in
 turns (unrolled, scanned, unrolled, ...) so a load that comes and goes on a shared machine hits
 both alike. The persistent compilation cache is off; each compile is of a fresh function.
-Reported: median seconds of lowering (tracing included) and of compiling, their sum, and the
-ratio unrolled / scanned of the sum (> 1: scanning compiles faster).
+Reported: the median wall seconds of lowering (tracing included) + compiling, and the process
+CPU seconds they took (all threads; less sensitive than wall time to other jobs on a shared
+machine), and the ratios unrolled / scanned of both (> 1: scanning compiles faster).
 
 `--check` also runs both models' deterministic forward on one random batch with the same
 random parameters and prints the largest absolute difference of the outputs, relative to
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import platform
 import statistics
@@ -70,15 +72,30 @@ def _abstract_step_inputs(name: str, scan: bool, batch: int, seq: int):
     return graphdef, train_state, data, _objective(name, model.config), tx
 
 
-def compile_seconds(name: str, scan: bool, batch: int, seq: int) -> tuple[float, float]:
-    """(lower seconds, compile seconds) of `name`'s jitted train step."""
+def _grad_only(graphdef, loss_fn):
+    """The step's forward + backward alone: (loss, gradients) of (params, batch, key)."""
+    def loss(params, batch, key):
+        s, w, _ = loss_fn(nnx.merge(graphdef, params), batch, deterministic=False,
+                          rngs=nnx.Rngs(dropout=key))
+        return s / jnp.maximum(w, 1.0)
+
+    return jax.value_and_grad(loss)
+
+
+def compile_seconds(name: str, scan: bool, batch: int, seq: int,
+                    what: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of lowering and compiling `name`'s jitted train
+    step (`what` = 'step') or its forward + backward alone ('grad')."""
     graphdef, train_state, data, loss_fn, tx = _abstract_step_inputs(name, scan, batch, seq)
-    step = jax.jit(make_train_step(graphdef, tx, loss_fn), donate_argnums=0)
-    t0 = time.perf_counter()
-    lowered = step.lower(train_state, data)
-    t1 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    if what == "step":
+        step = jax.jit(make_train_step(graphdef, tx, loss_fn), donate_argnums=0)
+        lowered = step.lower(train_state, data)
+    else:
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        lowered = jax.jit(_grad_only(graphdef, loss_fn)).lower(train_state.params, data, key)
     lowered.compile()
-    return t1 - t0, time.perf_counter() - t1
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def output_difference(name: str, seq: int) -> float:
@@ -103,24 +120,26 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--what", default="step,grad",
+                   help="step: the whole train step; grad: its forward + backward alone")
     p.add_argument("--check", action="store_true")
     args = p.parse_args()
     jax.config.update("jax_enable_compilation_cache", False)
     print(f"# {platform.node()} {jax.devices()[0].device_kind} jax {jax.__version__}, "
-          f"train step at batch {args.batch} x seq {args.seq}, median of {args.repeats}")
-    print(f"{'model':<14}{'layers':>7}{'unrolled lower+compile s':>27}"
-          f"{'scanned lower+compile s':>26}{'ratio':>8}" + ("  max rel diff" if args.check else ""))
-    for name in args.models.split(","):
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; batch {args.batch} x "
+          f"seq {args.seq}, median of {args.repeats}; wall s (process CPU s)")
+    print(f"{'model':<12}{'program':>8}{'layers':>7}{'unrolled':>17}{'scanned':>17}"
+          f"{'wall ratio':>11}{'CPU ratio':>10}" + ("  max rel diff" if args.check else ""))
+    for name, what in itertools.product(args.models.split(","), args.what.split(",")):
         times = {False: [], True: []}
         for _ in range(args.repeats):
             for scan in (False, True):
-                times[scan].append(compile_seconds(name, scan, args.batch, args.seq))
+                times[scan].append(compile_seconds(name, scan, args.batch, args.seq, what))
         med = {s: [statistics.median(t[i] for t in times[s]) for i in (0, 1)] for s in times}
-        total = {s: sum(med[s]) for s in med}
-        cell = lambda s: f"{med[s][0]:.1f} + {med[s][1]:.1f} = {total[s]:.1f}"
         depth = nnx.eval_shape(lambda: bigs_jax.create(name, max_len=args.seq)).config.num_layers
-        line = (f"{name:<14}{depth:>7}{cell(False):>27}{cell(True):>26}"
-                f"{total[False] / total[True]:>8.2f}")
+        cell = lambda s: f"{med[s][0]:.1f} ({med[s][1]:.1f})"
+        line = (f"{name:<12}{what:>8}{depth:>7}{cell(False):>17}{cell(True):>17}"
+                f"{med[False][0] / med[True][0]:>11.2f}{med[False][1] / med[True][1]:>10.2f}")
         if args.check:
             line += f"  {output_difference(name, args.seq):.2e}"
         print(line, flush=True)

@@ -231,6 +231,8 @@ def model_config_from_run(config, data_overrides: dict) -> FPTConfig:
             raise ValueError(f"the task has {tokens} tokens but backbone {family} has "
                              f"max_len {backbone.max_len}; use larger patches or shorter data")
         changes["max_len"] = tokens
+    if f.get("scan_layers") is not None:
+        changes["scan_layers"] = f.scan_layers
     if f.get("backbone_dropout") is not None:
         for key in ("dropout", "attention_dropout"):
             if key in fields:

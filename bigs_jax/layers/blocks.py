@@ -132,10 +132,11 @@ def _stack(*xs: jax.Array) -> jax.Array:
     """jnp.stack(xs), whose gradient is unstacked by dynamic slices at runtime indices.
 
     The plain transpose of a stack is one static slice per layer, and XLA:CPU compiles each
-    (slice + the optimizer update fused into it) as its own kernel, per parameter and layer:
-    that alone made a scanned BERT-large compile slower than the unrolled one. With the index
-    a runtime value (hidden behind an optimization barrier) the layers' kernels are identical
-    and compiled once.
+    (with whatever it fuses into it) as its own kernel, per parameter and layer, where the
+    unrolled model's identical layers share kernels: a scanned bert-small (8 layers) forward +
+    backward compiled 4x slower than the unrolled one that way, 2x with this. With the index a
+    runtime value (hidden behind an optimization barrier) the layers' slices are one kernel.
+    Forward-mode differentiation (jax.jvp) of a scanned model is therefore not supported.
     """
     return jnp.stack(xs)
 
@@ -145,9 +146,9 @@ def _stack_fwd(*xs):
 
 
 def _stack_bwd(_, g):
-    index = jax.lax.optimization_barrier(jnp.arange(g.shape[0]))
-    return tuple(jax.lax.dynamic_index_in_dim(g, index[i], keepdims=False)
-                 for i in range(g.shape[0]))
+    # one scalar per layer (not slices of one iota, which XLA would fuse back in as constants)
+    index = jax.lax.optimization_barrier([jnp.asarray(i, jnp.int32) for i in range(len(g))])
+    return tuple(jax.lax.dynamic_index_in_dim(g, i, keepdims=False) for i in index)
 
 
 _stack.defvjp(_stack_fwd, _stack_bwd)
