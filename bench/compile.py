@@ -5,7 +5,8 @@
 
 For each model, the train step that `train.py` jits (`make_train_step`: forward + backward +
 AdamW update, dropout on, fp32; the masked-LM objective with 20 predictions per row, or the
-causal-LM one for decoders), and (`--what grad`) its forward + backward alone, are traced, lowered and compiled by XLA from abstract inputs
+causal-LM one for decoders), and (`--what grad`) its forward + backward alone, are traced,
+lowered and compiled by XLA from abstract inputs
 (nothing is allocated), once with `scan_layers=False` and once with `scan_layers=True`, in
 turns (unrolled, scanned, unrolled, ...) so a load that comes and goes on a shared machine hits
 both alike. The persistent compilation cache is off; each compile is of a fresh function.
