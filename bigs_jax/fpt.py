@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigs_jax.layers.blocks import block_call
+from bigs_jax.layers.blocks import run_layers
 from bigs_jax.models.outputs import ModelOutput
 from bigs_jax.models.registry import FAMILIES, build, family_of, make_config
 from bigs_jax.train import checkpointing
@@ -164,9 +164,8 @@ class FPT(nnx.Module):
         x_BLD = x_BLD.astype(jnp.dtype(c.backbone.dtype))
         if c.backbone_family in VISION_FAMILIES:
             x_BLD = x_BLD + self.positions[...].astype(x_BLD.dtype)[None]
-            apply = block_call(c.backbone.remat, kw["deterministic"])
-            for layer in b.layers:
-                x_BLD = apply(layer, x_BLD, kw["rngs"])
+            x_BLD = run_layers(b.layers, x_BLD, rngs=kw["rngs"], remat=c.backbone.remat,
+                               deterministic=kw["deterministic"], scan=c.backbone.scan_layers)
             return b.final_norm(x_BLD)
         return b(inputs_embeds=x_BLD, attention_mask=mask_BL, **kw).hidden_states
 
@@ -232,6 +231,8 @@ def model_config_from_run(config, data_overrides: dict) -> FPTConfig:
             raise ValueError(f"the task has {tokens} tokens but backbone {family} has "
                              f"max_len {backbone.max_len}; use larger patches or shorter data")
         changes["max_len"] = tokens
+    if f.get("scan_layers") is not None:
+        changes["scan_layers"] = f.scan_layers
     if f.get("backbone_dropout") is not None:
         for key in ("dropout", "attention_dropout"):
             if key in fields:

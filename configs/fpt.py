@@ -59,6 +59,7 @@ def get_config(arg=None):
         "mode": mode,
         "dropout": 0.1, "orth_gain": 1.41,
         "backbone_dropout": config_dict.placeholder(float),  # None: the backbone's own
+        "scan_layers": config_dict.placeholder(bool),  # None: the backbone's own
     })
     switches = {k: _flag(args, k, d) for k, d in (("freeze_ln", False), ("freeze_pos", False),
                                                    ("freeze_ff", True), ("freeze_attn", True))}

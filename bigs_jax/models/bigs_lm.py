@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigs_jax.layers.blocks import block_call, check_remat
+from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import check_token_ids, embed, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import dense, gelu_tanh, layer_norm
 from bigs_jax.layers.ssm import INITS, S4D
@@ -70,6 +70,7 @@ class BigsLMConfig:
     dtype: str = "float32"
     output_dtype: str = "float32"
     remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
+    scan_layers: bool = False                # one jax.lax.scan over the blocks (blocks.run_layers)
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -188,9 +189,9 @@ class BigsLM(nnx.Module):
         x_BLD = self.dropout(x_BLD, deterministic=deterministic, rngs=rngs)
         mask_BL = None if attention_mask is None else jnp.asarray(attention_mask)
         seg_BL = None if segment_ids is None else jnp.asarray(segment_ids)
-        apply = block_call(self.config.remat, deterministic)
-        for layer in self.layers:
-            x_BLD = apply(layer, x_BLD, mask_BL, seg_BL, rngs)
+        x_BLD = run_layers(self.layers, x_BLD, mask_BL, seg_BL, rngs=rngs,
+                           remat=self.config.remat, deterministic=deterministic,
+                           scan=self.config.scan_layers)
         h_BLD = self.final_norm(x_BLD)
         return ModelOutput(hidden_states=h_BLD, logits=self.logits(h_BLD))
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
-from bigs_jax.layers.blocks import block_call, check_remat
+from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import BertEmbeddings, padded_vocab
 from bigs_jax.layers.linear import activation, dense, gelu_tanh, layer_norm
 from bigs_jax.layers.mlp import MLP
@@ -91,6 +91,7 @@ class EncoderConfig:
     dtype: str = "float32"
     output_dtype: str = "float32"
     remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
+    scan_layers: bool = False                # one jax.lax.scan over the blocks (blocks.run_layers)
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -293,9 +294,9 @@ class Encoder(nnx.Module):
                                 None if positions is None else jnp.asarray(positions),
                                 inputs_embeds_BLD=embeds_BLD, **kw)
         attn_mask = make_attention_mask(mask_BL, x_BLD.shape[1], segment_ids_BL=seg_BL)
-        apply = block_call(self.config.remat, deterministic)
-        for layer in self.layers:
-            x_BLD = apply(layer, x_BLD, mask_BL, attn_mask, seg_BL, rngs)
+        x_BLD = run_layers(self.layers, x_BLD, mask_BL, attn_mask, seg_BL, rngs=rngs,
+                           remat=self.config.remat, deterministic=deterministic,
+                           scan=self.config.scan_layers)
         if self.mlm_head is not None:
             h_BPD = x_BLD if mlm_positions is None else jnp.take_along_axis(
                 x_BLD, jnp.asarray(mlm_positions)[..., None], axis=1)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention, make_attention_mask
-from bigs_jax.layers.blocks import block_call, check_remat
+from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import check_token_ids, embed, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import activation, dense, layer_norm, rms_norm
 from bigs_jax.layers.mlp import MLP
@@ -69,6 +69,7 @@ class GPT2Config:
     dtype: str = "float32"
     output_dtype: str = "float32"
     remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
+    scan_layers: bool = False                # one jax.lax.scan over the blocks (blocks.run_layers)
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -207,9 +208,8 @@ class GPT2(nnx.Module):
         attn_mask = make_attention_mask(
             mask_BL, x_BLD.shape[1], causal=True,
             segment_ids_BL=None if segment_ids is None else jnp.asarray(segment_ids))
-        apply = block_call(self.config.remat, deterministic)
-        for layer in self.layers:
-            x_BLD = apply(layer, x_BLD, attn_mask, rngs)
+        x_BLD = run_layers(self.layers, x_BLD, attn_mask, rngs=rngs, remat=self.config.remat,
+                           deterministic=deterministic, scan=self.config.scan_layers)
         h_BLD = self.final_norm(x_BLD)
         return ModelOutput(hidden_states=h_BLD, logits=self.logits(h_BLD))
 

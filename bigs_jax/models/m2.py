@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigs_jax.layers.blocks import block_call, check_remat
+from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import BertEmbeddings, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv
@@ -87,6 +87,7 @@ class M2Config:
     dtype: str = "float32"
     output_dtype: str = "float32"
     remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
+    scan_layers: bool = False                # one jax.lax.scan over the blocks (blocks.run_layers)
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -305,9 +306,8 @@ class M2(nnx.Module):
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None
                                 else jnp.asarray(token_type_ids),
                                 inputs_embeds_BLD=embeds_BLD, **kw)
-        apply = block_call(c.remat, deterministic)
-        for layer in self.layers:
-            x_BLD = apply(layer, x_BLD, mask_BL, rngs)
+        x_BLD = run_layers(self.layers, x_BLD, mask_BL, rngs=rngs, remat=c.remat,
+                           deterministic=deterministic, scan=c.scan_layers)
         word_CD = self.embeddings.word.embedding[...]
         if c.head == "lm":
             return ModelOutput(hidden_states=x_BLD, logits=self._lm_logits(x_BLD))

@@ -83,6 +83,7 @@ class M2ViTConfig:
     dtype: str = "float32"
     output_dtype: str = "float32"
     remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
+    scan_layers: bool = False                # one jax.lax.scan over the blocks (blocks.run_layers)
 
     def __post_init__(self):
         check_dtype_policy(self)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigs_jax.layers.attention import SelfAttention
-from bigs_jax.layers.blocks import block_call, check_remat
+from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.linear import activation, dense, layer_norm, sharded
 from bigs_jax.layers.mlp import MLP
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
@@ -69,6 +69,7 @@ class ViTConfig:
     dtype: str = "float32"
     output_dtype: str = "float32"
     remat: str = "none"                      # per-layer rematerialization, see blocks.REMAT
+    scan_layers: bool = False                # one jax.lax.scan over the blocks (blocks.run_layers)
 
     def __post_init__(self):
         check_dtype_policy(self)
@@ -197,9 +198,8 @@ def classify_patches(model: nnx.Module, x_BND: jax.Array, *, cls_token: bool,
     """Dropout → blocks → final LayerNorm → pool ([CLS] state or mean of patches) → head:
     the trunk of ViT and M2-ViT after their patch (and position) embeddings."""
     x_BND = model.dropout(x_BND, deterministic=deterministic, rngs=rngs)
-    apply = block_call(model.config.remat, deterministic)
-    for layer in model.layers:
-        x_BND = apply(layer, x_BND, rngs)
+    x_BND = run_layers(model.layers, x_BND, rngs=rngs, remat=model.config.remat,
+                       deterministic=deterministic, scan=model.config.scan_layers)
     h_BND = model.final_norm(x_BND)
     pooled_BD = h_BND[:, 0] if cls_token else h_BND.mean(axis=1)
     logits_BY = model.head(pooled_BD)

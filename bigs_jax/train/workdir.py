@@ -260,6 +260,10 @@ def check_same_model(workdir: str, model_config) -> None:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"workdir {workdir} has an unreadable {checkpointing.MODEL_JSON} "
                               f"({e}); restore it or use a new --workdir") from None
+        # scan_layers changes how the blocks run, not the parameters: a resume may switch it
+        if "scan_layers" in {f.name for f in dataclasses.fields(existing)}:
+            existing = dataclasses.replace(
+                existing, scan_layers=getattr(model_config, "scan_layers", False))
         if existing != model_config:
             changed = sorted(f.name for f in dataclasses.fields(existing)
                              if getattr(existing, f.name) != getattr(model_config, f.name, None))
