@@ -141,6 +141,78 @@ def test_skipping_to_a_late_step_is_exact_and_its_rate(corpus):
     assert _equal(reference[:1], first) and _equal(reference[steps:], late)
 
 
+@pytest.fixture
+def rows_read(monkeypatch):
+    """The number of rows the streams made from here on have read from their tasks so far."""
+    count = [0]
+    numeric = streaming._numeric
+
+    def bump():
+        count[0] += 1
+        return np.int32(0)
+
+    def counted(ex):
+        read = tf.py_function(bump, [], tf.int32)
+        with tf.control_dependencies([read]):
+            return {k: tf.identity(v) for k, v in numeric(ex).items()}
+
+    monkeypatch.setattr(streaming, "_numeric", counted)
+    return lambda: count[0]
+
+
+def test_a_saved_position_resumes_exactly_without_reading_the_rows_before_it(corpus,
+                                                                             rows_read):
+    """O(1) resume: restoring the position saved after k batches reads about a shuffle buffer
+    and the prefetched batches, whatever k, where a replay reads all k * 8 rows first."""
+    k = 100  # 800 rows, 1.7 epochs: the position holds an epoch's file order and shuffle
+    it = streaming.make_stream_iterator(corpus["text"], split="train", batch_size=8, seq_len=L,
+                                        seed=5, shuffle_buffer=64)
+    list(itertools.islice(it, k))
+    assert it.step == k
+    state = it.state()
+    reference = [None] * k + list(itertools.islice(it, 4))  # the uninterrupted stream
+
+    def resume(step, saved):
+        before = rows_read()
+        resumed = streaming.make_stream_iterator(corpus["text"], split="train", batch_size=8,
+                                                 seq_len=L, seed=5, shuffle_buffer=64,
+                                                 start_step=step)
+        if saved is not None:
+            resumed.restore(saved)
+        return resumed, list(itertools.islice(resumed, 2)), rows_read() - before
+
+    restored, batches, read = resume(k, state)
+    assert _equal(batches, reference[k:k + 2])
+    print(f"rows read to resume at step {k}: {read} restored, ", end="")
+    assert read < 300, read  # shuffle buffer (64) + prefetch; 816 rows would be a replay
+    replayed, batches, read = resume(k, None)  # the probe sees a replay
+    print(f"{read} replayed")
+    assert _equal(batches, reference[k:k + 2]) and read >= (k + 2) * 8
+    # A position saved by a run that was itself resumed by replay (its dataset skips rows)
+    # restores without replaying them either.
+    again, batches, read = resume(k + 2, replayed.state())
+    assert _equal(batches, reference[k + 2:k + 4]) and read < 300, read
+
+
+def test_a_position_of_another_stream_or_step_is_refused(corpus):
+    kw = dict(split="train", batch_size=8, seq_len=L, shuffle_buffer=64)
+    it = streaming.make_stream_iterator(corpus["text"], seed=1, **kw)
+    next(it)
+    state = it.state()
+    with pytest.raises(ValueError, match="saved at step 1, not 2"):
+        streaming.make_stream_iterator(corpus["text"], seed=1, start_step=2, **kw).restore(state)
+    with pytest.raises(ValueError, match=r"another stream \(seed differ\)"):
+        streaming.make_stream_iterator(corpus["text"], seed=2, start_step=1, **kw).restore(state)
+    with pytest.raises(ValueError, match=r"another stream \(batch_size, num_shards, shard_index differ"):
+        streaming.make_stream_iterator(corpus["text"], seed=1, start_step=1, shard_index=1,
+                                       num_shards=2, **kw).restore(state)
+    with pytest.raises(ValueError, match="tf.data cannot restore it"):
+        streaming.make_stream_iterator(corpus["text"], seed=1, start_step=1, **kw).restore(
+            state[:-100])
+    with pytest.raises(ValueError, match="must come before the first batch"):
+        it.restore(state)
+
+
 @pytest.mark.parametrize("fmt", ["text", "jsonl"])
 def test_two_hosts_read_disjoint_documents_that_cover_the_epoch(corpus, fmt):
     docs = _encode(sum(corpus["train"], []))
@@ -235,6 +307,13 @@ def test_mixture_rates_packing_and_resume(mixture):
         np.where(seg[is_a] > 0, np.arange(L), 0))
     assert _equal(batches[8:10], _take(mixture.name, 2, batch_size=100, seed=3,
                                        shuffle_buffer=128, start_step=8))
+    # A saved position restores the mixture's sampler, both tasks' streams and the packer.
+    kw = dict(split="train", batch_size=100, seq_len=L, seed=3, shuffle_buffer=128)
+    it = streaming.make_stream_iterator(mixture.name, **kw)
+    list(itertools.islice(it, 8))
+    resumed = streaming.make_stream_iterator(mixture.name, start_step=8, **kw)
+    resumed.restore(it.state())
+    assert _equal(batches[8:10], list(itertools.islice(resumed, 2)))
 
 
 def test_tfds_task_under_mock_data_streams_resumes_and_matches(tmp_path):
