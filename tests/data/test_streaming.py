@@ -4,6 +4,7 @@ that cover every document, BERT masking statistics, mixtures, tfds, and the trai
 import itertools
 import json
 import random
+import shutil
 import time
 
 import numpy as np
@@ -377,26 +378,58 @@ def test_inspect_honours_streaming(corpus, capsys):
     assert stats["rows"] == 160 and abs(stats["mask_rate"] - 0.15) < 0.03
 
 
-@pytest.mark.slow  # two smoke runs on the streaming path (~40 s on 2 busy cores)
-def test_train_loop_streams_evaluates_and_resumes(corpus, tmp_path):
-    from bigs_jax.train import loop
-    from tests.runs import smoke
+@pytest.mark.slow  # four smoke runs on the streaming path (~80 s on 2 busy cores)
+def test_train_loop_streams_evaluates_and_resumes_exactly(corpus, tmp_path, monkeypatch,
+                                                          capsys):
+    """Train 2 steps, resume to 4: the resumed run restores the saved input position (no
+    replay) and trains on exactly the batches, to exactly the parameters, of a run straight
+    to 4. Without a saved position (an older checkpoint) it replays, as exactly, and says so."""
+    from bigs_jax.data import registry
+    from bigs_jax.train import checkpointing, loop
+    from tests.runs import params_of, smoke
 
-    def config(steps):
+    consumed = []
+    checked = registry.checked_batches
+
+    def recorded(*args, **kw):
+        for batch in checked(*args, **kw):
+            consumed.append(batch)
+            yield batch
+
+    monkeypatch.setattr(registry, "checked_batches", recorded)
+
+    def run(steps, workdir):
         c = smoke(steps)
         c.data.task = corpus["text"]
         c.data.streaming = True
         c.data.shuffle_buffer = 256
         c.data.seq_len = L
-        return c
+        consumed.clear()
+        summary = loop.train_and_evaluate(c, str(tmp_path / workdir))
+        return summary, list(consumed), capsys.readouterr().out
 
-    workdir = str(tmp_path / "run")
-    first = loop.train_and_evaluate(config(2), workdir)
+    straight, batches, _ = run(4, "straight")
+    first, _, _ = run(2, "run")
     assert first["steps"] == 2 and set(first["eval_loss"]) == {0, 2}
     assert first["eval_loss"][2] < first["eval_loss"][0]
-    resumed = loop.train_and_evaluate(config(4), workdir)  # continues from step 2
+    assert (tmp_path / "run" / checkpointing.CHECKPOINTS / "2" / checkpointing.DATA
+            / "process_0-of-1").stat().st_size > 0
+    resumed, resumed_batches, out = run(4, "run")  # continues from step 2
+    assert "resuming from step 2" in out and "replaying" not in out
     assert resumed["steps"] == 4 and resumed["checkpoints"] == [2, 4]
     assert set(resumed["eval_loss"]) == {4} and resumed["eval_loss"][4] < first["eval_loss"][2]
+    # The resume pulls one batch ahead to compile, then consumes it first: 2 batches in all.
+    assert len(batches) == 4 and _equal(resumed_batches, batches[2:])
+    for a, b in zip(params_of(str(tmp_path / "run")), params_of(str(tmp_path / "straight"))):
+        np.testing.assert_array_equal(a, b)
+    # Step 2 without its saved position: the resume replays the stream, to the same batches.
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    shutil.rmtree(tmp_path / "again" / checkpointing.CHECKPOINTS / "4")
+    shutil.rmtree(tmp_path / "again" / checkpointing.CHECKPOINTS / "2" / checkpointing.DATA)
+    replayed, replayed_batches, out = run(4, "again")
+    assert ("data: checkpoint step 2 has no input position to restore (it holds none for this "
+            "process: saved by an older bigs_jax") in out
+    assert replayed["steps"] == 4 and _equal(replayed_batches, batches[2:])
 
 
 def test_streaming_arguments_are_checked(corpus):
