@@ -25,12 +25,20 @@ task, with key (seed, g), g = p * num_shards + shard_index: unique over hosts an
 that comes back in a later epoch is masked anew) and a function of (seed, host layout, p) only.
 
 Resume. Batch s of a host is its rows [s * b, (s + 1) * b), b = batch_size // num_shards.
-`start_step=k` replays the stream and skips its first k * b rows before masking, so it yields
-exactly the batches of an uninterrupted stream from step k on. Unlike `make_iterator`'s O(1)
-resume, this costs reading and tokenizing every skipped row: O(rows consumed), at the
-host's input-pipeline speed (measured: ~3,500 rows/s of 128 tokens, ~0.45M tokens/s, for the
-wikitext-2 test split in 8 files on 2 busy CPU cores; tests/data/test_streaming.py prints the
-rate on its corpus).
+The iterator's `state()` is its position after the batches it has yielded: tf.data's own
+iterator state (the epoch and file being read and the offset in it, the shuffle buffer, the
+mixture sampler, the batches prefetched) after a JSON line naming the stream (task, seed,
+sizes, host layout) and the step. The train loop saves it with every checkpoint, one file per
+host (`train.checkpointing.DATA`), taken when the loop has consumed exactly that step's
+batches; a resumed run's `restore(state)` continues from there before reading anything, in
+time independent of the step (about a shuffle buffer and the prefetched batches are read;
+`bench/stream_resume.py`: ~2.5 s at step 20 and at step 200 where replaying took 5 s and 12 s).
+Without a state it can restore (a checkpoint of an older bigs_jax, another number of hosts,
+another stream), `start_step=k` replays the stream and skips its first k * b rows before
+masking: O(rows consumed), at the host's input-pipeline speed (measured: ~3,500 rows/s of 128
+tokens, ~0.45M tokens/s, for the wikitext-2 test split in 8 files on 2 busy CPU cores;
+tests/data/test_streaming.py prints the rate on its corpus). Either way the iterator yields
+exactly the batches of an uninterrupted stream from step k on.
 
 A finite stream (`num_epochs=k`; evaluation: 1, unshuffled by default) ends after k epochs
 with its last batch completed by all-zero rows (loss_weights 0, attention_mask 0). Its length
