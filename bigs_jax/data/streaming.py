@@ -32,7 +32,7 @@ sizes, host layout) and the step. The train loop saves it with every checkpoint,
 host (`train.checkpointing.DATA`), taken when the loop has consumed exactly that step's
 batches; a resumed run's `restore(state)` continues from there before reading anything, in
 time independent of the step (about a shuffle buffer and the prefetched batches are read;
-`bench/stream_resume.py`: ~2.5 s at step 20 and at step 200 where replaying took 5 s and 12 s).
+`bench/stream_resume.py`: 1-2 s at steps 20, 200 and 2,000 where replaying took 3, 7 and 51 s).
 Without a state it can restore (a checkpoint of an older bigs_jax, another number of hosts,
 another stream), `start_step=k` replays the stream and skips its first k * b rows before
 masking: O(rows consumed), at the host's input-pipeline speed (measured: ~3,500 rows/s of 128
