@@ -25,12 +25,20 @@ task, with key (seed, g), g = p * num_shards + shard_index: unique over hosts an
 that comes back in a later epoch is masked anew) and a function of (seed, host layout, p) only.
 
 Resume. Batch s of a host is its rows [s * b, (s + 1) * b), b = batch_size // num_shards.
-`start_step=k` replays the stream and skips its first k * b rows before masking, so it yields
-exactly the batches of an uninterrupted stream from step k on. Unlike `make_iterator`'s O(1)
-resume, this costs reading and tokenizing every skipped row: O(rows consumed), at the
-host's input-pipeline speed (measured: ~3,500 rows/s of 128 tokens, ~0.45M tokens/s, for the
-wikitext-2 test split in 8 files on 2 busy CPU cores; tests/data/test_streaming.py prints the
-rate on its corpus).
+The iterator's `state()` is its position after the batches it has yielded: tf.data's own
+iterator state (the epoch and file being read and the offset in it, the shuffle buffer, the
+mixture sampler, the batches prefetched) after a JSON line naming the stream (task, seed,
+sizes, host layout) and the step. The train loop saves it with every checkpoint, one file per
+host (`train.checkpointing.DATA`), taken when the loop has consumed exactly that step's
+batches; a resumed run's `restore(state)` continues from there before reading anything, in
+time independent of the step (about a shuffle buffer and the prefetched batches are read;
+`bench/stream_resume.py`: 1-2 s at steps 20, 200 and 2,000 where replaying took 3, 7 and 51 s).
+Without a state it can restore (a checkpoint of an older bigs_jax, another number of hosts,
+another stream), `start_step=k` replays the stream and skips its first k * b rows before
+masking: O(rows consumed), at the host's input-pipeline speed (measured: ~3,500 rows/s of 128
+tokens, ~0.45M tokens/s, for the wikitext-2 test split in 8 files on 2 busy CPU cores;
+tests/data/test_streaming.py prints the rate on its corpus). Either way the iterator yields
+exactly the batches of an uninterrupted stream from step k on.
 
 A finite stream (`num_epochs=k`; evaluation: 1, unshuffled by default) ends after k epochs
 with its last batch completed by all-zero rows (loss_weights 0, attention_mask 0). Its length
@@ -41,6 +49,11 @@ stream of each host depends on the number of hosts.
 
 from __future__ import annotations
 
+import functools
+import json
+from typing import Callable, Iterator
+
+import numpy as np
 import seqio
 import tensorflow as tf
 from tensorflow.python.autograph.core import ag_ctx  # pylint: disable=no-name-in-module
@@ -48,6 +61,14 @@ from tensorflow.python.autograph.core import ag_ctx  # pylint: disable=no-name-i
 from bigs_jax.data import hide_accelerators_from_tensorflow, pipeline, tasks
 
 hide_accelerators_from_tensorflow()
+
+STATE_FORMAT = 1  # of `StreamIterator.state()`; a state of another format is not restored
+# The only state tf.data calls external here is the seed generator a seeded shuffle inside
+# `flat_map` is handed (a dummy: the op seeds itself from the fixed seed); its position is part
+# of the shuffle's own saved state, so the iterator state is complete without it.
+_CHECKPOINTABLE = tf.data.Options()
+_CHECKPOINTABLE.experimental_external_state_policy = (
+    tf.data.experimental.ExternalStatePolicy.IGNORE)
 
 
 def _epoch_seed(seed: int, epoch: tf.Tensor, member: int) -> tf.Tensor:
@@ -121,6 +142,75 @@ def _task_rows(
     return epochs.flat_map(epoch)
 
 
+class StreamIterator(Iterator[dict[str, np.ndarray]]):
+    """A host's streamed batches (`make_stream_iterator`), resumable from a saved position.
+
+    `state()` is the position after the batches yielded so far, as bytes to keep with a
+    checkpoint; `restore(state)`, called before the first batch, continues from there in time
+    independent of the position (see the module docstring). Like `pipeline.BatchIterator`,
+    `step` is the global step of the next batch; `num_steps` and `examples_per_epoch` are
+    None.
+    """
+
+    def __init__(self, build: Callable[[int], tf.data.Dataset], stream: dict, *,
+                 start_step: int, skip_rows: int):
+        self._build = build  # rows to skip -> the batches' dataset
+        self._stream = stream  # what the batches depend on: a state restores only onto these
+        self._skip_rows = skip_rows
+        self._iterator = None
+        self.step = start_step
+        self.num_steps = None
+        self.examples_per_epoch = None
+
+    def _batches(self):
+        # Built on first use, so that a restore replaces it before anything was read.
+        if self._iterator is None:
+            self._iterator = iter(self._build(self._skip_rows))
+        return self._iterator
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._batches())
+        self.step += 1
+        return {k: v.numpy() for k, v in batch.items()}
+
+    def state(self) -> bytes:
+        """The position after the batches yielded so far: tf.data's iterator state (shuffle
+        buffers, file offsets, mixture sampler, prefetched batches) after a JSON line saying
+        which stream and step it belongs to."""
+        header = {**self._stream, "step": self.step, "skip_rows": self._skip_rows}
+        # `_serialize_to_tensors` is what tf.train.Checkpoint saves of an iterator (the
+        # Trackable protocol); serialize_tensor turns its variant into bytes without a file.
+        variant = self._batches()._serialize_to_tensors()["_STATE"]
+        return (json.dumps(header, sort_keys=True).encode() + b"\n"
+                + tf.io.serialize_tensor(variant).numpy())
+
+    def restore(self, state: bytes) -> None:
+        """Continue from `state` (a `state()` of this stream at this iterator's `step`), before
+        the first batch; ValueError saying why if `state` is not one."""
+        if self._iterator is not None:
+            raise ValueError("restore() must come before the first batch")
+        header, _, blob = state.partition(b"\n")
+        try:
+            header = json.loads(header)
+        except ValueError:
+            raise ValueError("its header is not JSON") from None
+        saved = {k: header.get(k) for k in self._stream}
+        if saved != self._stream:
+            differ = sorted(k for k in self._stream if saved[k] != self._stream[k])
+            raise ValueError(f"it was saved for another stream ({', '.join(differ)} differ)")
+        if header.get("step") != self.step:
+            raise ValueError(f"it was saved at step {header.get('step')}, not {self.step}")
+        # The dataset is rebuilt as the saving run built it (the rows it skipped, if it was
+        # itself resumed by replay): the state restores only onto the same graph.
+        iterator = iter(self._build(int(header["skip_rows"])))
+        try:
+            iterator._restore_from_tensors(  # pylint: disable=protected-access
+                {"_STATE": tf.io.parse_tensor(blob, tf.variant)})
+        except (tf.errors.OpError, ValueError) as e:
+            raise ValueError(f"tf.data cannot restore it ({str(e).splitlines()[0]})") from None
+        self._iterator, self._skip_rows = iterator, int(header["skip_rows"])
+
+
 def make_stream_iterator(
     task_name: str,
     *,
@@ -136,7 +226,7 @@ def make_stream_iterator(
     shuffle_buffer: int = 10_000,
     mask_rate: float = 0.15,
     whole_word: bool = False,
-) -> pipeline.BatchIterator:
+) -> StreamIterator:
     """Numpy batches of a SeqIO task or mixture, streamed (see the module docstring).
 
     Args:
@@ -149,8 +239,10 @@ def make_stream_iterator(
         seed: seeds the file orders, the row shuffles, the mixture sampling and the masks.
         shard_index: this host's shard (usually `jax.process_index()`).
         num_shards: number of shards (usually `jax.process_count()`).
-        start_step: first step to produce; replays and skips the rows before it (O(rows
-            consumed)), then yields exactly what an uninterrupted stream yields from there.
+        start_step: first step to produce. The iterator replays and skips the rows before
+            it (O(rows consumed)) unless `restore()` gives it a position saved at that step
+            (O(1)); either way it yields exactly what an uninterrupted stream yields from
+            there.
         num_epochs: None for an infinite stream (training); k for k passes over the split,
             the last batch completed by all-zero rows (evaluation: 1).
         shuffle: shuffle files and rows anew each epoch; defaults to True for an infinite
@@ -160,9 +252,9 @@ def make_stream_iterator(
         whole_word: whole-word masking (all pieces of a selected word).
 
     Returns:
-        A `pipeline.BatchIterator` of dicts of [batch_size // num_shards, L] arrays, with the
-        keys and dtypes of `pipeline.make_iterator`'s. Its `num_steps` and
-        `examples_per_epoch` are None: a stream's length is unknown until it ends.
+        A `StreamIterator` of dicts of [batch_size // num_shards, L] arrays, with the keys
+        and dtypes of `pipeline.make_iterator`'s. Its `num_steps` and `examples_per_epoch`
+        are None: a stream's length is unknown until it ends.
 
     Raises:
         ValueError: on an unknown task or split, inconsistent sizes or shard arguments, or an
@@ -183,16 +275,29 @@ def make_stream_iterator(
     rows = _mixed_rows(members, split=split, seq_len=seq_len, seed=seed, shard_info=shard_info,
                        num_epochs=num_epochs, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
 
+    per_host = batch_size // num_shards
+    build = functools.partial(_batches_from, rows, mask, per_host, seq_len, shard_index,
+                              num_shards, num_epochs is not None)
+    stream = dict(task=task_name, split=split, seed=seed, batch_size=per_host, seq_len=seq_len,
+                  shard_index=shard_index, num_shards=num_shards, num_epochs=num_epochs,
+                  shuffle=shuffle, shuffle_buffer=shuffle_buffer, mask_rate=mask_rate,
+                  whole_word=whole_word, format=STATE_FORMAT)
+    return StreamIterator(build, stream, start_step=start_step,
+                          skip_rows=start_step * per_host)
+
+
+def _batches_from(rows: tf.data.Dataset, mask, per_host: int, seq_len: int, shard_index: int,
+                  num_shards: int, finite: bool, skip_rows: int) -> tf.data.Dataset:
+    """The host batches of `rows` after the first `skip_rows`, masked by their positions."""
+
     def finish(position, ex):
         # Row `position` of this host is global row position * num_shards + shard_index.
         return ex if mask is None else mask(ex, position * num_shards + shard_index)
 
-    per_host = batch_size // num_shards
-    rows = rows.enumerate().skip(start_step * per_host)
-    rows = rows.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    batches = _batches(rows, per_host, seq_len, complete_last=num_epochs is not None)
-    return pipeline.BatchIterator(batches.prefetch(tf.data.AUTOTUNE), start_step=start_step,
-                                  num_steps=None, examples_per_epoch=None)
+    finished = rows.enumerate().skip(skip_rows).map(finish, num_parallel_calls=tf.data.AUTOTUNE,
+                                                    deterministic=True)
+    batches = _batches(finished, per_host, seq_len, complete_last=finite)
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(_CHECKPOINTABLE)
 
 
 def _mixed_rows(members, *, seed: int, **kw) -> tf.data.Dataset:

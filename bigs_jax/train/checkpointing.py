@@ -2,7 +2,9 @@
 
 A workdir holds `bigs_jax.json` (the marker that makes it ours, written first), `config.json`
 (the resolved run config), `model.json` (model family + its frozen config),
-`checkpoints/<step>/` (Orbax: items `params`, `opt_state`, `meta`) and TensorBoard event files.
+`checkpoints/<step>/` (Orbax: items `params`, `opt_state`, `meta`, and for a streamed input
+`data`, each process's input position in `data/process_<i>-of-<n>`) and TensorBoard event
+files.
 `load_model` needs nothing but the path.
 
 A step whose files are missing or cannot be read is *damaged*: every read of a step goes
@@ -25,6 +27,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from bigs_jax import fs
@@ -35,6 +38,9 @@ from bigs_jax.paths import flat_paths, path_str
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged_checkpoints"  # where the train loop moves damaged steps (never deleted)
 ITEMS = ("params", "opt_state", "meta")
+# Optional item: the input position of each process (`DataStateHandler`), so that a streamed
+# input resumes without replaying the rows it consumed. A step without it is still intact.
+DATA = "data"
 # The file each item's directory needs before anything in it can be read: the pytree metadata
 # of StandardSave items, the JSON of JsonSave ones.
 _ITEM_INDEX = {"params": "_METADATA", "opt_state": "_METADATA", "meta": "metadata"}
@@ -119,7 +125,7 @@ class Checkpointer:
         _quiet_failed_io()
         self.manager = ocp.CheckpointManager(
             fs.join(self.workdir, CHECKPOINTS),
-            item_names=ITEMS, options=options)
+            item_names=ITEMS + (DATA,), options=options)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -127,14 +133,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> bool:
-        """Start an async save of step `step`; returns whether the policy saved.
-        CheckpointWriteError if this or an earlier async write failed."""
+    def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False,
+             data_state: Optional[bytes] = None) -> bool:
+        """Start an async save of step `step` (with this process's input position
+        `data_state`, if given); returns whether the policy saved. CheckpointWriteError if
+        this or an earlier async write failed."""
+        items = dict(params=ocp.args.StandardSave(params),
+                     opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta))
+        if data_state is not None:
+            items[DATA] = DataStateSave(data_state)
         try:
-            return self.manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta)), force=force)
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         except (OSError, ValueError, RuntimeError) as e:
             raise self._write_failed(e) from None
 
@@ -156,6 +165,18 @@ class Checkpointer:
                 opt_state=ocp.args.StandardRestore(abstract_opt_state),
                 meta=ocp.args.JsonRestore())))
         return out.params, out.opt_state, out.meta
+
+    def restore_data_state(self, step: int) -> Optional[bytes]:
+        """This process's input position saved with step `step`, None if the step has none
+        for it (saved without one, or by another number of processes); ValueError saying why
+        if it cannot be read."""
+        if not fs.isdir(fs.join(self.workdir, CHECKPOINTS, str(step), DATA)):
+            return None
+        try:
+            return getattr(self.manager.restore(step, args=ocp.args.Composite(
+                **{DATA: DataStateRestore()})), DATA)
+        except Exception as e:  # noqa: BLE001 -- any failure to read it means replaying
+            raise ValueError(f"it cannot be read ({_first_line(e)})") from None
 
     def restore_newest_intact(self, abstract_params, abstract_opt_state, steps=None):
         """(step, (params, opt_state, meta), [DamagedCheckpoint of each newer step]) of the
@@ -195,6 +216,42 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _process_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}"
+
+
+class DataStateHandler(ocp.AsyncCheckpointHandler):
+    """Orbax item of per-process bytes: every process writes its own file into the step's
+    item directory, so the bytes are committed (and later deleted) with the step."""
+
+    async def _write(self, directory: epath.Path, data: bytes) -> None:
+        (directory / _process_file()).write_bytes(data)
+
+    async def async_save(self, directory: epath.Path, args: "DataStateSave"):
+        return [ocp.future.CommitFutureAwaitingContractedSignals(
+            self._write(directory, args.data), name="bigs_jax_data_state")]
+
+    def save(self, directory: epath.Path, args: "DataStateSave") -> None:
+        (directory / _process_file()).write_bytes(args.data)
+
+    def restore(self, directory: epath.Path, args: "DataStateRestore" = None) -> Optional[bytes]:
+        del args
+        path = directory / _process_file()
+        return path.read_bytes() if path.exists() else None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    data: bytes
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def save_params_only(workdir: str, step: int, params, meta: Optional[dict] = None) -> None:

@@ -287,9 +287,9 @@ def sync_model_json(workdir: str, base_config, events: list[dict], model_config)
 
 
 def grow_checkpoint(config, workdir: str, state: TrainState, base_config, events, step: int,
-                    ckpt, writer) -> None:
-    """At growth step `step`: grow `state`, save it as checkpoint `step`, write model.json and
-    log the growth to TensorBoard."""
+                    ckpt, writer, data_state: Optional[bytes] = None) -> None:
+    """At growth step `step`: grow `state`, save it as checkpoint `step` (with the input
+    position `data_state`), write model.json and log the growth to TensorBoard."""
     event = next(e for e in events if int(e["step"]) == step)
     model_config = config_at(base_config, events, step - 1)
     t = config.train
@@ -300,7 +300,8 @@ def grow_checkpoint(config, workdir: str, state: TrainState, base_config, events
         **event_kwargs(event))
     ckpt.save(step, grown.params, grown.opt_state,
               {"rng": np.asarray(grown.rng).tolist(), "step": step,
-               "data": {"task": config.data.task, "batches_consumed": step}}, force=True)
+               "data": {"task": config.data.task, "batches_consumed": step}}, force=True,
+              data_state=data_state)
     ckpt.wait()
     if fs.is_primary():
         checkpointing.write_json_atomic(fs.join(workdir, checkpointing.MODEL_JSON),

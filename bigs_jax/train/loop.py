@@ -80,7 +80,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
             _set_aside(ckpt, e.skipped, "an earlier growth stage")
             return train_and_evaluate(config, workdir)
         start = restored.step if restored else None
-        train_iter, eval_batches = _checked_data(source, start or 0, model_config)
+        raw_train, train_iter, eval_batches = _checked_data(source, start, model_config, ckpt)
         first = next(train_iter)
         train_iter = itertools.chain([first], train_iter)
         _refuse_unsupported_packing(first, model_config, config)
@@ -105,8 +105,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict:
         if events:
             def grow(state, step, log):
                 train_growth.grow_checkpoint(config, workdir, state, base_model_config, events,
-                                             step, ckpt, log.writer)
-        summary = _run(config, workdir, program, state, compiled, train_iter,
+                                             step, ckpt, log.writer,
+                                             data_state=data_state(raw_train, step))
+        summary = _run(config, workdir, program, state, compiled, train_iter, raw_train,
                        Evaluator(program, eval_batches, scorer), ckpt, cost, start,
                        stop_step=train_growth.next_stop(events, start or 0, config.train.steps),
                        grow=grow, eval_first=start in {int(e["step"]) for e in events})
@@ -294,11 +295,16 @@ def _make_predict_step(graphdef, device_batch: Optional[Callable] = None):
     return predict_step
 
 
-def _checked_data(source, start: int, model_config) -> tuple[Iterator[dict], Iterable[dict]]:
-    """The source's iterators, every batch's token ids checked against the model's
-    vocabulary on the host (the compiled step would turn a foreign id into NaN or garbage).
-    Eval batches held in a list are checked now, streamed ones (images) as they are read."""
-    train_iter, eval_batches = source.iterators(start)
+def _checked_data(source, start: Optional[int], model_config, ckpt
+                  ) -> tuple[Iterator[dict], Iterator[dict], Iterable[dict]]:
+    """(the source's train iterator, the same with every batch's token ids checked against
+    the model's vocabulary on the host, eval batches, checked too): the compiled step would
+    turn a foreign id into NaN or garbage. Eval batches held in a list are checked now,
+    streamed ones (images) as they are read. A run resumed at `start` restores its input
+    position from that checkpoint (`resume_input`)."""
+    raw, eval_batches = source.iterators(start or 0)
+    if start is not None:
+        resume_input(raw, ckpt, start)
     sizes = getattr(model_config, "vocab_size", None), getattr(model_config, "type_vocab_size",
                                                                 None)
     if not isinstance(eval_batches, list):
@@ -306,7 +312,38 @@ def _checked_data(source, start: int, model_config) -> tuple[Iterator[dict], Ite
     else:
         for i, batch in enumerate(eval_batches):
             registry.check_token_ids(batch, sizes[0], f"config.data's eval batch {i}", sizes[1])
-    return registry.checked_batches(train_iter, sizes[0], start, sizes[1]), eval_batches
+    return raw, registry.checked_batches(raw, sizes[0], start or 0, sizes[1]), eval_batches
+
+
+def resume_input(train_iter, ckpt, step: int) -> None:
+    """Put a train iterator that keeps its position (`state`/`restore`, a streamed input) where
+    checkpoint `step` left this process's input, in time independent of `step`. Without a
+    position it can restore, the iterator replays its input to there (time grows with
+    `step`): one line says why. Other iterators resume by their start step alone."""
+    if not hasattr(train_iter, "restore"):
+        return
+    try:
+        saved = ckpt.restore_data_state(step)
+        if saved is not None:
+            train_iter.restore(saved)
+            return
+        why = ("it holds none for this process: saved by an older bigs_jax, or by another "
+               "number of processes")
+    except ValueError as e:
+        why = str(e)
+    print(f"data: checkpoint step {step} has no input position to restore ({why}); replaying "
+          f"the input's first {step} batches to resume there", flush=True)
+
+
+def data_state(train_iter, step: int) -> Optional[bytes]:
+    """The input position to save with checkpoint `step` (None for an iterator without one):
+    that of exactly the `step` batches the loop has consumed."""
+    if not hasattr(train_iter, "state"):
+        return None
+    if train_iter.step != step:
+        raise RuntimeError(f"the train iterator is at step {train_iter.step}, not {step}: "
+                           "a batch pulled ahead would be lost on resume")
+    return train_iter.state()
 
 
 def _refuse_unsupported_packing(batch: dict, model_config, config: ConfigDict) -> None:
@@ -445,18 +482,21 @@ def _log_train(log: metrics.RunLog, step: int, stats, program: Program, ckpt) ->
     log.train(step, loss, float(program.lr_schedule(step - 1)), stats)
 
 
-def _save(ckpt, config: ConfigDict, state: TrainState, step: int, force: bool) -> None:
+def _save(ckpt, config: ConfigDict, state: TrainState, step: int, force: bool,
+          train_iter) -> None:
     ckpt.save(step, state.params, state.opt_state,
               {"rng": np.asarray(state.rng).tolist(), "step": step,
-               "data": {"task": config.data.task, "batches_consumed": step}}, force=force)
+               "data": {"task": config.data.task, "batches_consumed": step}}, force=force,
+              data_state=data_state(train_iter, step))
 
 
 def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, compiled,
-         train_iter: Iterator[dict], evaluate: Evaluator, ckpt, cost: dict,
+         train_iter: Iterator[dict], raw_train, evaluate: Evaluator, ckpt, cost: dict,
          start: Optional[int], stop_step: Optional[int] = None,
          grow: Optional[Callable] = None, eval_first: bool = False) -> dict:
     """Train from `state` to `stop_step` (default `config.train.steps`), evaluating, logging
-    and checkpointing. At a growth stop (< steps) the small state is evaluated, not saved, and
+    and checkpointing (with `raw_train`'s input position, the source's iterator under
+    `train_iter`). At a growth stop (< steps) the small state is evaluated, not saved, and
     `grow(state, step, log)` saves the grown one; a run resumed at a growth step
     (`eval_first`) evaluates the grown model first."""
     t = config.train
@@ -496,7 +536,8 @@ def _run(config: ConfigDict, workdir: str, program: Program, state: TrainState, 
             if growing:
                 grow(state, step, log)
             if saving:
-                _save(ckpt, config, state, step, force=step == t.steps or bool(preempted))
+                _save(ckpt, config, state, step, step == t.steps or bool(preempted),
+                      raw_train)
             if preempted:
                 log.write(f"stopping at step {step} on {stop.received}; checkpoint saved, "
                           "rerun the same command to resume")

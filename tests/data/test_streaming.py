@@ -4,6 +4,7 @@ that cover every document, BERT masking statistics, mixtures, tfds, and the trai
 import itertools
 import json
 import random
+import shutil
 import time
 
 import numpy as np
@@ -141,6 +142,78 @@ def test_skipping_to_a_late_step_is_exact_and_its_rate(corpus):
     assert _equal(reference[:1], first) and _equal(reference[steps:], late)
 
 
+@pytest.fixture
+def rows_read(monkeypatch):
+    """The number of rows the streams made from here on have read from their tasks so far."""
+    count = [0]
+    numeric = streaming._numeric
+
+    def bump():
+        count[0] += 1
+        return np.int32(0)
+
+    def counted(ex):
+        read = tf.py_function(bump, [], tf.int32)
+        with tf.control_dependencies([read]):
+            return {k: tf.identity(v) for k, v in numeric(ex).items()}
+
+    monkeypatch.setattr(streaming, "_numeric", counted)
+    return lambda: count[0]
+
+
+def test_a_saved_position_resumes_exactly_without_reading_the_rows_before_it(corpus,
+                                                                             rows_read):
+    """O(1) resume: restoring the position saved after k batches reads about a shuffle buffer
+    and the prefetched batches, whatever k, where a replay reads all k * 8 rows first."""
+    k = 100  # 800 rows, 1.7 epochs: the position holds an epoch's file order and shuffle
+    it = streaming.make_stream_iterator(corpus["text"], split="train", batch_size=8, seq_len=L,
+                                        seed=5, shuffle_buffer=64)
+    list(itertools.islice(it, k))
+    assert it.step == k
+    state = it.state()
+    reference = [None] * k + list(itertools.islice(it, 4))  # the uninterrupted stream
+
+    def resume(step, saved):
+        before = rows_read()
+        resumed = streaming.make_stream_iterator(corpus["text"], split="train", batch_size=8,
+                                                 seq_len=L, seed=5, shuffle_buffer=64,
+                                                 start_step=step)
+        if saved is not None:
+            resumed.restore(saved)
+        return resumed, list(itertools.islice(resumed, 2)), rows_read() - before
+
+    restored, batches, read = resume(k, state)
+    assert _equal(batches, reference[k:k + 2])
+    print(f"rows read to resume at step {k}: {read} restored, ", end="")
+    assert read < 300, read  # shuffle buffer (64) + prefetch; 816 rows would be a replay
+    replayed, batches, read = resume(k, None)  # the probe sees a replay
+    print(f"{read} replayed")
+    assert _equal(batches, reference[k:k + 2]) and read >= (k + 2) * 8
+    # A position saved by a run that was itself resumed by replay (its dataset skips rows)
+    # restores without replaying them either.
+    again, batches, read = resume(k + 2, replayed.state())
+    assert _equal(batches, reference[k + 2:k + 4]) and read < 300, read
+
+
+def test_a_position_of_another_stream_or_step_is_refused(corpus):
+    kw = dict(split="train", batch_size=8, seq_len=L, shuffle_buffer=64)
+    it = streaming.make_stream_iterator(corpus["text"], seed=1, **kw)
+    next(it)
+    state = it.state()
+    with pytest.raises(ValueError, match="saved at step 1, not 2"):
+        streaming.make_stream_iterator(corpus["text"], seed=1, start_step=2, **kw).restore(state)
+    with pytest.raises(ValueError, match=r"another stream \(seed differ\)"):
+        streaming.make_stream_iterator(corpus["text"], seed=2, start_step=1, **kw).restore(state)
+    with pytest.raises(ValueError, match=r"another stream \(batch_size, num_shards, shard_index differ"):
+        streaming.make_stream_iterator(corpus["text"], seed=1, start_step=1, shard_index=1,
+                                       num_shards=2, **kw).restore(state)
+    with pytest.raises(ValueError, match="tf.data cannot restore it"):
+        streaming.make_stream_iterator(corpus["text"], seed=1, start_step=1, **kw).restore(
+            state[:-100])
+    with pytest.raises(ValueError, match="must come before the first batch"):
+        it.restore(state)
+
+
 @pytest.mark.parametrize("fmt", ["text", "jsonl"])
 def test_two_hosts_read_disjoint_documents_that_cover_the_epoch(corpus, fmt):
     docs = _encode(sum(corpus["train"], []))
@@ -235,6 +308,13 @@ def test_mixture_rates_packing_and_resume(mixture):
         np.where(seg[is_a] > 0, np.arange(L), 0))
     assert _equal(batches[8:10], _take(mixture.name, 2, batch_size=100, seed=3,
                                        shuffle_buffer=128, start_step=8))
+    # A saved position restores the mixture's sampler, both tasks' streams and the packer.
+    kw = dict(split="train", batch_size=100, seq_len=L, seed=3, shuffle_buffer=128)
+    it = streaming.make_stream_iterator(mixture.name, **kw)
+    list(itertools.islice(it, 8))
+    resumed = streaming.make_stream_iterator(mixture.name, start_step=8, **kw)
+    resumed.restore(it.state())
+    assert _equal(batches[8:10], list(itertools.islice(resumed, 2)))
 
 
 def test_tfds_task_under_mock_data_streams_resumes_and_matches(tmp_path):
@@ -298,26 +378,58 @@ def test_inspect_honours_streaming(corpus, capsys):
     assert stats["rows"] == 160 and abs(stats["mask_rate"] - 0.15) < 0.03
 
 
-@pytest.mark.slow  # two smoke runs on the streaming path (~40 s on 2 busy cores)
-def test_train_loop_streams_evaluates_and_resumes(corpus, tmp_path):
-    from bigs_jax.train import loop
-    from tests.runs import smoke
+@pytest.mark.slow  # four smoke runs on the streaming path (~80 s on 2 busy cores)
+def test_train_loop_streams_evaluates_and_resumes_exactly(corpus, tmp_path, monkeypatch,
+                                                          capsys):
+    """Train 2 steps, resume to 4: the resumed run restores the saved input position (no
+    replay) and trains on exactly the batches, to exactly the parameters, of a run straight
+    to 4. Without a saved position (an older checkpoint) it replays, as exactly, and says so."""
+    from bigs_jax.data import registry
+    from bigs_jax.train import checkpointing, loop
+    from tests.runs import params_of, smoke
 
-    def config(steps):
+    consumed = []
+    checked = registry.checked_batches
+
+    def recorded(*args, **kw):
+        for batch in checked(*args, **kw):
+            consumed.append(batch)
+            yield batch
+
+    monkeypatch.setattr(registry, "checked_batches", recorded)
+
+    def run(steps, workdir):
         c = smoke(steps)
         c.data.task = corpus["text"]
         c.data.streaming = True
         c.data.shuffle_buffer = 256
         c.data.seq_len = L
-        return c
+        consumed.clear()
+        summary = loop.train_and_evaluate(c, str(tmp_path / workdir))
+        return summary, list(consumed), capsys.readouterr().out
 
-    workdir = str(tmp_path / "run")
-    first = loop.train_and_evaluate(config(2), workdir)
+    straight, batches, _ = run(4, "straight")
+    first, _, _ = run(2, "run")
     assert first["steps"] == 2 and set(first["eval_loss"]) == {0, 2}
     assert first["eval_loss"][2] < first["eval_loss"][0]
-    resumed = loop.train_and_evaluate(config(4), workdir)  # continues from step 2
+    assert (tmp_path / "run" / checkpointing.CHECKPOINTS / "2" / checkpointing.DATA
+            / "process_0-of-1").stat().st_size > 0
+    resumed, resumed_batches, out = run(4, "run")  # continues from step 2
+    assert "resuming from step 2" in out and "replaying" not in out
     assert resumed["steps"] == 4 and resumed["checkpoints"] == [2, 4]
     assert set(resumed["eval_loss"]) == {4} and resumed["eval_loss"][4] < first["eval_loss"][2]
+    # The resume pulls one batch ahead to compile, then consumes it first: 2 batches in all.
+    assert len(batches) == 4 and _equal(resumed_batches, batches[2:])
+    for a, b in zip(params_of(str(tmp_path / "run")), params_of(str(tmp_path / "straight"))):
+        np.testing.assert_array_equal(a, b)
+    # Step 2 without its saved position: the resume replays the stream, to the same batches.
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    shutil.rmtree(tmp_path / "again" / checkpointing.CHECKPOINTS / "4")
+    shutil.rmtree(tmp_path / "again" / checkpointing.CHECKPOINTS / "2" / checkpointing.DATA)
+    replayed, replayed_batches, out = run(4, "again")
+    assert ("data: checkpoint step 2 has no input position to restore (it holds none for this "
+            "process: saved by an older bigs_jax") in out
+    assert replayed["steps"] == 4 and _equal(replayed_batches, batches[2:])
 
 
 def test_streaming_arguments_are_checked(corpus):

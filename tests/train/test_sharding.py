@@ -81,7 +81,7 @@ def run_two_processes(model, mesh, steps, workdir, overrides=None):
     for p in procs:
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append({**json.loads(out.strip().splitlines()[-1]), "stdout": out})
     return results
 
 
@@ -122,6 +122,30 @@ def test_two_processes_stream_with_uneven_eval_shards(tmp_path):
     assert results[0]["eval"] == results[1]["eval"]
     rows = [set(map(tuple, r["first_batch_rows"])) for r in results]
     assert rows[0] and rows[1] and not rows[0] & rows[1]
+
+
+@pytest.mark.slow  # three two-process runs
+def test_two_processes_resume_their_streams_exactly(tmp_path):
+    """Streaming on two hosts, stopped at step 4 and resumed to 8: each host saved its own
+    input position in the step and restores it (no replay), and the resumed steps' losses
+    equal those of a run straight to 8."""
+    from bigs_jax.data import corpus
+
+    docs = [doc.text for doc in corpus.documents("train")]
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for i in range(4):
+        (corpus_dir / f"train-{i}.txt").write_text("\n".join(docs[i::4][:60]) + "\n")
+    task = f"text_mlm:{corpus_dir}/train-*.txt,validation={corpus_dir}/train-0.txt"
+    overrides = {"data.task": task, "data.streaming": True, "data.shuffle_buffer": 64}
+    straight = run_two_processes("bert-tiny", "8,1,1", 8, tmp_path / "straight", overrides)
+    run_two_processes("bert-tiny", "8,1,1", 4, tmp_path / "run", overrides)
+    data = tmp_path / "run" / "checkpoints" / "4" / "data"
+    assert {"process_0-of-2", "process_1-of-2"} <= set(os.listdir(data))
+    resumed = run_two_processes("bert-tiny", "8,1,1", 8, tmp_path / "run", overrides)
+    for got, want in zip(resumed, straight, strict=True):
+        assert "resuming from step 4" in got["stdout"] and "replaying" not in got["stdout"]
+        np.testing.assert_array_equal(got["losses"], want["losses"][4:])
 
 
 @pytest.mark.slow
