@@ -32,9 +32,9 @@ normalized vector, a relative change of about ε/2 (1e-12 for BERT; below float3
 Exactly the identity is impossible with one shared ε: composing the norms exactly needs the
 previous norm's ε above 1 (derivation in the README's growth section).
 
-M2 has only depth and MLP width here: its filters' decay rates are a fixed linspace over the
-channel count (`modulation_deltas(D)`), so any change of hidden size moves every old channel's
-rate, and its mixer has no attention heads.
+M2 (`bigs_jax.growth_m2`) has MLP width, block merging, depth and hidden size (duplication in
+the blocks of its block-diagonal MLP, the filters' decay rates kept by the config's
+`decay_tiling`); its mixer has no attention heads.
 """
 
 from __future__ import annotations
@@ -177,10 +177,6 @@ def expand_hidden(config, params, hidden_size: int, *, mode: Optional[str] = Non
     arch = _arch(config)
     h = config.hidden_size
     _check_larger(config, "hidden_size", hidden_size, h)
-    if not arch.hidden_modes:
-        raise GrowthError("hidden_size: M2's long-conv filters fix each channel's decay rate "
-                          "from the channel count, so no wider M2 computes the same function; "
-                          "grow intermediate_size or num_layers")
     mode = mode or arch.hidden_modes[0]
     if mode not in arch.hidden_modes:
         raise GrowthError(f"hidden mode {mode!r} is not exact for this {arch.family} model; "
@@ -190,6 +186,8 @@ def expand_hidden(config, params, hidden_size: int, *, mode: Optional[str] = Non
             f"hidden_size {hidden_size} is not a multiple of {h}: this {arch.family} model "
             "grows its width exactly only by duplication (its residual stream starts at a "
             f"LayerNorm output); pick a multiple of {h}")
+    if arch.family == "m2":
+        return growth_m2.expand_hidden(config, params, hidden_size, seed=seed)
     eps = config.norm_eps if mode == "duplicate" else config.norm_eps * h / hidden_size
     new = _replace(config, hidden_size=hidden_size,
                               norm_eps=eps)

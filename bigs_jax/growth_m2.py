@@ -1,4 +1,5 @@
-"""Function-preserving growth of M2 (Monarch Mixer) models: MLP width, MLP block count, depth.
+"""Function-preserving growth of M2 (Monarch Mixer) models: MLP width, MLP block count, hidden
+size, depth.
 
 The rules of `bigs_jax.growth` (Gesmundo & Maile, arXiv 2308.06103) adapted to the M2 layer
 (`bigs_jax.models.m2`), whose MLP is a block-diagonal GLU and which has no residual around
@@ -15,6 +16,47 @@ the layer (the mixer's long convolution and skip carry the input):
     input), its MLP output `wo` zero, and, as for post-LN BERT, the preceding LayerNorm's
     (γ, β) move into the new layer's norm: identity up to a relative ε/2.
     With `mlp=False` the layer is LN(h + mixer(h)), so there the mixer output is zeroed.
+  * Hidden size h → ĥ = m·h, by duplication in blocks (derivation below).
+
+Hidden size. The residual stream starts at the embeddings' LayerNorm output γ⊙n + β and every
+layer ends in a LayerNorm (post-LN), so, as for BERT (`bigs_jax.growth`), no new parameters
+make new channels mean-filled or zero: the only exact widening is duplication, ĥ = m·h. The
+layout is fixed by the block-diagonal GLU: with K = `mlp_nblocks` and P = h/K, block k of
+`gated_layers` reads channels [kP, (k+1)P) only, so the grown block k (ĥ/K channels) must hold
+copies of old block k and of nothing else. The grown stream is therefore
+
+    x̃[k, j, p] = x[k, p]      (k < K block, j < m copy, p < P),    written tile_K,m(x),
+
+not [x, x] (which would put old blocks 0 and 1 into new block 0). Assume the layer input is
+h̃ = tile(h). Then, parameter by parameter (a writer's new entries are copies, a reader's rows
+are split at random into m parts, drawn from the grown model's init, that sum to the old row,
+LEMON-style, so the copies get different gradients):
+
+  * in_linear (D→3D): rows split, each of the three output groups [x1 | x2 | v] tiled, bias
+    tiled per group, so z̃ = tile per group: Σ_j h[k,p]·part_j = h·W. The short conv, the
+    gating v⊙x1, ⊙x2 and the skips D1, D2 are per channel: tiled parameters give tiled
+    outputs. The pad mask is per position.
+  * The implicit filters: z, freq and the filter MLP's hidden layers are shared by all
+    channels and stay; the last layer (O→D) has its columns tiled, so each new channel's kernel
+    is MLP(z[t])·W[:, c]·exp(-t|δ_c|) with W[:, c] its source's. The decay rate δ_c is not a
+    parameter but a linspace over the channel count (`longconv.modulation_deltas`), which any
+    new width would move for every old channel; the grown config records (K, m) in
+    `decay_tiling`, and the rates are the pre-growth linspace laid out by tile_K,m: every
+    channel keeps its rate exactly.
+  * out_linear: rows split, columns and bias tiled: y·W exactly, tiled.
+  * GLU: `gated_layers` (K, P, 2F/K) → (K, mP, 2F/K), each block's rows split into m parts:
+    Σ_j x[k]·part_j = x[k]·W_k, the units unchanged. `wo` (K, F/K, P) → (K, F/K, mP), each
+    block's columns tiled, bias tiled: wo(m) = tile(wo(m)).
+  * LayerNorm of tile(v): mean and variance over ĥ = those over h, so LN(tile v) = tile LN(v)
+    with γ, β tiled and the same ε (no rescale). Embedding tables are tiled writers.
+  * Heads: the MLM transform and the poolers read (rows split) and write (tiled); a logit
+    x̃·W̃ᵀ of a tied decoder sums m copies, so the LayerNorm that feeds it (the MLM head's norm,
+    or the last layer's for M2-GPT's LM head) gets (γ, β)/m. Hidden states (heads "none",
+    "pooler") are tile(h): the same function, laid out as above (`stream_index`).
+
+By induction every layer maps tile(h) to tile(layer(h)): the grown model computes the same
+function. The block count K stays fixed (ĥ/K = m·P; K still divides ĥ); to change it, merge
+blocks (`mlp_nblocks`, applied before the width). ĥ not a multiple of h is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +69,7 @@ import numpy as np
 
 from bigs_jax import growth_rules as rules
 from bigs_jax.growth_rules import GrowthError
+from bigs_jax.layers.longconv import tile_channels
 
 
 def _units_map(F: int, F_new: int, K: int) -> np.ndarray:
@@ -148,3 +191,105 @@ def _move_norm(out: dict, i: int, config) -> None:
         out[f"{prev}/{leaf}"] = np.full_like(out[f"{prev}/{leaf}"], unit)
         if config.mixer_norm:
             out[f"layers/{i}/mixer/norm/{leaf}"] = np.full_like(out[f"{prev}/{leaf}"], unit)
+
+
+# ---------------------------------------------------------------------------- hidden size
+# Axis roles: W a writer or per-channel parameter of the stream (copies), W3 three stream-sized
+# groups (in_linear's x1, x2, v), R a reader (rows split), T a norm feeding a tied decoder
+# (copies / m), Wb / Rb the within-block axis of a block-diagonal kernel (laid out (copy, p)).
+
+
+def _hidden_roles(config, path: str) -> tuple:
+    last = config.num_layers - 1
+    tied = (config.head == "lm" and re.fullmatch(
+        rf"layers/{last}/(mlp/)?norm/(scale|bias)", path)) or path.startswith("mlm_head/norm/")
+    table = [
+        (r"^embeddings/(word|position|token_type)/embedding$", (None, "W")),
+        (r"(^|/)norm/(scale|bias)$", ("T",) if tied else ("W",)),
+        (r"mixer/in_linear/kernel$", ("R", "W3")),
+        (r"mixer/(in_linear|short_filter)/bias$", ("W3",)),
+        (r"mixer/short_filter/kernel$", (None, "W3")),
+        (r"filter_fn2?/bias$", ("W",)),
+        (r"filter_fn2?/implicit_filter(_rev)?/3/kernel$", (None, "W")),
+        (r"filter_fn2?/(z|freq|implicit_filter(_rev)?/[012]/(kernel|bias))$", None),
+        (r"mlp/gated_layers/kernel$", (None, "Rb", None)),
+        (r"mlp/wo/kernel$", (None, None, "Wb")),
+        (r"^(mlm_head/transform|classifier/pooler|pooler)/kernel$|mixer/out_linear/kernel$",
+         ("R", "W")),
+        (r"^(mlm_head/transform|classifier/pooler|pooler)/bias$|(out_linear|wo)/bias$",
+         ("W",)),
+        (r"^classifier/classifier/kernel$", ("R", None)),
+        (r"^(classifier/classifier|mlm_head)/bias$", None),
+    ]
+    for pattern, roles in table:
+        if re.search(pattern, path):
+            return roles
+    raise RuntimeError(f"M2 hidden growth has no rule for parameter {path}; "
+                       "bigs_jax.growth_m2 must be updated for this model")
+
+
+def _grouped(fn, w: np.ndarray, axis: int, groups: int, *rest) -> np.ndarray:
+    """fn applied to `w` with `axis` viewed as (groups, size/groups), then merged back."""
+    shape = list(w.shape)
+    w_g = w.reshape(shape[:axis] + [groups, shape[axis] // groups] + shape[axis + 1:])
+    out = fn(w_g, axis + 1, *rest)
+    return out.reshape(shape[:axis] + [-1] + shape[axis + 1:])
+
+
+def _copies(w: np.ndarray, axis: int, m: int) -> np.ndarray:
+    """m copies along `axis`; in index mode the copies are new entries (0)."""
+    rest = np.zeros_like(w) if rules._INDEX_MODE else w
+    return np.concatenate([w] + [rest] * (m - 1), axis=axis)
+
+
+def _split(w: np.ndarray, axis: int, f: np.ndarray, m: int) -> np.ndarray:
+    """Rows along `axis` split into m random parts (from `f`, the grown init) summing to w."""
+    return rules._split_rows(w, f, axis, m)
+
+
+def _grow_stream_axis(w, f, axis, role, K, m):
+    if role in ("W", "T", "W3"):
+        out = _grouped(_copies, w, axis, 3 * K if role == "W3" else K, m)
+        if role == "T" and not rules._INDEX_MODE:
+            out = (out.astype(np.float64) / m).astype(w.dtype)
+        return out
+    if role == "Wb":
+        return _copies(w, axis, m)
+    groups = K if role == "R" else 1
+    shape = list(f.shape)
+    f_g = f.reshape(shape[:axis] + [groups, shape[axis] // groups] + shape[axis + 1:])
+    w_g = w.reshape(shape[:axis] + [groups, w.shape[axis] // groups] + shape[axis + 1:])
+    return _split(w_g, axis + 1, f_g, m).reshape(shape[:axis] + [-1] + shape[axis + 1:])
+
+
+def expand_hidden(config, params, hidden_size: int, *, seed: int = 0):
+    """Width h → ĥ = m·h by duplication in blocks (module docstring); `bigs_jax.growth`
+    checks that ĥ is a multiple of h."""
+    h, K = config.hidden_size, config.mlp_nblocks
+    m = hidden_size // h
+    new_config = dataclasses.replace(config, hidden_size=hidden_size,
+                                     decay_tiling=config.decay_tiling + ((K, m),))
+    if rules._CONFIG_MODE:
+        return new_config, params
+    fresh, keys = rules._fresh(new_config, seed)
+    out = {}
+    for path, w in rules._flat(params).items():
+        roles = _hidden_roles(config, path) or (None,) * w.ndim
+        if len(roles) != w.ndim:
+            raise RuntimeError(f"M2 hidden growth: {path} has {w.ndim} axes, its rule "
+                               f"{len(roles)}")
+        for axis, role in enumerate(roles):
+            if role is not None:
+                w = _grow_stream_axis(w, rules._crop(fresh[path], w, axis), axis, role, K, m)
+        if w.shape != fresh[path].shape:
+            raise RuntimeError(f"M2 hidden growth: {path} grew to {w.shape}, the grown model "
+                               f"has {fresh[path].shape}")
+        out[path] = w
+    return new_config, rules._to_jax(rules._unflat(out, keys))
+
+
+def stream_index(config, hidden_size: int) -> np.ndarray:
+    """(ĥ,) the old channel that each channel of `config`'s stream grown to `hidden_size`
+    copies: the grown model's hidden states are the old ones [..., stream_index]."""
+    m = hidden_size // config.hidden_size
+    return tile_channels(np.arange(config.hidden_size), ((config.mlp_nblocks, m),))

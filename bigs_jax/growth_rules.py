@@ -130,7 +130,7 @@ def _arch(config) -> _Arch:
     if family == "vit":
         return _Arch(family, True, False, False, ("mean", "duplicate"))
     if family == "m2":
-        return _Arch(family, False, False, True, ())
+        return _Arch(family, False, False, True, ("duplicate",))
     raise GrowthError(f"growth is not implemented for the {family} family; "
                       "grow an encoder, gpt2, vit or m2 model")
 

@@ -3,6 +3,8 @@ function (float32 within 1e-6, float64 within 1e-12), keeps padding and causalit
 new parameters train (non-zero gradients, no identical new units); old gradients are the
 small model's where the theorems say so."""
 
+import dataclasses
+import json
 import random
 
 import jax
@@ -12,7 +14,9 @@ import pytest
 from flax import nnx
 
 import bigs_jax
-from bigs_jax import growth
+from bigs_jax import growth, growth_m2
+from bigs_jax.layers import longconv
+from bigs_jax.train import checkpointing
 
 TEXT = dict(vocab_size=97, max_len=16)
 # name, registry overrides, a composition of every expansion the family has
@@ -34,8 +38,9 @@ FAMILIES = {
     "stack-ssm": ("stack-ssm-tiny", TEXT, dict(intermediate_size=300, ssm_state=24,
                                                hidden_size=128, num_layers=3)),
     "m2-bert": ("m2-bert-tiny", TEXT, dict(intermediate_size=320, mlp_nblocks=2,
-                                           num_layers=3)),
-    "m2-gpt": ("m2-gpt-tiny", TEXT, dict(intermediate_size=320, mlp_nblocks=2, num_layers=3)),
+                                           hidden_size=128, num_layers=3)),
+    "m2-gpt": ("m2-gpt-tiny", TEXT, dict(intermediate_size=320, mlp_nblocks=2,
+                                         hidden_size=128, num_layers=3)),
 }
 FLOAT64 = ("gpt2", "gpt2-rms", "vit", "bert", "bigs", "gated-attention", "stack-ssm")
 # The default suite runs these; the rest of FAMILIES / FLOAT64 run under -m slow (each test
@@ -156,8 +161,8 @@ SINGLE = {
                                                               layer_positions=[0, 2])],
     "bigs": [dict(intermediate_size=300), dict(ssm_state=24), dict(hidden_size=128),
              dict(num_layers=4, layer_positions=[0, 3])],
-    "m2-bert": [dict(intermediate_size=320), dict(mlp_nblocks=1), dict(num_layers=3,
-                                                                      layer_positions=[0])],
+    "m2-bert": [dict(intermediate_size=320), dict(mlp_nblocks=1), dict(hidden_size=192),
+                dict(num_layers=3, layer_positions=[0])],
 }
 
 
@@ -186,7 +191,8 @@ def test_unsupported_expansions_fail_in_one_line():
              (config, dict(hidden=128), "unknown growth size"),
              (bigs_jax.make_config("gpt2-tiny"), dict(hidden_size=100, hidden_mode="zero"),
               "not exact"),
-             (bigs_jax.make_config("m2-bert-tiny"), dict(hidden_size=128), "decay rate"),
+             (bigs_jax.make_config("m2-bert-tiny"), dict(hidden_size=96),
+              "not a multiple of 64"),
              (bigs_jax.make_config("m2-bert-tiny"), dict(mlp_nblocks=3), "must divide"),
              (bigs_jax.make_config("m2-vit-tiny"), dict(num_layers=3), "not implemented")]
     for cfg, sizes, message in cases:
@@ -270,3 +276,102 @@ def test_converted_minilm_grows_exactly(minilm):
     assert err < 1e-9, err
     err, scale = minilm_growth(minilm, "float32", {**WIDTHS, **DEPTH})
     assert err < 1e-6 * max(1.0, scale), err
+
+
+# ---------------------------------------------------------------------------- M2 hidden size
+
+
+def m2_widen(family, dtype, **sizes):
+    config, params = small_model(family, dtype)
+    new_config, new_params = growth.grow_params(config, params, seed=3, **sizes)
+    return config, params, new_config, new_params
+
+
+@pytest.mark.parametrize("family,sizes", [
+    ("m2-gpt", dict(hidden_size=128)),
+    pytest.param("m2-bert", dict(hidden_size=128), marks=pytest.mark.slow),
+    # the block count changed first (4 → 2), then the width: ĥ/K = 64 channels per block
+    pytest.param("m2-bert", dict(hidden_size=128, mlp_nblocks=2), marks=pytest.mark.slow),
+    pytest.param("m2-gpt", dict(hidden_size=192), marks=pytest.mark.slow),
+])
+def test_m2_hidden_growth_is_exact(family, sizes):
+    """M2 widened 64 → ĥ by duplication in the GLU's blocks (growth_m2): same logits in
+    float32 (1e-6)."""
+    config, params, new_config, new_params = m2_widen(family, "float32", **sizes)
+    K = sizes.get("mlp_nblocks", config.mlp_nblocks)
+    assert new_config.decay_tiling == ((K, sizes["hidden_size"] // 64),)
+    assert new_config.mlp_nblocks == K and new_config.hidden_size == sizes["hidden_size"]
+    err, scale = max_err(config, params, new_config, new_params)
+    assert scale > 0.1 and err < 1e-6, (err, scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,sizes", [("m2-gpt", dict(hidden_size=128)),
+                                          ("m2-bert", dict(hidden_size=128, mlp_nblocks=2)),
+                                          ("m2-bert", dict(hidden_size=192))])
+def test_m2_hidden_growth_is_exact_float64(family, sizes):
+    """The same in float64 (1e-12); each channel keeps its filter decay rate only through the
+    config's `decay_tiling` (dropping it moves the float32 logits by ~5e-2)."""
+    config, params, new_config, new_params = m2_widen(family, "float32", **sizes)
+    untiled = dataclasses.replace(new_config, decay_tiling=())
+    assert max_err(config, params, untiled, new_params)[0] > 1e-3
+    with jax.enable_x64():
+        config, params, new_config, new_params = m2_widen(family, "float64", **sizes)
+        err, scale = max_err(config, params, new_config, new_params, "float64")
+    assert scale > 0.1 and err < 1e-12, (err, scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [dict(head="pooler", mixer_norm=True),
+                                       dict(head="classification"), dict(causal=True,
+                                       head="none", mlp=False)])
+def test_m2_hidden_growth_other_heads_and_layers(overrides):
+    """The pooler and classification heads, the legacy mixer LayerNorm and the MLP-free layer
+    grow exactly too; hidden states (and the pooler's embedding) come out laid out by
+    `growth_m2.stream_index`, the copy of old channel stream_index[c] in channel c."""
+    config = bigs_jax.make_config("m2-bert-tiny", **TEXT, **overrides)
+    params = noisy(growth._unflat(growth._fresh(config, 0)[0], growth._keys(nnx.to_pure_dict(
+        nnx.state(nnx.eval_shape(lambda: bigs_jax.build(config)))))))
+    new_config, new_params = growth.grow_params(config, params, seed=3, hidden_size=128,
+                                                num_layers=3)
+    b = batch(config)
+
+    def run(c, p):
+        model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: bigs_jax.build(c))), p)
+        out = model(b["input_ids"], attention_mask=b["attention_mask"])
+        return [np.asarray(x, np.float64) for x in (out.hidden_states, out.pooled, out.logits)
+                if x is not None]
+
+    index = growth_m2.stream_index(config, 128)
+    real = np.asarray(b["attention_mask"], bool)
+    for y0, y1 in zip(run(config, params), run(new_config, new_params)):
+        if y0.ndim == 3:  # pads: the new identity layer zeroes the long-conv inputs there
+            y0, y1 = y0[real], y1[real]
+        if y1.shape != y0.shape:
+            y0 = y0[..., index]
+        # hidden states reach |h| ≈ 3 (post-LN), where float32 rounding is relative; the
+        # classifier's logits are small (0.06) at init: the floor only rules out zeros
+        scale = float(np.abs(y0).max())
+        assert scale > 0.01 and np.abs(y1 - y0).max() < 1e-6 * max(1.0, scale)
+
+
+def test_m2_grown_config_is_a_normal_config():
+    """The widened config survives model.json (its decay_tiling comes back a tuple of pairs),
+    builds, and a bad tiling is refused in one line."""
+    config = bigs_jax.make_config("m2-bert-tiny", **TEXT)
+    grown = growth.grow_config(config, mlp_nblocks=2, hidden_size=128)
+    grown = growth.grow_config(grown, hidden_size=384)
+    assert grown.decay_tiling == ((2, 2), (2, 3))
+    data = json.loads(json.dumps(checkpointing.model_json(grown)))
+    assert checkpointing.config_from_json(data) == grown
+    assert hash(checkpointing.config_from_json(data)) == hash(grown)
+    deltas = longconv.modulation_deltas(384, grown.decay_tiling)
+    base = longconv.modulation_deltas(64)
+    # channel c of block k, copy j holds old channel (k, c mod P) of the width before
+    assert np.array_equal(deltas[:32], base[:32]) and np.array_equal(deltas[32:64], base[:32])
+    assert np.array_equal(deltas[192:224], base[32:]) and set(deltas) == set(base)
+    for bad, message in ((((3, 2),), "3 blocks do not divide 64"),
+                         (((4, 3),), "does not divide 128"), ((4,), "pairs")):
+        with pytest.raises(ValueError, match=message) as e:
+            bigs_jax.make_config("m2-bert-tiny", hidden_size=128, decay_tiling=bad)
+        assert "\n" not in str(e.value)

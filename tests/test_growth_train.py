@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import bigs_jax
-from bigs_jax import growth
+from bigs_jax import growth, growth_m2
 from bigs_jax.train import config as train_config
 from bigs_jax.train import growth as train_growth
 from bigs_jax.train import optim
@@ -198,3 +198,100 @@ def test_new_entries_first_updates_not_inflated():
     assert max(ours) <= 1.5, ours
     assert max(zero) > 1.5, zero
     assert max(ours[5:]) > 0  # the new entries do move
+
+
+# ---------------------------------------------------------------------------- M2 hidden size
+
+
+def _collapse(g, roles, K, m):
+    """A grown M2 gradient mapped back to the small model's entries (growth_m2's layout):
+    writers' copies summed, a tied norm's copies averaged, readers' m parts checked equal and
+    one kept. Returns (collapsed, max spread between the parts of a reader)."""
+    spread = 0.0
+    for axis, role in enumerate(roles or ()):
+        if role is None:
+            continue
+        groups = {"W": K, "T": K, "R": K, "W3": 3 * K}.get(role, 1)
+        shape = list(g.shape)
+        g = g.reshape(shape[:axis] + [groups, m, shape[axis] // (groups * m)]
+                      + shape[axis + 1:])
+        if role in ("R", "Rb"):
+            spread = max(spread, float(np.abs(g - np.take(g, [0], axis + 1)).max()))
+            g = np.take(g, 0, axis=axis + 1)
+        else:
+            g = g.sum(axis + 1) / (m if role == "T" else 1)
+        g = g.reshape(shape[:axis] + [-1] + shape[axis + 1:])
+    return g, spread
+
+
+@pytest.mark.parametrize("family", ["m2-gpt", pytest.param("m2-bert", marks=pytest.mark.slow)])
+def test_m2_hidden_growth_gradients_map_to_the_small_models(family):
+    """At the growth point each part of a split reader row has the small model's gradient of
+    that row, the copies of a writer (or per-channel parameter) sum to it, and shared
+    parameters (the filter MLPs' hidden layers) keep it: the chain rule through x̃ = tile(x).
+    Checked in float64 to 1e-6 relative to each leaf's largest gradient: the long-conv
+    filters compute in float32 whatever the dtype (models.m2), so their backward pass sums the
+    copies' float32 gradients in another order (1.3e-7 measured; 1e-6 in float32)."""
+    with jax.enable_x64():
+        config, params = small_model(family, "float64")
+        b = lm_batch(config)
+        loss0, g0 = loss_and_grads(config, params, b)
+        new_config, new_params = growth.grow_params(config, params, seed=1, hidden_size=128)
+        loss1, g1 = loss_and_grads(new_config, new_params, b)
+    assert abs(float(loss0) - float(loss1)) < 1e-12
+    g0, g1 = flat(g0), flat(g1)
+    worst, spread = 0.0, 0.0
+    for path, g in g1.items():
+        back, s = _collapse(g, growth_m2._hidden_roles(config, path), config.mlp_nblocks, 2)
+        scale = max(1.0, float(np.abs(g0[path]).max()))
+        worst = max(worst, float(np.abs(back - g0[path]).max()) / scale)
+        spread = max(spread, s / scale)
+    assert worst < 1e-6 and spread < 1e-12, (worst, spread)
+
+
+@pytest.mark.slow
+def test_m2_hidden_growth_trains_and_carries_the_optimizer_state():
+    """M2-GPT widened 64 → 128 inside a TrainState: old Adam moments land bit for bit where the
+    growth put their entries, new entries get μ = 0 and ν = the old median; after 3 steps every
+    new entry has a gradient, the copies of a writer no longer equal their source, and the
+    first update of new entries is not inflated (≤ 1.5x the old entries' median)."""
+    config, params = small_model("m2-gpt")
+    state, tx, make_tx = adam_state(config, params)
+    state, _ = train(config, state, tx, 5)
+    sizes = dict(hidden_size=128, intermediate_size=320)
+    grown, new_config, tx = train_growth.grow_state(state, config, make_tx, seed=2, **sizes)
+    _, maps, order = growth.index_maps(config, jax.device_get(state.params), seed=2, **sizes)
+    old_adam = state.opt_state[1].inner_states["default"].inner_state[0]
+    adam = grown.opt_state[1].inner_states["default"].inner_state[0]
+    for what in ("mu", "nu"):
+        old, new = flat(getattr(old_adam, what)), flat(getattr(adam, what))
+        cat = np.concatenate([old[p].ravel() for p in order])
+        for path, idx in maps.items():
+            sel = idx > 0
+            assert np.array_equal(new[path][sel], cat[idx[sel] - 1]), (what, path)
+            if what == "mu":
+                assert not new[path][~sel].any(), path
+            elif (~sel).any():
+                np.testing.assert_allclose(new[path][~sel], np.median(cat[idx[sel] - 1]),
+                                           rtol=1e-6)
+    grown1, history = train(new_config, grown, tx, 3, seed=50)
+    key = "layers/0/mixer/out_linear/kernel"
+    new = maps[key] == 0
+    step1 = np.abs(flat(history[0])[key] - flat(grown.params)[key])
+    ratio = float(np.median(step1[new]) / np.median(step1[~new]))
+    print(f"M2 hidden growth: first update of new / old entries of {key}: {ratio:.2f}x")
+    assert ratio <= 1.5, ratio
+    _, g = loss_and_grads(new_config, grown1.params, lm_batch(new_config, 9))
+    g = flat(g)
+    used = {"embeddings/word/embedding": np.unique(np.asarray(lm_batch(new_config, 9)[
+        "input_ids"])), "embeddings/position/embedding": np.arange(L - 1)}
+    for path, idx in maps.items():
+        rows = used.get(path, slice(None))
+        sel = idx[rows] == 0
+        if sel.any():
+            assert np.mean(np.abs(g[path][rows][sel]) > 0) > 0.99, path
+    w = flat(grown1.params)[key]
+    source = growth_m2.stream_index(config, 128)
+    first = np.unique(source, return_index=True)[1]  # where each old channel's first copy is
+    copies = [c for c in range(128) if c not in set(first)]
+    assert min(np.abs(w[:, c] - w[:, first[source[c]]]).sum() for c in copies) > 0

@@ -361,6 +361,9 @@ def export_config(config: M2Config) -> dict:
     if config.head in ("classification", "pooler") and config.pooler not in POOL_ALL:
         problems.append(f"pooler={config.pooler!r} (the official pooler takes [CLS] or, with "
                         "pool_all, the non-padding mean)")
+    if config.decay_tiling:
+        problems.append("decay_tiling (a width-grown model: the official filters recompute "
+                        "their decay rates as a linspace over the channels)")
     if config.type_vocab_size < 1:
         problems.append("type_vocab_size=0 (the official embeddings have token types)")
     if problems:

@@ -70,10 +70,36 @@ def positional_features(l_max: int, emb_dim: int = 5) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def modulation_deltas(features: int) -> np.ndarray:
-    """(features,) decay rates δ = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, features)."""
-    return np.linspace(math.log(_DECAY_TARGET) / _SLOW_DECAY_PCT,
-                       math.log(_DECAY_TARGET) / _FAST_DECAY_PCT, features).astype(np.float32)
+def tile_channels(x: np.ndarray, tiling=()) -> np.ndarray:
+    """x (..., D0) laid out as the channels of a model widened by duplication: for each
+    (blocks, copies) of `tiling` in turn, the last axis is split into `blocks` consecutive
+    blocks and each block repeated `copies` times in place ([a, b] with (2, 2): [a, a, b, b]),
+    the layout `bigs_jax.growth_m2` gives the residual stream."""
+    for blocks, copies in tiling:
+        if x.shape[-1] % blocks:
+            raise ValueError(f"decay_tiling: {blocks} blocks do not divide {x.shape[-1]} "
+                             "channels; it must list the (blocks, copies) of this model's "
+                             "width growths")
+        x_KP = x.reshape(*x.shape[:-1], blocks, 1, x.shape[-1] // blocks)
+        x = np.broadcast_to(x_KP, x_KP.shape[:-2] + (copies, x_KP.shape[-1]))
+        x = x.reshape(*x.shape[:-3], -1)
+    return x
+
+
+def modulation_deltas(features: int, tiling=()) -> np.ndarray:
+    """(features,) decay rates δ = linspace(ln(1e-2)/1.5, ln(1e-2)/0.3, features).
+
+    With a `tiling` (`tile_channels`; a width-grown M2's `decay_tiling`) the linspace is over
+    the pre-growth width features / Π copies, laid out by the tiling, so every channel keeps
+    the rate it had before growth.
+    """
+    base = features // math.prod(c for _, c in tiling)
+    if base * math.prod(c for _, c in tiling) != features:
+        raise ValueError(f"decay_tiling {tuple(tiling)} does not divide {features} channels; "
+                         "it must list the (blocks, copies) of this model's width growths")
+    deltas = np.linspace(math.log(_DECAY_TARGET) / _SLOW_DECAY_PCT,
+                         math.log(_DECAY_TARGET) / _FAST_DECAY_PCT, base).astype(np.float32)
+    return np.ascontiguousarray(tile_channels(deltas, tiling))
 
 
 def _torch_linear(in_features: int, out_features: int, axes, *, use_bias: bool,
@@ -108,7 +134,7 @@ class ImplicitFilter(nnx.Module):
 
     def __init__(self, features: int, *, l_max: int, order: int = 128, emb_dim: int = 5,
                  w: float = 10.0, w_mod: float = 1.0, bidirectional: bool = True,
-                 rngs: nnx.Rngs):
+                 decay_tiling: tuple = (), rngs: nnx.Rngs):
         """Builds the filter.
 
         Args:
@@ -119,11 +145,14 @@ class ImplicitFilter(nnx.Module):
           w: initial sine frequency (`hyena_w`).
           w_mod: fixed multiplier of the frequency (`hyena_w_mod`).
           bidirectional: also build the backward-kernel MLP.
+          decay_tiling: channel layout of the decay rates after width growth
+            (`modulation_deltas`); () for the official linspace.
           rngs: random streams.
         """
         if emb_dim < 3 or emb_dim % 2 == 0:
             raise ValueError(f"ImplicitFilter: emb_dim must be odd and >= 3, got {emb_dim}")
         self.features, self.l_max, self.w_mod = features, l_max, float(w_mod)
+        self.decay_tiling = tuple(tuple(pair) for pair in decay_tiling)
         self.bidirectional = bidirectional
         self.z = nnx.Param(jnp.asarray(positional_features(l_max, emb_dim)),
                            **sharded((None, None)))
@@ -148,7 +177,7 @@ class ImplicitFilter(nnx.Module):
     def _decay(self, t_L: np.ndarray) -> jax.Array:
         """(D, L) exp(-t·|δ|), computed in the graph (an (L, D) numpy constant per call would
         put L·D floats into the program for every filter)."""
-        delta_D = np.abs(modulation_deltas(self.features))
+        delta_D = np.abs(modulation_deltas(self.features, self.decay_tiling))
         return jnp.exp(-jnp.asarray(delta_D)[:, None] * jnp.asarray(t_L)[None, :])
 
     def _check_length(self, length: int) -> None:

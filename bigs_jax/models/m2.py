@@ -41,7 +41,7 @@ from flax import nnx
 from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import BertEmbeddings, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import dense, gelu_exact, layer_norm
-from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv
+from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv, modulation_deltas
 from bigs_jax.layers.monarch import BlockdiagLinear
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead, pool
 from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
@@ -72,6 +72,9 @@ class M2Config:
     filter_w_mod: float = 1.0                # hyena_w_mod
     short_conv_size: int = 3
     residual_long_conv: bool = True
+    # Width growth by duplication (bigs_jax.growth_m2) records ((blocks, copies), ...) here so
+    # every channel keeps its filter decay rate (longconv.modulation_deltas); () = official.
+    decay_tiling: tuple = ()
     mixer_norm: bool = False                 # hyena_training_additions (released 80M only)
     norm_eps: float = 1e-12
     dropout: float = 0.1                     # embeddings and MLP (hidden_dropout_prob)
@@ -103,6 +106,16 @@ class M2Config:
                              f"{self.intermediate_size} must be multiples of mlp_nblocks "
                              f"{self.mlp_nblocks}")
         padded_vocab(self.vocab_size, self.vocab_multiple)
+        # model.json stores the tiling as lists: back to a hashable tuple of int pairs
+        try:
+            tiling = tuple(tuple(int(n) for n in pair) for pair in self.decay_tiling)
+        except TypeError:
+            tiling = ((0,),)
+        if any(len(pair) != 2 or min(pair) < 1 for pair in tiling):
+            raise ValueError(f"decay_tiling {self.decay_tiling!r} must be (blocks, copies) "
+                             "pairs of positive ints, as bigs_jax.growth writes them")
+        object.__setattr__(self, "decay_tiling", tiling)
+        modulation_deltas(self.hidden_size, tiling)  # the tiling must fit the width
 
 
 class M2SequenceMixer(nnx.Module):
@@ -112,7 +125,8 @@ class M2SequenceMixer(nnx.Module):
         d, dt = c.hidden_size, jnp.dtype(c.dtype)
         kw = dict(rngs=rngs, init_std=c.init_std, dtype=dt)
         filt = dict(l_max=c.max_len, order=c.filter_order, emb_dim=c.filter_emb_dim,
-                    w=c.filter_w, w_mod=c.filter_w_mod, bidirectional=not c.causal, rngs=rngs)
+                    w=c.filter_w, w_mod=c.filter_w_mod, bidirectional=not c.causal,
+                    decay_tiling=c.decay_tiling, rngs=rngs)
         self.norm = nnx.data(layer_norm(d, eps=c.norm_eps, rngs=rngs, dtype=dt)
                              if c.mixer_norm else None)
         self.in_linear = dense(d, 3 * d, ("embed", "mlp"), **kw)
