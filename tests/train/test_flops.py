@@ -87,14 +87,13 @@ def test_loop_free_functions_count_what_xla_counts(f):
     assert flops.count(jax.make_jaxpr(f)(x)).flops == pytest.approx(xla_flops(f, x), abs=4)
 
 
-def dry_run(tmp_path, *, grad_accum_steps=1, scan_layers=None):
+def dry_run(tmp_path, *, grad_accum_steps=1, scan_layers=False):
     """The dry run of a small BERT MLM step (no dropout, so training attends in query blocks
     when the scores exceed `attention.SCORE_BLOCK_FLOATS`); returns (its summary, the config)."""
     config = bert.get_config("size=tiny")
     config.model.update(hidden_size=128, intermediate_size=512, num_heads=2, num_layers=2,
                         dropout=0.0, attention_dropout=0.0)
-    if scan_layers is not None:  # TODO(scan_layers): set once `model.scan_layers` is on main
-        config.model.scan_layers = scan_layers
+    config.model.scan_layers = scan_layers
     config.data.update(batch_size=8, seq_len=256)
     config.train.update(max_predictions=40, grad_accum_steps=grad_accum_steps, dry_run=True)
     return loop.train_and_evaluate(config, str(tmp_path / "run")), config
@@ -116,14 +115,15 @@ def hand_count(config, vocab: int) -> float:
 def test_dry_run_flops_equal_a_hand_count_with_blocked_attention_and_accumulation(
         tmp_path, monkeypatch, capsys):
     """Issue 16's acceptance. Per microbatch the scores are (4, 2, 256, 256) floats; a budget
-    of 2**17 splits them into 4 query blocks of 64, which XLA's count would see only once."""
+    of 2**17 splits them into 4 query blocks of 64, which XLA's count would see only once;
+    the layers run as one scan, and the microbatches as another."""
     assert attention.query_block_size(4, 2, 256, 256) == 256  # one block unless told
     monkeypatch.setattr(attention, "SCORE_BLOCK_FLOATS", 1 << 17)
     assert attention.query_block_size(4, 2, 256, 256) == 64
-    summary, config = dry_run(tmp_path, grad_accum_steps=2)
+    summary, config = dry_run(tmp_path, grad_accum_steps=2, scan_layers=True)
     expected = hand_count(config, vocab=8192)  # the embedded corpus's vocabulary
     assert summary["flops"] == pytest.approx(expected, rel=0.05)
-    assert summary["xla_flops"] < 0.6 * expected  # one microbatch, one query block
+    assert summary["xla_flops"] < 0.6 * expected  # one microbatch, layer and query block
     out = capsys.readouterr().out
     assert f"FLOPs per step per device: {summary['flops']:.4g}" in out
     assert "XLA's cost analysis" in out and "counts each loop body once" in out
