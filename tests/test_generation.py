@@ -119,10 +119,13 @@ def test_beam_1_is_greedy(gpt2):
 
 def test_no_recompilation_per_token_or_length(gpt2):
     """Prompt lengths within one bucket and any max_new_tokens within one buffer bucket reuse
-    the compiled prefill and decode loop."""
+    the compiled prefill and decode loop: every call below has prompt bucket 16 and buffer
+    bucket 16 (prompt + new - 1 <= 16). A buffer past 16 (e.g. 11 + 16 - 1 = 26) is another
+    bucket; an earlier case here had one and passed only when another test had compiled it."""
     bigs_jax.generate(gpt2, [[1, 2, 3]], max_new_tokens=9)
     before = (generation._prefill._cache_size(), generation._decode._cache_size())
-    for prompt, n in (([4, 5, 6, 7, 8], 12), ([9] * 11, 16), ([3], 10)):
+    for prompt, n in (([4, 5, 6, 7, 8], 12), ([9] * 11, 6), ([3], 10), ([2] * 16, 1)):
+        assert generation.pow2_bucket(len(prompt) + n - 1, 64) == 16
         bigs_jax.generate(gpt2, [prompt], max_new_tokens=n)
     assert (generation._prefill._cache_size(), generation._decode._cache_size()) == before
 
