@@ -19,7 +19,6 @@ import pytest
 
 from bigs_jax import fs
 from bigs_jax.train import loop
-from tests.fake_gcs import FakeGCS
 from tests.runs import ROOT, params_of, smoke
 
 RUN = "gs://bucket/run"
@@ -27,15 +26,6 @@ RUN = "gs://bucket/run"
 FLAGS = ["--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
          "--config.train.checkpoint_every=2", "--config.train.eval_every=2"]
 CACHE = "gs://bucket/xla"  # the compilation cache, in the bucket too
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-    server = FakeGCS()
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    yield server
-    server.close()
 
 
 def train(steps: int, cwd) -> str:

@@ -11,18 +11,8 @@ import pytest
 from bigs_jax import fs
 from bigs_jax.data import streaming
 from bigs_jax.train import checkpointing, loop
-from tests.fake_gcs import FakeGCS
 
 PARAMS = {"w": np.arange(4, dtype=np.float32)}
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-    server = FakeGCS()
-    for key, value in server.env().items():
-        monkeypatch.setenv(key, value)
-    yield server
-    server.close()
 
 
 def _saved(workdir: str, positions: dict) -> checkpointing.Checkpointer:
