@@ -32,9 +32,10 @@ normalized vector, a relative change of about ε/2 (1e-12 for BERT; below float3
 Exactly the identity is impossible with one shared ε: composing the norms exactly needs the
 previous norm's ε above 1 (derivation in the README's growth section).
 
-M2 (`bigs_jax.growth_m2`) has MLP width, block merging, depth and hidden size (duplication in
-the blocks of its block-diagonal MLP, the filters' decay rates kept by the config's
-`decay_tiling`); its mixer has no attention heads.
+M2 and M2-ViT (`bigs_jax.growth_m2`) have MLP width, block merging, depth and hidden size
+(duplication in the blocks of the block-diagonal MLP, the filters' decay rates kept by the
+config's `decay_tiling`); their mixer has no attention heads, so heads, qk and v sizes are
+refused in one line.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
     arch = _arch(config)
     current = getattr(config, "mlp_size", None) or config.intermediate_size
     _check_larger(config, "intermediate_size", intermediate_size, current)
-    if arch.family == "m2":
+    if arch.family in growth_m2.FAMILIES:
         return growth_m2.expand_mlp(config, params, intermediate_size, seed=seed)
     new = _replace(config, intermediate_size=intermediate_size)
     return _apply(config, params, new, "mlp", {}, seed)
@@ -112,7 +113,7 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
 
 def merge_mlp_blocks(config, params, mlp_nblocks: int, *, seed: int = 0):
     """M2 only: fewer, larger diagonal blocks in the MLP projections (zero off-diagonal)."""
-    if _arch(config).family != "m2":
+    if _arch(config).family not in growth_m2.FAMILIES:
         raise GrowthError("mlp_nblocks: only M2 models have block-diagonal MLPs")
     return growth_m2.merge_mlp_blocks(config, params, mlp_nblocks, seed=seed)
 
@@ -122,7 +123,8 @@ def _need_attention(config, what: str):
     if not arch.attention:
         raise GrowthError(f"{what}: this {arch.family} model has no attention heads "
                           f"(mixer {getattr(config, 'mixer', 'M2')}); grow intermediate_size, "
-                          "hidden_size, num_layers" + (" or ssm_state" if arch.ssm else ""))
+                          + ("mlp_nblocks, " if arch.family in growth_m2.FAMILIES else "")
+                          + "hidden_size, num_layers" + (" or ssm_state" if arch.ssm else ""))
 
 
 def add_heads(config, params, num_heads: int, *, seed: int = 0):
@@ -186,7 +188,7 @@ def expand_hidden(config, params, hidden_size: int, *, mode: Optional[str] = Non
             f"hidden_size {hidden_size} is not a multiple of {h}: this {arch.family} model "
             "grows its width exactly only by duplication (its residual stream starts at a "
             f"LayerNorm output); pick a multiple of {h}")
-    if arch.family == "m2":
+    if arch.family in growth_m2.FAMILIES:
         return growth_m2.expand_hidden(config, params, hidden_size, seed=seed)
     eps = config.norm_eps if mode == "duplicate" else config.norm_eps * h / hidden_size
     new = _replace(config, hidden_size=hidden_size,
@@ -207,7 +209,7 @@ def add_layers(config, params, num_layers: int, *, positions: Optional[list[int]
     arch = _arch(config)
     N = config.num_layers
     _check_larger(config, "num_layers", num_layers, N)
-    if arch.family == "m2":
+    if arch.family in growth_m2.FAMILIES:
         return growth_m2.add_layers(config, params, num_layers, positions=positions, seed=seed)
     positions = _layer_positions(N, num_layers, positions)
     new_config = dataclasses.replace(config, num_layers=num_layers)

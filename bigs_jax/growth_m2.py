@@ -1,5 +1,5 @@
-"""Function-preserving growth of M2 (Monarch Mixer) models: MLP width, MLP block count, hidden
-size, depth.
+"""Function-preserving growth of M2 (Monarch Mixer) models, M2-BERT / M2-GPT and M2-ViT: MLP
+width, MLP block count, hidden size, depth.
 
 The rules of `bigs_jax.growth` (Gesmundo & Maile, arXiv 2308.06103) adapted to the M2 layer
 (`bigs_jax.models.m2`), whose MLP is a block-diagonal GLU and which has no residual around
@@ -57,6 +57,19 @@ LEMON-style, so the copies get different gradients):
 By induction every layer maps tile(h) to tile(layer(h)): the grown model computes the same
 function. The block count K stays fixed (ĥ/K = m·P; K still divides ĥ); to change it, merge
 blocks (`mlp_nblocks`, applied before the width). ĥ not a multiple of h is refused.
+
+M2-ViT (`bigs_jax.models.m2_vit`): pre-LN, x + Mixer(LN x), then x + Bd-MLP(LN x), with the
+same sequence mixer over the patches, a GELU MLP of two block-diagonal matrices (`up` reads
+block k's channels, `down` writes them), a final LayerNorm, the mean over patches and a linear
+head. Its stream starts at the patch embedding (no LayerNorm), so a mean-fill would be possible
+for LayerNorm alone, but a mean-filled channel of block k would have to be written by `down`
+from every block's units, which a block-diagonal matrix cannot do: the width grows by the same
+tiling. Patch and position embeddings are writers (tiled), the three LayerNorms per-channel
+(tiled, same ε; no tied decoder), `up` a block reader (rows split), `down` a block writer, the
+head a reader (rows split; the mean over patches is per channel). MLP width: unit j of chunk
+c = j // (F/K) stays in block c; new `up` columns and biases from the init, new `down` rows
+zero. Depth: a new layer with zero `out_linear` and `down` (kernels and biases) is the
+identity, exactly (pre-LN: no LayerNorm to move).
 """
 
 from __future__ import annotations
@@ -70,6 +83,14 @@ import numpy as np
 from bigs_jax import growth_rules as rules
 from bigs_jax.growth_rules import GrowthError
 from bigs_jax.layers.longconv import tile_channels
+from bigs_jax.models import family_of
+
+# The families grown here: M2-BERT / M2-GPT (`models.m2`) and M2-ViT (`models.m2_vit`).
+FAMILIES = ("m2", "m2_vit")
+
+
+def _vit(config) -> bool:
+    return family_of(config).name == "m2_vit"
 
 
 def _units_map(F: int, F_new: int, K: int) -> np.ndarray:
@@ -94,9 +115,9 @@ def _blockdiag_out(w_KPQ: np.ndarray, fresh_KPQ: np.ndarray, out_map: np.ndarray
 
 
 def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
-    """GLU width F → F̂ (module docstring)."""
+    """GLU (M2-ViT: MLP) width F → F̂ (module docstring)."""
     F, K = config.intermediate_size, config.mlp_nblocks
-    if not config.mlp:
+    if not getattr(config, "mlp", True):
         raise GrowthError("intermediate_size: this M2 model has mlp=False; there is no MLP "
                           "to widen")
     if intermediate_size % K:
@@ -108,11 +129,16 @@ def expand_mlp(config, params, intermediate_size: int, *, seed: int = 0):
     fresh, keys = rules._fresh(new_config, seed)
     flat = rules._flat(params)
     units = _units_map(F, intermediate_size, K)
-    out_map = np.concatenate([units, intermediate_size + units])  # gate then value halves
+    # GLU: gate then value halves; M2-ViT's GELU MLP has one set of units
+    out_map = units if _vit(config) else np.concatenate([units, intermediate_size + units])
     for path, w in flat.items():
-        if path.endswith("mlp/gated_layers/kernel"):
+        if path.endswith(("mlp/gated_layers/kernel", "mlp/up/kernel")):
             flat[path] = _blockdiag_out(w, fresh[path], out_map)
-        elif path.endswith("mlp/wo/kernel"):
+        elif path.endswith("mlp/up/bias"):  # new units' biases free (the init's)
+            b = fresh[path].astype(w.dtype).copy()
+            b[units] = w
+            flat[path] = b
+        elif path.endswith(("mlp/wo/kernel", "mlp/down/kernel")):
             pad = fresh[path].shape[1] - w.shape[1]
             flat[path] = np.concatenate([w, np.zeros((K, pad, w.shape[2]), w.dtype)], axis=1)
     return new_config, rules._to_jax(rules._unflat(flat, keys))
@@ -138,7 +164,7 @@ def merge_mlp_blocks(config, params, mlp_nblocks: int, *, seed: int = 0):
         return new_config, params
     flat, keys = rules._flat(params), rules._keys(params)
     for path, w in flat.items():
-        if re.search(r"mlp/(gated_layers|wo)/kernel$", path):
+        if re.search(r"mlp/(gated_layers|wo|up|down)/kernel$", path):
             flat[path] = _merge_blocks(w, K // mlp_nblocks)
     return new_config, rules._to_jax(rules._unflat(flat, keys))
 
@@ -148,7 +174,8 @@ def add_layers(config, params, num_layers: int, *, positions: Optional[list[int]
     """Depth N → N̂ with identity-initialized mixers (module docstring)."""
     N = config.num_layers
     positions = rules._layer_positions(N, num_layers, positions)
-    if config.mlp and not config.residual_long_conv:
+    vit = _vit(config)
+    if not vit and config.mlp and not config.residual_long_conv:
         raise GrowthError("num_layers: an M2 layer without residual_long_conv has no path "
                           "that can carry its input, so no new layer is the identity")
     new_config = dataclasses.replace(config, num_layers=num_layers)
@@ -160,8 +187,9 @@ def add_layers(config, params, num_layers: int, *, positions: Optional[list[int]
         for path, f in fresh.items():
             m = re.match(rf"^layers/{i}/(.*)$", path)
             if m:
-                out[path] = _new_layer_leaf(m.group(1), f, config)
-        _move_norm(out, i, config)
+                out[path] = (_new_vit_leaf if vit else _new_layer_leaf)(m.group(1), f, config)
+        if not vit:
+            _move_norm(out, i, config)
     return new_config, rules._to_jax(rules._unflat(out, keys))
 
 
@@ -182,6 +210,13 @@ def _new_layer_leaf(rel: str, f: np.ndarray, config) -> np.ndarray:
     return np.zeros_like(f) if re.fullmatch(r"mixer/out_linear/(kernel|bias)", rel) else f
 
 
+def _new_vit_leaf(rel: str, f: np.ndarray, config) -> np.ndarray:
+    """M2-ViT is pre-LN (x + branch(LN x)): zero branch outputs make the layer the identity."""
+    del config
+    return np.zeros_like(f) if re.fullmatch(r"(mixer/out_linear|mlp/down)/(kernel|bias)",
+                                            rel) else f
+
+
 def _move_norm(out: dict, i: int, config) -> None:
     last = "mlp/norm" if config.mlp else "norm"
     prev = "embeddings/norm" if i == 0 else f"layers/{i - 1}/{last}"
@@ -199,28 +234,52 @@ def _move_norm(out: dict, i: int, config) -> None:
 # (copies / m), Wb / Rb the within-block axis of a block-diagonal kernel (laid out (copy, p)).
 
 
+# The sequence mixer, shared by M2-BERT/GPT and M2-ViT.
+_MIXER_ROLES = [
+    (r"mixer/in_linear/kernel$", ("R", "W3")),
+    (r"mixer/(in_linear|short_filter)/bias$", ("W3",)),
+    (r"mixer/short_filter/kernel$", (None, "W3")),
+    (r"filter_fn2?/bias$", ("W",)),
+    (r"filter_fn2?/implicit_filter(_rev)?/3/kernel$", (None, "W")),
+    (r"filter_fn2?/(z|freq|implicit_filter(_rev)?/[012]/(kernel|bias))$", None),
+    (r"mixer/out_linear/kernel$", ("R", "W")),
+    (r"mixer/out_linear/bias$", ("W",)),
+]
+# M2-ViT: patch (and position) embeddings write the stream; its pre-LN norms and the final
+# norm are per channel; the block-diagonal MLP reads (up) and writes (down) within blocks;
+# the head reads the mean-pooled final norm output.
+_VIT_ROLES = [
+    (r"^patch_embed/kernel$", (None, None, None, "W")),
+    (r"^(patch_embed/bias)$", ("W",)),
+    (r"^position$", (None, "W")),
+    (r"(^|/)(mixer_norm|mlp_norm|final_norm)/(scale|bias)$", ("W",)),
+    (r"mlp/up/kernel$", (None, "Rb", None)),
+    (r"mlp/up/bias$", None),
+    (r"mlp/down/kernel$", (None, None, "Wb")),
+    (r"mlp/down/bias$", ("W",)),
+    (r"^head/kernel$", ("R", None)),
+    (r"^head/bias$", None),
+]
+
+
 def _hidden_roles(config, path: str) -> tuple:
-    last = config.num_layers - 1
-    tied = (config.head == "lm" and re.fullmatch(
-        rf"layers/{last}/(mlp/)?norm/(scale|bias)", path)) or path.startswith("mlm_head/norm/")
-    table = [
-        (r"^embeddings/(word|position|token_type)/embedding$", (None, "W")),
-        (r"(^|/)norm/(scale|bias)$", ("T",) if tied else ("W",)),
-        (r"mixer/in_linear/kernel$", ("R", "W3")),
-        (r"mixer/(in_linear|short_filter)/bias$", ("W3",)),
-        (r"mixer/short_filter/kernel$", (None, "W3")),
-        (r"filter_fn2?/bias$", ("W",)),
-        (r"filter_fn2?/implicit_filter(_rev)?/3/kernel$", (None, "W")),
-        (r"filter_fn2?/(z|freq|implicit_filter(_rev)?/[012]/(kernel|bias))$", None),
-        (r"mlp/gated_layers/kernel$", (None, "Rb", None)),
-        (r"mlp/wo/kernel$", (None, None, "Wb")),
-        (r"^(mlm_head/transform|classifier/pooler|pooler)/kernel$|mixer/out_linear/kernel$",
-         ("R", "W")),
-        (r"^(mlm_head/transform|classifier/pooler|pooler)/bias$|(out_linear|wo)/bias$",
-         ("W",)),
-        (r"^classifier/classifier/kernel$", ("R", None)),
-        (r"^(classifier/classifier|mlm_head)/bias$", None),
-    ]
+    if _vit(config):
+        table = _MIXER_ROLES + _VIT_ROLES
+    else:
+        last = config.num_layers - 1
+        tied = (config.head == "lm" and re.fullmatch(
+            rf"layers/{last}/(mlp/)?norm/(scale|bias)", path)) or path.startswith(
+            "mlm_head/norm/")
+        table = _MIXER_ROLES + [
+            (r"^embeddings/(word|position|token_type)/embedding$", (None, "W")),
+            (r"(^|/)norm/(scale|bias)$", ("T",) if tied else ("W",)),
+            (r"mlp/gated_layers/kernel$", (None, "Rb", None)),
+            (r"mlp/wo/kernel$", (None, None, "Wb")),
+            (r"^(mlm_head/transform|classifier/pooler|pooler)/kernel$", ("R", "W")),
+            (r"^(mlm_head/transform|classifier/pooler|pooler)/bias$|wo/bias$", ("W",)),
+            (r"^classifier/classifier/kernel$", ("R", None)),
+            (r"^(classifier/classifier|mlm_head)/bias$", None),
+        ]
     for pattern, roles in table:
         if re.search(pattern, path):
             return roles

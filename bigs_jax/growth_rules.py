@@ -131,8 +131,10 @@ def _arch(config) -> _Arch:
         return _Arch(family, True, False, False, ("mean", "duplicate"))
     if family == "m2":
         return _Arch(family, False, False, True, ("duplicate",))
+    if family == "m2_vit":  # pre-LN, but block-diagonal MLPs: duplication only (growth_m2)
+        return _Arch(family, False, False, False, ("duplicate",))
     raise GrowthError(f"growth is not implemented for the {family} family; "
-                      "grow an encoder, gpt2, vit or m2 model")
+                      "grow an encoder, gpt2, vit, m2 or m2_vit model")
 
 
 def _head_dims(config) -> tuple[int, int]:

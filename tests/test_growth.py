@@ -15,6 +15,8 @@ from flax import nnx
 
 import bigs_jax
 from bigs_jax import growth, growth_m2
+from bigs_jax.convert import m2_official
+from bigs_jax.convert.common import ConversionError
 from bigs_jax.layers import longconv
 from bigs_jax.train import checkpointing
 
@@ -41,11 +43,15 @@ FAMILIES = {
                                            hidden_size=128, num_layers=3)),
     "m2-gpt": ("m2-gpt-tiny", TEXT, dict(intermediate_size=320, mlp_nblocks=2,
                                          hidden_size=128, num_layers=3)),
+    # bidirectional + residual long conv + position embeddings: every M2-ViT parameter kind
+    "m2-vit": ("m2-vit-tiny", dict(bidirectional=True, residual_long_conv=True,
+                                   position_embeddings=True),
+               dict(intermediate_size=320, mlp_nblocks=2, hidden_size=128, num_layers=3)),
 }
-FLOAT64 = ("gpt2", "gpt2-rms", "vit", "bert", "bigs", "gated-attention", "stack-ssm")
+FLOAT64 = ("gpt2", "gpt2-rms", "vit", "bert", "bigs", "gated-attention", "stack-ssm", "m2-vit")
 # The default suite runs these; the rest of FAMILIES / FLOAT64 run under -m slow (each test
 # compiles two models, 5-20 s on the 2-core CI machine).
-FAST, FAST64 = ("gpt2", "bert", "bigs"), ("gpt2-rms", "bert")
+FAST, FAST64 = ("gpt2", "bert", "bigs", "m2-vit"), ("gpt2-rms", "bert")
 
 
 def families(names, fast):
@@ -76,7 +82,7 @@ def small_model(family, dtype="float32", seed=0):
 
 
 def batch(config, dtype="float32"):
-    if type(config).__name__ == "ViTConfig":
+    if type(config).__name__ in ("ViTConfig", "M2ViTConfig"):
         return {"images": jax.random.normal(jax.random.key(1), (2, 8, 8, 1), dtype)}
     ids = jax.random.randint(jax.random.key(1), (2, 12), 1, config.vocab_size)
     return {"input_ids": ids, "attention_mask": jnp.array([[1] * 12, [1] * 7 + [0] * 5])}
@@ -163,6 +169,8 @@ SINGLE = {
              dict(num_layers=4, layer_positions=[0, 3])],
     "m2-bert": [dict(intermediate_size=320), dict(mlp_nblocks=1), dict(hidden_size=192),
                 dict(num_layers=3, layer_positions=[0])],
+    "m2-vit": [dict(intermediate_size=320), dict(mlp_nblocks=1), dict(hidden_size=192),
+               dict(num_layers=4, layer_positions=[0, 2])],
 }
 
 
@@ -194,7 +202,15 @@ def test_unsupported_expansions_fail_in_one_line():
              (bigs_jax.make_config("m2-bert-tiny"), dict(hidden_size=96),
               "not a multiple of 64"),
              (bigs_jax.make_config("m2-bert-tiny"), dict(mlp_nblocks=3), "must divide"),
-             (bigs_jax.make_config("m2-vit-tiny"), dict(num_layers=3), "not implemented")]
+             (bigs_jax.make_config("m2-vit-tiny"), dict(num_heads=4), "no attention heads"),
+             (bigs_jax.make_config("m2-vit-tiny"), dict(ssm_state=24), "no SSM"),
+             (bigs_jax.make_config("m2-vit-tiny"), dict(hidden_size=96),
+              "not a multiple of 64"),
+             (bigs_jax.make_config("m2-vit-tiny"), dict(intermediate_size=258),
+              "multiple of mlp_nblocks 4"),
+             (bigs_jax.make_config("m2-vit-tiny"), dict(mlp_nblocks=8), "must divide"),
+             (bigs_jax.make_config("m2-vit-tiny"), dict(hidden_size=128, hidden_mode="mean"),
+              "not exact")]
     for cfg, sizes, message in cases:
         with pytest.raises(growth.GrowthError, match=message) as e:
             growth.grow_config(cfg, **sizes)
@@ -308,7 +324,8 @@ def test_m2_hidden_growth_is_exact(family, sizes):
 @pytest.mark.slow
 @pytest.mark.parametrize("family,sizes", [("m2-gpt", dict(hidden_size=128)),
                                           ("m2-bert", dict(hidden_size=128, mlp_nblocks=2)),
-                                          ("m2-bert", dict(hidden_size=192))])
+                                          ("m2-bert", dict(hidden_size=192)),
+                                          ("m2-vit", dict(hidden_size=128, mlp_nblocks=2))])
 def test_m2_hidden_growth_is_exact_float64(family, sizes):
     """The same in float64 (1e-12); each channel keeps its filter decay rate only through the
     config's `decay_tiling` (dropping it moves the float32 logits by ~5e-2)."""
@@ -356,8 +373,8 @@ def test_m2_hidden_growth_other_heads_and_layers(overrides):
 
 
 def test_m2_grown_config_is_a_normal_config():
-    """The widened config survives model.json (its decay_tiling comes back a tuple of pairs),
-    builds, and a bad tiling is refused in one line."""
+    """The widened config (M2-BERT and M2-ViT) survives model.json (its decay_tiling comes
+    back a tuple of pairs), builds, and a bad tiling is refused in one line."""
     config = bigs_jax.make_config("m2-bert-tiny", **TEXT)
     grown = growth.grow_config(config, mlp_nblocks=2, hidden_size=128)
     grown = growth.grow_config(grown, hidden_size=384)
@@ -370,8 +387,21 @@ def test_m2_grown_config_is_a_normal_config():
     # channel c of block k, copy j holds old channel (k, c mod P) of the width before
     assert np.array_equal(deltas[:32], base[:32]) and np.array_equal(deltas[32:64], base[:32])
     assert np.array_equal(deltas[192:224], base[32:]) and set(deltas) == set(base)
+    # the official format cannot hold the tiled decay rates: one line naming the way out
+    with pytest.raises(ConversionError, match=r"decay_tiling=\(\(2, 2\), \(2, 3\)\) .* "
+                       "export the checkpoint from before the hidden_size growth") as e:
+        m2_official.export_config(dataclasses.replace(grown, head="mlm"))
+    assert "\n" not in str(e.value)
+    vit = growth.grow_config(bigs_jax.make_config("m2-vit-tiny"), mlp_nblocks=2,
+                             hidden_size=128, num_layers=3)
+    assert vit.decay_tiling == ((2, 2),) and vit.mixer_config().decay_tiling == ((2, 2),)
+    data = json.loads(json.dumps(checkpointing.model_json(vit)))
+    assert checkpointing.config_from_json(data) == vit
+    assert hash(checkpointing.config_from_json(data)) == hash(vit)
     for bad, message in ((((3, 2),), "3 blocks do not divide 64"),
                          (((4, 3),), "does not divide 128"), ((4,), "pairs")):
         with pytest.raises(ValueError, match=message) as e:
             bigs_jax.make_config("m2-bert-tiny", hidden_size=128, decay_tiling=bad)
         assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match=message):
+            bigs_jax.make_config("m2-vit-tiny", hidden_size=128, decay_tiling=bad)

@@ -2,6 +2,7 @@
 the optimizer state carried over (old moments bit for bit, new-entry policies measured)."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,12 @@ from flax import nnx
 
 import bigs_jax
 from bigs_jax import growth, growth_m2
+from bigs_jax.train import checkpointing, loop, optim
 from bigs_jax.train import config as train_config
 from bigs_jax.train import growth as train_growth
-from bigs_jax.train import optim
 from bigs_jax.train.objectives import OBJECTIVES
 from bigs_jax.train.step import TrainState, make_train_step
+from configs import m2_vit as m2_vit_run
 from tests.test_growth import small_model
 
 B, L = 4, 12
@@ -34,7 +36,25 @@ def lm_batch(config, seed=0):
             "labels": jnp.asarray(np.roll(ids, -1, 1)), "loss_weights": jnp.asarray(weights)}
 
 
+def is_image(config) -> bool:
+    return type(config).__name__ in ("ViTConfig", "M2ViTConfig")
+
+
+def image_batch(config, seed=0):
+    """Classification batch: random images, labels."""
+    rng = np.random.default_rng(seed)
+    shape = (B, config.image_size, config.image_size, config.num_channels)
+    return {"image": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+            "labels": jnp.asarray(rng.integers(0, config.num_labels, B))}
+
+
+def any_batch(config, seed=0):
+    return image_batch(config, seed) if is_image(config) else lm_batch(config, seed)
+
+
 def objective(config):
+    if is_image(config):
+        return "classification"
     return "lm" if getattr(config, "causal", type(config).__name__ == "GPT2Config") else "mlm"
 
 
@@ -59,12 +79,14 @@ def flat(tree):
     pytest.param("bigs", dict(intermediate_size=300, ssm_state=24, num_layers=3),
                  marks=pytest.mark.slow),
     pytest.param("m2-gpt", dict(intermediate_size=320, mlp_nblocks=2), marks=pytest.mark.slow),
+    pytest.param("m2-vit", dict(intermediate_size=320, mlp_nblocks=2, num_layers=3),
+                 marks=pytest.mark.slow),
 ])
 def test_old_gradients_equal_the_small_models(family, sizes):
     """MLP, heads, value size, SSM state, block merging and pre-LN depth leave the function
     unchanged near θ_old, so the old entries' gradients are the small model's."""
     config, params = small_model(family)
-    b = lm_batch(config)
+    b = any_batch(config)
     loss0, g0 = loss_and_grads(config, params, b)
     new_config, new_params = growth.grow_params(config, params, seed=1, **sizes)
     _, maps, order = growth.index_maps(config, params, **sizes)
@@ -94,7 +116,7 @@ def train(config, state, tx, steps, seed=0):
         OBJECTIVES[objective(config)], max_predictions=0)))
     history = []
     for i in range(steps):
-        state, stats = step(state, lm_batch(config, seed + i))
+        state, stats = step(state, any_batch(config, seed + i))
         history.append(state.params)
     return state, history
 
@@ -224,7 +246,8 @@ def _collapse(g, roles, K, m):
     return g, spread
 
 
-@pytest.mark.parametrize("family", ["m2-gpt", pytest.param("m2-bert", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["m2-gpt", pytest.param("m2-bert", marks=pytest.mark.slow),
+                                    "m2-vit"])
 def test_m2_hidden_growth_gradients_map_to_the_small_models(family):
     """At the growth point each part of a split reader row has the small model's gradient of
     that row, the copies of a writer (or per-channel parameter) sum to it, and shared
@@ -234,7 +257,9 @@ def test_m2_hidden_growth_gradients_map_to_the_small_models(family):
     copies' float32 gradients in another order (1.3e-7 measured; 1e-6 in float32)."""
     with jax.enable_x64():
         config, params = small_model(family, "float64")
-        b = lm_batch(config)
+        b = any_batch(config)
+        if is_image(config):
+            b = {**b, "image": b["image"].astype(jnp.float64)}
         loss0, g0 = loss_and_grads(config, params, b)
         new_config, new_params = growth.grow_params(config, params, seed=1, hidden_size=128)
         loss1, g1 = loss_and_grads(new_config, new_params, b)
@@ -249,13 +274,14 @@ def test_m2_hidden_growth_gradients_map_to_the_small_models(family):
     assert worst < 1e-6 and spread < 1e-12, (worst, spread)
 
 
-@pytest.mark.slow
-def test_m2_hidden_growth_trains_and_carries_the_optimizer_state():
-    """M2-GPT widened 64 → 128 inside a TrainState: old Adam moments land bit for bit where the
-    growth put their entries, new entries get μ = 0 and ν = the old median; after 3 steps every
-    new entry has a gradient, the copies of a writer no longer equal their source, and the
-    first update of new entries is not inflated (≤ 1.5x the old entries' median)."""
-    config, params = small_model("m2-gpt")
+@pytest.mark.parametrize("family", [pytest.param("m2-gpt", marks=pytest.mark.slow), "m2-vit"])
+def test_m2_hidden_growth_trains_and_carries_the_optimizer_state(family):
+    """M2-GPT / M2-ViT widened 64 → 128 inside a TrainState: old Adam moments land bit for
+    bit where the growth put their entries, new entries get μ = 0 and ν = the old median;
+    after 3 steps every new entry has a gradient, the copies of a writer no longer equal their
+    source, and the first update of new entries is not inflated (≤ 1.5x the old entries'
+    median)."""
+    config, params = small_model(family)
     state, tx, make_tx = adam_state(config, params)
     state, _ = train(config, state, tx, 5)
     sizes = dict(hidden_size=128, intermediate_size=320)
@@ -279,12 +305,14 @@ def test_m2_hidden_growth_trains_and_carries_the_optimizer_state():
     new = maps[key] == 0
     step1 = np.abs(flat(history[0])[key] - flat(grown.params)[key])
     ratio = float(np.median(step1[new]) / np.median(step1[~new]))
-    print(f"M2 hidden growth: first update of new / old entries of {key}: {ratio:.2f}x")
+    print(f"{family} hidden growth: first update of new / old entries of {key}: {ratio:.2f}x")
     assert ratio <= 1.5, ratio
-    _, g = loss_and_grads(new_config, grown1.params, lm_batch(new_config, 9))
+    b = any_batch(new_config, 9)
+    _, g = loss_and_grads(new_config, grown1.params, b)
     g = flat(g)
-    used = {"embeddings/word/embedding": np.unique(np.asarray(lm_batch(new_config, 9)[
-        "input_ids"])), "embeddings/position/embedding": np.arange(L - 1)}
+    used = {} if is_image(config) else {
+        "embeddings/word/embedding": np.unique(np.asarray(b["input_ids"])),
+        "embeddings/position/embedding": np.arange(L - 1)}
     for path, idx in maps.items():
         rows = used.get(path, slice(None))
         sel = idx[rows] == 0
@@ -295,3 +323,33 @@ def test_m2_hidden_growth_trains_and_carries_the_optimizer_state():
     first = np.unique(source, return_index=True)[1]  # where each old channel's first copy is
     copies = [c for c in range(128) if c not in set(first)]
     assert min(np.abs(w[:, c] - w[:, first[source[c]]]).sum() for c in copies) > 0
+
+
+# ---------------------------------------------------------------------------- M2-ViT train run
+
+M2_VIT_GROWTH = [{"step": 3, "hidden_size": 128, "num_layers": 3, "intermediate_size": 320,
+                  "mlp_nblocks": 2}]
+
+
+def test_m2_vit_growth_schedule_in_a_classification_run(tmp_path, digits_dir):
+    """configs/m2_vit.py:smoke (M2-ViT on the sklearn digits) with a growth schedule at step 3
+    (width 64 → 128, 2 → 3 layers, MLP 256 → 320 in 2 blocks): the eval loss right after
+    growth equals the loss before (1e-5) and keeps falling; the grown workdir loads."""
+    c = m2_vit_run.get_config("smoke")
+    c.data.data_dir = digits_dir
+    c.data.eval_batches = 1
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.train.update(steps=4, checkpoint_every=2, eval_every=3, log_every=1)
+    c.growth = json.dumps(M2_VIT_GROWTH)
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(c, workdir)
+    before, after = (summary["growth"][3][k] for k in ("eval_loss_before", "eval_loss_after"))
+    print(f"M2-ViT eval loss at the growth step: before {before:.7f}, after {after:.7f}")
+    assert abs(before - after) < 1e-5
+    assert summary["eval_loss"][4] < summary["eval_loss"][3] < summary["eval_loss"][0]
+    assert summary["steps"] == 4 and summary["checkpoints"] == [2, 3, 4]
+    grown = checkpointing.read_model_config(workdir)
+    assert (grown.hidden_size, grown.num_layers, grown.intermediate_size, grown.mlp_nblocks,
+            grown.decay_tiling) == (128, 3, 320, 2, ((2, 2),))
+    assert bigs_jax.load(workdir).config == grown

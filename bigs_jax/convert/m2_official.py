@@ -362,8 +362,11 @@ def export_config(config: M2Config) -> dict:
         problems.append(f"pooler={config.pooler!r} (the official pooler takes [CLS] or, with "
                         "pool_all, the non-padding mean)")
     if config.decay_tiling:
-        problems.append("decay_tiling (a width-grown model: the official filters recompute "
-                        "their decay rates as a linspace over the channels)")
+        problems.append(f"decay_tiling={config.decay_tiling} (a hidden_size-grown model: "
+                        "its filters keep their pre-growth decay rates, tiled, where the "
+                        "official `modulation.deltas` are a linspace over all channels; export "
+                        "the checkpoint from before the hidden_size growth, or keep this one in "
+                        "the bigs_jax format)")
     if config.type_vocab_size < 1:
         problems.append("type_vocab_size=0 (the official embeddings have token types)")
     if problems:

@@ -72,6 +72,9 @@ class M2ViTConfig:
     filter_w_mod: float = 1.0
     short_conv_size: int = 5                 # short_filter_order
     conv_mode: str = "fft"                   # fft | monarch | toeplitz (longconv.CONV_MODES)
+    # Width growth by duplication (bigs_jax.growth_m2) records ((blocks, copies), ...) here so
+    # every channel keeps its filter decay rate (as M2Config.decay_tiling); () = ungrown.
+    decay_tiling: tuple = ()
     position_embeddings: bool = False        # use_pos_embed
     norm_eps: float = 1e-5                   # torch LayerNorm default (norm: layer)
     dropout: float = 0.0
@@ -96,6 +99,9 @@ class M2ViTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} and intermediate_size "
                              f"{self.intermediate_size} must be multiples of mlp_nblocks "
                              f"{self.mlp_nblocks}")
+        # model.json stores the tiling as lists: M2Config checks it and gives it back as a
+        # hashable tuple of int pairs
+        object.__setattr__(self, "decay_tiling", self.mixer_config().decay_tiling)
 
     @property
     def num_patches(self) -> int:
@@ -110,7 +116,8 @@ class M2ViTConfig:
                         filter_w_mod=self.filter_w_mod, short_conv_size=self.short_conv_size,
                         residual_long_conv=self.residual_long_conv, norm_eps=self.norm_eps,
                         dropout=self.dropout, init_std=self.init_std, head="none",
-                        conv_mode=self.conv_mode, dtype=self.dtype)
+                        conv_mode=self.conv_mode, decay_tiling=self.decay_tiling,
+                        dtype=self.dtype)
 
 
 class BlockdiagMLP(nnx.Module):
@@ -180,7 +187,7 @@ class M2ViT(nnx.Module):
         c = self.config
         x_BND = self.patch_embed(image_input(images, c))
         if self.position is not None:
-            x_BND = x_BND + self.position[...].astype(x_BND.dtype)
+            x_BND = x_BND + self.position[...].astype(x_BND.dtype)[None]
         return classify_patches(self, x_BND, cls_token=False, deterministic=deterministic,
                                 rngs=rngs)
 
