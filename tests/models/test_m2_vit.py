@@ -33,6 +33,18 @@ def test_m2_vit_b16_has_half_the_params_of_vit_b16():
     assert 0.5 < n / vit_b < 0.55
 
 
+def test_position_embeddings_add_one_vector_per_patch():
+    """position_embeddings=True (the yaml's use_pos_embed) adds a learned (N, D) table to the
+    patch embeddings, broadcast over the batch (the suite raises on rank promotion)."""
+    model = bigs_jax.create("m2-vit-tiny", position_embeddings=True, **TINY)
+    table = np.asarray(model.position[...])
+    assert table.shape == (16, 64) and np.abs(table).max() > 0
+    with_pos = np.asarray(model(images()).hidden_states)
+    model.position[...] = jnp.zeros_like(model.position[...])
+    without = np.asarray(model(images()).hidden_states)
+    assert np.abs(with_pos - without).max() > 1e-3  # the table reaches every patch's state
+
+
 def _patch_dependence(model):
     """(t, s) = |d hidden_states[0, t] / d patch s| summed over pixels, for the 16 2x2 patches."""
     w = jax.random.normal(jax.random.key(1), (model.config.hidden_size,))
