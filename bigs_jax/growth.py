@@ -184,10 +184,11 @@ def expand_hidden(config, params, hidden_size: int, *, mode: Optional[str] = Non
         raise GrowthError(f"hidden mode {mode!r} is not exact for this {arch.family} model; "
                           f"choose one of {arch.hidden_modes}")
     if mode == "duplicate" and hidden_size % h:
+        why = ("its block-diagonal MLP writes each channel from one block only" if
+               arch.family == "m2_vit" else "its residual stream starts at a LayerNorm output")
         raise GrowthError(
             f"hidden_size {hidden_size} is not a multiple of {h}: this {arch.family} model "
-            "grows its width exactly only by duplication (its residual stream starts at a "
-            f"LayerNorm output); pick a multiple of {h}")
+            f"grows its width exactly only by duplication ({why}); pick a multiple of {h}")
     if arch.family in growth_m2.FAMILIES:
         return growth_m2.expand_hidden(config, params, hidden_size, seed=seed)
     eps = config.norm_eps if mode == "duplicate" else config.norm_eps * h / hidden_size
