@@ -53,7 +53,7 @@ def params_H(m):
     return a_re, a_im, c, np.asarray(m.log_step[...])
 
 
-MODES = ("fft", "scan", "recurrent", "toeplitz")
+MODES = ("fft", "chunked", "scan", "recurrent", "toeplitz")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
