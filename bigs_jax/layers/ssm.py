@@ -21,14 +21,16 @@ The chunked (matmul) path splits L into chunks of C tokens: within a chunk the c
 a C x C Toeplitz matmul; across chunks it goes through the SSM state, exactly: the state at each
 chunk end is a (2N x C) matmul of the chunk (Re, Im of A_bar^(C-1-i)), the states are carried
 chunk to chunk by A_bar^C (a scan over L/C steps), and each chunk reads the carried state with
-a (C x 2N) matmul (C B_bar A_bar^(j+1)). Cost O(L D (C + 4N)) in matmuls, no FFT: fast where
-matmul units are (TPU, GPU), and measured faster than XLA's FFT on CPU too for the shared SSM
-(bench/bigs_encoder.py). `precision` picks how those matmuls run: 'fp32' (HIGHEST), 'bf16_3x'
-(each f32 operand split into bf16 hi + lo, three bf16 products with f32 accumulation; error
-~1e-5 relative) or 'bf16' (one bf16 product; error ~1e-3 relative, see tests/layers/test_ssm.py).
-`resolve_mode('auto', shared)` is the per-backend default: 'chunked' for the shared SSM on every
-backend and for per-channel SSMs on TPU/GPU; 'fft' for per-channel SSMs on CPU (one C x C
-Toeplitz per channel makes the matmuls batched over D there).
+a (C x 2N) matmul (C B_bar A_bar^(j+1)). Cost 2 (C + 4N) flops per token and channel, all in
+matmuls, no FFT: the path for matmul units (TPU, GPU). `precision` picks how those matmuls run:
+'fp32' (HIGHEST), 'bf16_3x' (each f32 operand split into bf16 hi + lo, three bf16 products with
+f32 accumulation) or 'bf16' (one bf16 product). Against the fp32 FFT path at L = 1000, N = 64
+(tests/layers/test_ssm.py), relative to max |y|: fp32 2e-7 to 5e-7, bf16_3x 5.5e-6 to 7.5e-6,
+bf16 2.8e-3 to 3.7e-3.
+`resolve_mode('auto')` is the per-backend default: 'fft' on CPU, 'chunked' elsewhere. On CPU the
+chunked path costs more than XLA's FFT inside the BiGS encoder (1024 flops per token and
+channel at C = 256, N = 64, against ~1-2% of the layer for the FFT; bench/bigs_encoder.py
+--modes chunked shows it), while TPU FFTs are slow and memory-bound.
 
 Dimension key: B batch, L length, D channels (model dim), N state size, H number of distinct
 SSMs (1 when shared, D otherwise), F = L + 1 rfft bins of the 2L-padded sequence; chunked path:
@@ -54,7 +56,7 @@ Dtype = Any
 INITS = ("legs", "lin", "inv")
 MODES = ("fft", "chunked", "scan", "recurrent", "toeplitz")
 PRECISIONS = ("fp32", "bf16_3x", "bf16")
-CHUNK = 256  # chunked path: fastest of 64/128/256 on CPU at L = 512 and 8192 (D = 1024)
+CHUNK = 256  # chunked path: the fastest of 64/128/256 on CPU at L = 512 and 8192
 SCAN_CHUNK = 64  # scan mode: tokens per rematerialized chunk
 _A_RE_MAX = -1e-4  # the official clip that keeps every mode stable (Re A < 0)
 
@@ -229,14 +231,14 @@ def _powers(a_re_HN, a_im_HN, log_step_H, length: int):
     return b_bar_HN, mag_HNL * jnp.cos(angle_HNL), mag_HNL * jnp.sin(angle_HNL)
 
 
-def resolve_mode(mode: str, shared: bool) -> str:
+def resolve_mode(mode: str) -> str:
     """The S4D mode to run: `mode` itself, or for 'auto' the per-backend default (module
-    docstring): 'fft' for per-channel SSMs on CPU, 'chunked' otherwise."""
+    docstring): 'fft' on CPU, 'chunked' (matmuls) on TPU and GPU."""
     if mode not in MODES + ("auto",):
         raise ValueError(f"unknown S4D mode {mode!r}; choose one of {list(MODES + ('auto',))}")
     if mode != "auto":
         return mode
-    return "fft" if not shared and jax.default_backend() == "cpu" else "chunked"
+    return "fft" if jax.default_backend() == "cpu" else "chunked"
 
 
 def _dot(subscripts: str, a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
@@ -457,7 +459,7 @@ class S4D(nnx.Module):
         Returns:
           y (B, L, D).
         """
-        mode = resolve_mode(mode, self.shared)
+        mode = resolve_mode(mode)
         if precision not in PRECISIONS:
             raise ValueError(f"unknown S4D precision {precision!r}; choose one of "
                              f"{list(PRECISIONS)}")

@@ -1,0 +1,127 @@
+"""One BiGS encoder, forward, against today's implementation and this machine's roofline.
+
+    PYTHONPATH=. python bench/bigs_encoder.py [--lengths 512,2048,8192] [--repeats 5,5,3]
+                                              [--layers 4] [--modes chunked]
+
+`bigs_jax.create("bigs-large", num_layers=4, max_len=L)` (hidden 1024, intermediate 3072,
+N = 64, shared SSMs), batch 1, fp32, all-ones mask, jitted, returning the hidden states (no
+MLM head). The baseline is the same model with `ssm_mode="fft"`: the FFT path and the
+reverse-within-length backward direction, unchanged from before the chunked mode existed
+(the default was "fft"); the new rows use the same params. Per length and mode, timed in
+turns with the baseline (baseline, new, baseline, ...) after one warm-up call each:
+  - medians of the wall times and the paired ratio (median over rounds of baseline / new,
+    each pair back to back), > 1 means the new path is faster;
+  - the max |difference| of the hidden states from the baseline's;
+  - the roofline: XLA's cost-analysis FLOPs of each compiled forward divided by the fp32
+    matmul peak measured in this run (a 4096^3 matmul, best of 3), and the fraction of that
+    roofline the measured time reaches;
+  - the dense layers' share: a function with only the 7 matmuls per layer (same shapes),
+    timed in the same turns, as a fraction of the new forward's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import bigs_jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import interleaved_times, paired_ratio  # noqa: E402
+
+
+def matmul_peak() -> float:
+    """fp32 FLOP/s of XLA's best case here: a 4096^3 matmul, best of 3 after a warm-up."""
+    a = jax.random.normal(jax.random.key(0), (4096, 4096))
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 ** 3 / best
+
+
+def encoder_fn(L: int, layers: int, mode: str, state=None):
+    """(a call of the jitted forward returning the hidden states, once ready; its state;
+    XLA's FLOPs of it)."""
+    model = bigs_jax.create("bigs-large", num_layers=layers, max_len=L, ssm_mode=mode)
+    graphdef, own = nnx.split(model)
+    state = own if state is None else state
+
+    @jax.jit
+    def forward(state, ids, mask):
+        return nnx.merge(graphdef, state)(ids, attention_mask=mask).hidden_states
+
+    ids, mask = jnp.ones((1, L), jnp.int32), jnp.ones((1, L), jnp.int32)
+    flops = forward.lower(state, ids, mask).compile().cost_analysis()["flops"]
+    return (lambda: forward(state, ids, mask).block_until_ready()), state, flops
+
+
+def dense_only_fn(L: int, layers: int):
+    """The encoder's matmuls alone (dv, du_f, du_b, duc_f, duc_b, dol, do per layer)."""
+    shapes = [(1024, 3072), (1024, 1024), (1024, 1024), (1024, 1024), (1024, 1024),
+              (1024, 3072), (3072, 1024)]
+    keys = iter(jax.random.split(jax.random.key(1), 7 * layers))
+    ws = [[jax.random.normal(next(keys), s) * 0.02 for s in shapes] for _ in range(layers)]
+
+    @jax.jit
+    def forward(x_LD, ws):
+        for dv, duf, dub, ducf, ducb, dol, do in ws:
+            u_LD = (x_LD @ duf) @ ducf + (x_LD @ dub) @ ducb
+            x_LD = x_LD + ((u_LD @ dol) + x_LD @ dv) @ do
+        return x_LD
+
+    x = jnp.ones((L, 1024))
+    return lambda: forward(x, ws).block_until_ready()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="512,2048,8192")
+    parser.add_argument("--repeats", default="5,5,3", help="per length, or one for all")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--modes", default="chunked", help="new modes to time, e.g. chunked,auto")
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    repeats = [int(x) for x in args.repeats.split(",")]
+    repeats = repeats * len(lengths) if len(repeats) == 1 else repeats
+    peak = matmul_peak()
+    print(f"# bench/bigs_encoder.py  {datetime.date.today()}  jax {jax.__version__}  "
+          f"{platform.processor() or platform.machine()}  {os.cpu_count()} CPUs  "
+          f"backend {jax.default_backend()}  fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"# bigs-large, {args.layers} layers, batch 1, fp32, all-ones mask, hidden states; "
+          "baseline = ssm_mode='fft' (today's path); times are medians, speedup = paired "
+          "baseline/new")
+    print("| L | mode | baseline (s) | new (s) | speedup | max abs diff | GFLOP | roofline (s) | "
+          "new / roofline | dense-only / new |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for L, reps in zip(lengths, repeats):
+        base, state, base_flops = encoder_fn(L, args.layers, "fft")
+        dense = dense_only_fn(L, args.layers)
+        for mode in args.modes.split(","):
+            new, _, flops = encoder_fn(L, args.layers, mode, state)
+            t_base, t_new, t_dense = interleaved_times([base, new, dense], reps)
+            diff = float(np.abs(np.asarray(new()) - np.asarray(base())).max())
+            med = statistics.median
+            roof = flops / peak
+            print(f"| {L} | {mode} | {med(t_base):.3f} | {med(t_new):.3f} | "
+                  f"{paired_ratio(t_base, t_new):.2f}x | {diff:.1e} | {flops / 1e9:.0f} | "
+                  f"{roof:.3f} | {roof / med(t_new):.0%} | "
+                  f"{statistics.median(d / n for d, n in zip(t_dense, t_new)):.0%} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
