@@ -57,7 +57,6 @@ INITS = ("legs", "lin", "inv")
 MODES = ("fft", "chunked", "scan", "recurrent", "toeplitz")
 PRECISIONS = ("fp32", "bf16_3x", "bf16")
 CHUNK = 256  # chunked path: the fastest of 64/128/256 on CPU at L = 512 and 8192
-SCAN_CHUNK = 64  # scan mode: tokens per rematerialized chunk
 _A_RE_MAX = -1e-4  # the official clip that keeps every mode stable (Re A < 0)
 
 
@@ -317,31 +316,32 @@ def chunked_conv(u_BLD: jax.Array, params_H: tuple, *, anticausal: bool = False,
     return y_BMCD.reshape(B, M * C, D)[:, :L]
 
 
-def _chunked_scan(u_LBD, keep_LB11, a_bar_HN, b_bar_HN, c_HN, chunk: int) -> jax.Array:
-    """Re(C x_t) of x_t = keep_t A_bar x_(t-1) + B_bar u_t, (L, B, D): an `associative_scan`
-    within each chunk, a `lax.scan` carrying x (B, D, N) across chunks, and each chunk
-    rematerialized in the backward pass, so no (B, L, D, N) state is ever held."""
+def _chunked_scan(u_LBD, keep_LB11, a_bar_HN, b_bar_HN, c_HN) -> jax.Array:
+    """Re(C x_t) of x_t = keep_t A_bar x_(t-1) + B_bar u_t, (L, B, D), by two nested
+    `lax.scan`s: over chunks of C ~ sqrt(L) tokens (each chunk rematerialized in the backward
+    pass), and over the tokens of a chunk, returning y_t only. The backward pass holds the
+    state (B, D, N) at the L/C chunk starts plus the C states of one chunk: O(sqrt(L) B D N),
+    where a scan over all of L would hold L of them."""
     L = u_LBD.shape[0]
-    C = min(chunk, L)
+    C = 1 << max(0, math.ceil(math.log2(L) / 2))  # a power of two >= sqrt(L)
     M = -(-L // C)
     u_MCBD = jnp.pad(u_LBD, ((0, M * C - L), (0, 0), (0, 0))).reshape(
         (M, C) + u_LBD.shape[1:])
     keep_MCB11 = jnp.pad(keep_LB11, ((0, M * C - L), (0, 0), (0, 0), (0, 0)),
                          constant_values=1).reshape((M, C) + keep_LB11.shape[1:])
 
+    def step(x_BDN, xs):
+        u_BD, keep_B11 = xs
+        x_BDN = keep_B11 * a_bar_HN[None] * x_BDN + b_bar_HN[None] * u_BD[..., None]
+        return x_BDN, jnp.sum((c_HN[None] * x_BDN).real, axis=-1)
+
     @jax.checkpoint
-    def body(x_BDN, xs):
-        u_CBD, keep_CB11 = xs
-        a_CBHN = keep_CB11 * a_bar_HN[None, None]
-        b_CBDN = b_bar_HN[None, None] * u_CBD[..., None]
-        b_CBDN = b_CBDN.at[0].add(a_CBHN[0] * x_BDN)  # the carried state enters at t = 0
-        _, x_CBDN = jax.lax.associative_scan(
-            lambda e1, e2: (e2[0] * e1[0], e2[0] * e1[1] + e2[1]), (a_CBHN, b_CBDN))
-        return x_CBDN[-1], jnp.sum((c_HN[None, None] * x_CBDN).real, axis=-1)
+    def chunk(x_BDN, xs):
+        return jax.lax.scan(step, x_BDN, xs)
 
     B, D = u_LBD.shape[1:]
     x_BDN = jnp.zeros((B, D, a_bar_HN.shape[-1]), a_bar_HN.dtype)
-    _, y_MCBD = jax.lax.scan(body, x_BDN, (u_MCBD, keep_MCB11))
+    _, y_MCBD = jax.lax.scan(chunk, x_BDN, (u_MCBD, keep_MCB11))
     return y_MCBD.reshape((M * C,) + u_LBD.shape[1:])[:L]
 
 
@@ -441,10 +441,10 @@ class S4D(nnx.Module):
             never see them (outputs at pad positions are meaningless).
           mode: 'fft' (rfft of size 2L, fp32 at least), 'chunked' (Toeplitz blocks plus the
             state carried between chunks, all matmuls; module docstring), 'scan' (the
-            recurrence by an `associative_scan` within chunks of `SCAN_CHUNK` tokens and a
-            `lax.scan` over chunks, each chunk recomputed in the backward pass: memory
-            O(B L D N / SCAN_CHUNK)), 'recurrent' (sequential `lax.scan`), 'toeplitz' (dense
-            L x L matmul; reference for tests and short L), or 'auto' (`resolve_mode`).
+            recurrence in chunks of ~sqrt(L) tokens, each recomputed in the backward pass:
+            trains in O(sqrt(L) B D N) memory, `_chunked_scan`), 'recurrent' (one `lax.scan`
+            over L, which keeps every state for the backward pass), 'toeplitz' (dense L x L
+            matmul; reference for tests and short L), or 'auto' (`resolve_mode`).
           segment_ids_BL: packed rows (int, 1, 2, ... per example, 0 on pads): no output
             sees an input of another segment. The scans reset the state at each segment
             start; 'fft', 'chunked' and 'toeplitz' use the Toeplitz matrix masked to
@@ -508,7 +508,7 @@ class S4D(nnx.Module):
             keep_LB11 = (jnp.ones((L, 1, 1, 1), a_bar_HN.dtype) if segment_ids_BL is None else
                          (~start_BL).T[..., None, None].astype(a_bar_HN.dtype))
             if mode == "scan":
-                y_LBD = _chunked_scan(u_LBD, keep_LB11, a_bar_HN, b_bar_HN, c_HN, SCAN_CHUNK)
+                y_LBD = _chunked_scan(u_LBD, keep_LB11, a_bar_HN, b_bar_HN, c_HN)
             else:
                 def body(x_BDN, xs):
                     u_BD, keep_B11 = xs
