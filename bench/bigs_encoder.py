@@ -17,6 +17,9 @@ turns with the baseline (baseline, new, baseline, ...) after one warm-up call ea
     roofline the measured time reaches;
   - the dense layers' share: a function with only the 7 matmuls per layer (same shapes),
     timed in the same turns, as a fraction of the new forward's time.
+Then training memory at L = 4096 (`--memory-length`), from XLA's compiled memory analysis of a
+gradient (no run): one S4D (B = 8, D = 1024, N = 64) and a 2-layer bigs-small (B = 8), each in
+the fft, chunked and scan modes, with the ratio to the fft mode.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ import numpy as np
 from flax import nnx
 
 import bigs_jax
+from bigs_jax.layers.ssm import S4D, resolve_mode
+from bigs_jax.models import make_config
+from bigs_jax.models.encoder import Encoder
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import interleaved_times, paired_ratio  # noqa: E402
@@ -87,12 +93,51 @@ def dense_only_fn(L: int, layers: int):
     return lambda: forward(x, ws).block_until_ready()
 
 
+def grad_bytes(model, x_shape, call) -> tuple[int, int]:
+    """(temporaries, arguments + outputs + temporaries) in bytes of the compiled gradient of
+    sum(call(model, x)^2) with respect to the params and the input."""
+    graphdef, state = nnx.split(model)
+
+    def loss(state, x):
+        return jnp.sum(call(nnx.merge(graphdef, state), x) ** 2)
+
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    m = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile().memory_analysis()
+    total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+    return m.temp_size_in_bytes, total
+
+
+def memory_table(L: int, B: int = 8):
+    mask = jnp.ones((B, L), jnp.int32)
+    cases = {  # name: (model of a mode, input shape, forward)
+        "one S4D, B=8, D=1024": (
+            lambda mode: S4D(1024, state_size=64, rngs=nnx.Rngs(0)), (B, L, 1024),
+            lambda mode: lambda m, x: m(x, mode=mode)),
+        "bigs-small 2 layers, B=8": (
+            lambda mode: Encoder(make_config("bigs-small", num_layers=2, max_len=L, head="none",
+                                             dropout=0.0, ssm_mode=mode), rngs=nnx.Rngs(0)),
+            (B, L, 256),
+            lambda mode: lambda m, x: m(inputs_embeds=x, attention_mask=mask).hidden_states),
+    }
+    print(f"\n# training memory, L = {L}: compiled gradient (params and input) of sum(out^2)")
+    print("| model | mode | temporaries (MiB) | total (MiB) | total / fft |")
+    print("|---|---|---:|---:|---:|")
+    for name, (make, shape, call) in cases.items():
+        base = None
+        for mode in ("fft", "chunked", "scan"):
+            temp, total = grad_bytes(make(mode), shape, call(mode))
+            base = base or total
+            print(f"| {name} | {mode} | {temp / 2**20:.0f} | {total / 2**20:.0f} | "
+                  f"{total / base:.2f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="512,2048,8192")
     parser.add_argument("--repeats", default="5,5,3", help="per length, or one for all")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--modes", default="chunked", help="new modes to time, e.g. chunked,auto")
+    parser.add_argument("--memory-length", type=int, default=4096, help="0 skips the table")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     repeats = [int(x) for x in args.repeats.split(",")]
@@ -103,7 +148,7 @@ def main():
           f"backend {jax.default_backend()}  fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"# bigs-large, {args.layers} layers, batch 1, fp32, all-ones mask, hidden states; "
           "baseline = ssm_mode='fft' (today's path); times are medians, speedup = paired "
-          "baseline/new")
+          f"baseline/new; ssm_mode='auto' is {resolve_mode('auto')!r} on this backend")
     print("| L | mode | baseline (s) | new (s) | speedup | max abs diff | GFLOP | roofline (s) | "
           "new / roofline | dense-only / new |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -121,6 +166,8 @@ def main():
                   f"{roof:.3f} | {roof / med(t_new):.0%} | "
                   f"{statistics.median(d / n for d, n in zip(t_dense, t_new)):.0%} |",
                   flush=True)
+    if args.memory_length:
+        memory_table(args.memory_length)
 
 
 if __name__ == "__main__":
