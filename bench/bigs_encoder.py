@@ -12,9 +12,9 @@ turns with the baseline (baseline, new, baseline, ...) after one warm-up call ea
   - medians of the wall times and the paired ratio (median over rounds of baseline / new,
     each pair back to back), > 1 means the new path is faster;
   - the max |difference| of the hidden states from the baseline's;
-  - the roofline: XLA's cost-analysis FLOPs of each compiled forward divided by the fp32
-    matmul peak measured in this run (a 4096^3 matmul, best of 3), and the fraction of that
-    roofline the measured time reaches;
+  - the roofline: XLA's cost-analysis FLOPs of the new forward divided by the fp32 matmul
+    peak (a 4096^3 matmul timed in the same turns), and the fraction of its own roofline
+    each forward reaches (median over rounds of roofline / time, both from the same round);
   - the dense layers' share: a function with only the 7 matmuls per layer (same shapes),
     timed in the same turns, as a fraction of the new forward's time.
 Then training memory at L = 4096 (`--memory-length`), from XLA's compiled memory analysis of a
@@ -46,17 +46,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import interleaved_times, paired_ratio  # noqa: E402
 
 
-def matmul_peak() -> float:
-    """fp32 FLOP/s of XLA's best case here: a 4096^3 matmul, best of 3 after a warm-up."""
+def matmul_peak_fn():
+    """A 4096^3 fp32 matmul, XLA's best case here: (call, its FLOPs)."""
     a = jax.random.normal(jax.random.key(0), (4096, 4096))
     f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 4096 ** 3 / best
+    return (lambda: f(a).block_until_ready()), 2 * 4096 ** 3
 
 
 def encoder_fn(L: int, layers: int, mode: str, state=None):
@@ -142,30 +136,31 @@ def main():
     lengths = [int(x) for x in args.lengths.split(",")]
     repeats = [int(x) for x in args.repeats.split(",")]
     repeats = repeats * len(lengths) if len(repeats) == 1 else repeats
-    peak = matmul_peak()
+    peak, peak_flops = matmul_peak_fn()
     print(f"# bench/bigs_encoder.py  {datetime.date.today()}  jax {jax.__version__}  "
           f"{platform.processor() or platform.machine()}  {os.cpu_count()} CPUs  "
-          f"backend {jax.default_backend()}  fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"backend {jax.default_backend()}")
     print(f"# bigs-large, {args.layers} layers, batch 1, fp32, all-ones mask, hidden states; "
           "baseline = ssm_mode='fft' (today's path); times are medians, speedup = paired "
           f"baseline/new; ssm_mode='auto' is {resolve_mode('auto')!r} on this backend")
-    print("| L | mode | baseline (s) | new (s) | speedup | max abs diff | GFLOP | roofline (s) | "
-          "new / roofline | dense-only / new |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| L | mode | baseline (s) | new (s) | speedup | max abs diff | GFLOP | peak GFLOP/s | "
+          "roofline (s) | roofline / baseline | roofline / new | dense-only / new |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for L, reps in zip(lengths, repeats):
         base, state, base_flops = encoder_fn(L, args.layers, "fft")
         dense = dense_only_fn(L, args.layers)
         for mode in args.modes.split(","):
             new, _, flops = encoder_fn(L, args.layers, mode, state)
-            t_base, t_new, t_dense = interleaved_times([base, new, dense], reps)
+            t_base, t_new, t_dense, t_peak = interleaved_times([base, new, dense, peak], reps)
             diff = float(np.abs(np.asarray(new()) - np.asarray(base())).max())
             med = statistics.median
-            roof = flops / peak
+            rate = peak_flops / med(t_peak)
+            roof = med(flops * tp / peak_flops / tn for tp, tn in zip(t_peak, t_new))
+            roof_base = med(base_flops * tp / peak_flops / tb for tp, tb in zip(t_peak, t_base))
             print(f"| {L} | {mode} | {med(t_base):.3f} | {med(t_new):.3f} | "
                   f"{paired_ratio(t_base, t_new):.2f}x | {diff:.1e} | {flops / 1e9:.0f} | "
-                  f"{roof:.3f} | {roof / med(t_new):.0%} | "
-                  f"{statistics.median(d / n for d, n in zip(t_dense, t_new)):.0%} |",
-                  flush=True)
+                  f"{rate / 1e9:.0f} | {flops / rate:.3f} | {roof_base:.0%} | {roof:.0%} | "
+                  f"{med(d / n for d, n in zip(t_dense, t_new)):.0%} |", flush=True)
     if args.memory_length:
         memory_table(args.memory_length)
 
