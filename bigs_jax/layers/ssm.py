@@ -11,13 +11,31 @@ kernel K[l] = Re sum_n C_n (exp(Delta A_n) - 1) / A_n exp(l Delta A_n); all N mo
 (no conjugate halving, no factor 2), exactly as the official BiGS `s4d_kernel_zoh`. In the
 official model one SSM is shared by every channel (`shared=True`, param shapes `A_re (N,)`,
 `A_im (N,)`, `C (N, 2)`, `D (1,)`, `log_step (1,)`); `shared=False` gives one SSM per channel as
-in S4D and annotated-s4. The convolution is applied by FFT (training), by a parallel scan of the
-recurrence, by a sequential scan, or by a dense Toeplitz matmul (reference); `step` runs the
-recurrence one token at a time with O(N) state per channel. `reverse_padded` gives the backward
-direction of a bidirectional mixer without letting pads leak into real tokens.
+in S4D and annotated-s4. The convolution is applied by FFT, by chunked matmuls (below), by a
+chunked scan of the recurrence, by a sequential scan, or by a dense Toeplitz matmul
+(reference); `step` runs the recurrence one token at a time with O(N) state per channel.
+`reverse_padded` gives the backward direction of a bidirectional mixer without letting pads
+leak into real tokens; `anticausal=True` computes that direction without reversing at all.
+
+The chunked (matmul) path splits L into chunks of C tokens: within a chunk the convolution is
+a C x C Toeplitz matmul; across chunks it goes through the SSM state, exactly: the state at each
+chunk end is a (2N x C) matmul of the chunk (Re, Im of A_bar^(C-1-i)), the states are carried
+chunk to chunk by A_bar^C (a scan over L/C steps), and each chunk reads the carried state with
+a (C x 2N) matmul (C B_bar A_bar^(j+1)). Cost 2 (C + 4N) flops per token and channel, all in
+matmuls, no FFT: the path for matmul units (TPU, GPU). `precision` picks how those matmuls run:
+'fp32' (HIGHEST), 'bf16_3x' (each f32 operand split into bf16 hi + lo, three bf16 products with
+f32 accumulation) or 'bf16' (one bf16 product). Against the fp32 FFT path at L = 1000, N = 64
+(tests/layers/test_ssm.py), relative to max |y|: fp32 2e-7 to 5e-7, bf16_3x 5.5e-6 to 7.5e-6,
+bf16 2.8e-3 to 3.7e-3.
+`resolve_mode('auto')` is the per-backend default: 'fft' on CPU, 'chunked' elsewhere. On CPU the
+chunked path costs more than XLA's FFT inside the BiGS encoder (1024 flops per token and
+channel at C = 256, N = 64, against ~1-2% of the layer for the FFT; bench/bigs_encoder.py
+--modes chunked shows it), while TPU FFTs are slow and memory-bound.
 
 Dimension key: B batch, L length, D channels (model dim), N state size, H number of distinct
-SSMs (1 when shared, D otherwise), F = L + 1 rfft bins of the 2L-padded sequence.
+SSMs (1 when shared, D otherwise), F = L + 1 rfft bins of the 2L-padded sequence; chunked path:
+M chunks of C tokens, R = C + 2N rows (Toeplitz rows, then Re and Im of the chunk-end state),
+K = 2N real state rows.
 """
 
 from __future__ import annotations
@@ -36,7 +54,9 @@ from bigs_jax.layers.linear import sharded
 Dtype = Any
 
 INITS = ("legs", "lin", "inv")
-MODES = ("fft", "scan", "recurrent", "toeplitz")
+MODES = ("fft", "chunked", "scan", "recurrent", "toeplitz")
+PRECISIONS = ("fp32", "bf16_3x", "bf16")
+CHUNK = 256  # chunked path: the fastest of 64/128/256 on CPU at L = 512 and 8192
 _A_RE_MAX = -1e-4  # the official clip that keeps every mode stable (Re A < 0)
 
 
@@ -210,6 +230,121 @@ def _powers(a_re_HN, a_im_HN, log_step_H, length: int):
     return b_bar_HN, mag_HNL * jnp.cos(angle_HNL), mag_HNL * jnp.sin(angle_HNL)
 
 
+def resolve_mode(mode: str) -> str:
+    """The S4D mode to run: `mode` itself, or for 'auto' the per-backend default (module
+    docstring): 'fft' on CPU, 'chunked' (matmuls) on TPU and GPU."""
+    if mode not in MODES + ("auto",):
+        raise ValueError(f"unknown S4D mode {mode!r}; choose one of {list(MODES + ('auto',))}")
+    if mode != "auto":
+        return mode
+    return "fft" if jax.default_backend() == "cpu" else "chunked"
+
+
+def _dot(subscripts: str, a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
+    """f32 einsum at a `PRECISIONS` level, written out so it means the same on every backend."""
+    if precision == "fp32":
+        return jnp.einsum(subscripts, a, b, precision="highest")
+    dot = functools.partial(jnp.einsum, subscripts, preferred_element_type=jnp.float32)
+    a_hi, b_hi = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    if precision == "bf16":
+        return dot(a_hi, b_hi)
+    if precision != "bf16_3x":
+        raise ValueError(f"unknown S4D precision {precision!r}; choose one of {list(PRECISIONS)}")
+    a_lo = (a - a_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    b_lo = (b - b_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    return dot(a_hi, b_lo) + dot(a_lo, b_hi) + dot(a_hi, b_hi)
+
+
+def _chunk_operators(a_re_HN, a_im_HN, c_HN2, log_step_H, chunk: int, anticausal: bool):
+    """The chunked path's matrices: R (H, C + 2N, C) = [Toeplitz; Re; Im of the chunk's
+    contribution to the state], W (H, C, 2N) reading a carried state, A_bar^C (H, N) complex.
+
+    Causal: the state after a chunk is sum_i A_bar^(C-1-i) u_i and token j reads
+    Re(C B_bar A_bar^(j+1) state). Anticausal: the state before a chunk is sum_i A_bar^i u_i,
+    read as Re(C B_bar A_bar^(C-j) state).
+    """
+    C = chunk
+    b_bar_HN, re_HNl, im_HNl = _powers(a_re_HN, a_im_HN, log_step_H, C + 1)  # l = 0..C
+    cb_HN = jax.lax.complex(c_HN2[..., 0], c_HN2[..., 1]) * b_bar_HN
+    K_HC = (jnp.einsum("hn,hnl->hl", cb_HN.real, re_HNl[..., :C], precision="highest")
+            - jnp.einsum("hn,hnl->hl", cb_HN.imag, im_HNl[..., :C], precision="highest"))
+    lag_CC = jnp.arange(C)[:, None] - jnp.arange(C)[None, :]
+    lag_CC = -lag_CC if anticausal else lag_CC
+    T_HCC = jnp.where(lag_CC >= 0, K_HC[:, jnp.clip(lag_CC, 0)], 0)
+    pow_HNl = jax.lax.complex(re_HNl, im_HNl)
+    into_HNC = pow_HNl[..., :C] if anticausal else pow_HNl[..., C - 1::-1]
+    read_HNC = cb_HN[..., None] * (pow_HNl[..., C:0:-1] if anticausal else pow_HNl[..., 1:])
+    R_HRC = jnp.concatenate([T_HCC, into_HNC.real, into_HNC.imag], axis=1)
+    W_HCK = jnp.swapaxes(jnp.concatenate([read_HNC.real, -read_HNC.imag], axis=1), 1, 2)
+    return R_HRC, W_HCK, pow_HNl[..., C]
+
+
+def chunked_conv(u_BLD: jax.Array, params_H: tuple, *, anticausal: bool = False,
+                 chunk: int = CHUNK, precision: str = "fp32") -> jax.Array:
+    """K * u along L (causal, or y_t = sum_(s>=t) K[s-t] u_s when anticausal) by chunked
+    matmuls (module docstring); f32 u, params as `S4D._params_H`, no D skip."""
+    B, L, D = u_BLD.shape
+    shared = params_H[0].shape[0] == 1
+    N = params_H[0].shape[-1]
+    C = min(chunk, L)
+    M = -(-L // C)
+    R_HRC, W_HCK, lam_HN = _chunk_operators(*params_H, C, anticausal)
+    u_GCD = jnp.pad(u_BLD, ((0, 0), (0, M * C - L), (0, 0))).reshape(B * M, C, D)
+    if shared:  # a batched matmul: XLA would transpose u for "rs,gsd->grd"
+        z_GRD = _dot("grs,gsd->grd", jnp.broadcast_to(R_HRC, (B * M,) + R_HRC.shape[1:]),
+                     u_GCD, precision)
+    else:
+        z_GRD = _dot("drs,gsd->grd", R_HRC, u_GCD, precision)
+    y_BMCD = z_GRD[:, :C].reshape(B, M, C, D)
+    if M > 1:
+        e_BMND = jax.lax.complex(z_GRD[:, C:C + N], z_GRD[:, C + N:]).reshape(B, M, N, D)
+        lam_11ND = jnp.swapaxes(lam_HN, 0, 1)[None, None]  # (1, 1, N, H): H = 1 or D
+        lam_BMND = jnp.broadcast_to(lam_11ND, e_BMND.shape)
+        _, s_BMND = jax.lax.associative_scan(
+            lambda e1, e2: (e2[0] * e1[0], e2[0] * e1[1] + e2[1]), (lam_BMND, e_BMND), axis=1,
+            reverse=anticausal)
+        zero = jnp.zeros_like(s_BMND[:, :1])  # chunk m reads the state carried into it
+        s_BMND = (jnp.concatenate([s_BMND[:, 1:], zero], 1) if anticausal else
+                  jnp.concatenate([zero, s_BMND[:, :-1]], 1))
+        s_GKD = jnp.concatenate([s_BMND.real, s_BMND.imag], axis=2).reshape(B * M, 2 * N, D)
+        if shared:
+            y_GCD = _dot("gck,gkd->gcd", jnp.broadcast_to(W_HCK, (B * M,) + W_HCK.shape[1:]),
+                         s_GKD, precision)
+        else:
+            y_GCD = _dot("dck,gkd->gcd", W_HCK, s_GKD, precision)
+        y_BMCD = y_BMCD + y_GCD.reshape(B, M, C, D)
+    return y_BMCD.reshape(B, M * C, D)[:, :L]
+
+
+def _chunked_scan(u_LBD, keep_LB11, a_bar_HN, b_bar_HN, c_HN) -> jax.Array:
+    """Re(C x_t) of x_t = keep_t A_bar x_(t-1) + B_bar u_t, (L, B, D), by two nested
+    `lax.scan`s: over chunks of C ~ sqrt(L) tokens (each chunk rematerialized in the backward
+    pass), and over the tokens of a chunk, returning y_t only. The backward pass holds the
+    state (B, D, N) at the L/C chunk starts plus the C states of one chunk: O(sqrt(L) B D N),
+    where a scan over all of L would hold L of them."""
+    L = u_LBD.shape[0]
+    C = 1 << max(0, math.ceil(math.log2(L) / 2))  # a power of two >= sqrt(L)
+    M = -(-L // C)
+    u_MCBD = jnp.pad(u_LBD, ((0, M * C - L), (0, 0), (0, 0))).reshape(
+        (M, C) + u_LBD.shape[1:])
+    keep_MCB11 = jnp.pad(keep_LB11, ((0, M * C - L), (0, 0), (0, 0), (0, 0)),
+                         constant_values=1).reshape((M, C) + keep_LB11.shape[1:])
+
+    def step(x_BDN, xs):
+        u_BD, keep_B11 = xs
+        x_BDN = keep_B11 * a_bar_HN[None] * x_BDN + b_bar_HN[None] * u_BD[..., None]
+        return x_BDN, jnp.sum((c_HN[None] * x_BDN).real, axis=-1)
+
+    @jax.checkpoint
+    def chunk(x_BDN, xs):
+        return jax.lax.scan(step, x_BDN, xs)
+
+    B, D = u_LBD.shape[1:]
+    x_BDN = jnp.zeros((B, D, a_bar_HN.shape[-1]), a_bar_HN.dtype)
+    _, y_MCBD = jax.lax.scan(chunk, x_BDN, (u_MCBD, keep_MCB11))
+    return y_MCBD.reshape((M * C,) + u_LBD.shape[1:])[:L]
+
+
 def reverse_padded(x_BL: jax.Array, mask_BL: Optional[jax.Array], *,
                    official_padding: bool = False) -> jax.Array:
     """Reverses each sequence along axis 1 within its own length; pads stay where they are.
@@ -295,7 +430,8 @@ class S4D(nnx.Module):
         return s4d_kernel(*self._params_H(), L)
 
     def __call__(self, u_BLD: jax.Array, mask_BL: Optional[jax.Array] = None, *,
-                 mode: str = "fft", segment_ids_BL: Optional[jax.Array] = None) -> jax.Array:
+                 mode: str = "fft", segment_ids_BL: Optional[jax.Array] = None,
+                 anticausal: bool = False, precision: str = "fp32") -> jax.Array:
         """y = K * u + D u along L for every channel.
 
         Args:
@@ -303,21 +439,34 @@ class S4D(nnx.Module):
             accepts any D.
           mask_BL: 1 for real tokens, 0 for pads; pads of u are zeroed first, so real tokens
             never see them (outputs at pad positions are meaningless).
-          mode: 'fft' (rfft of size 2L, fp32 at least: the training path), 'scan' (parallel
-            `associative_scan` of the recurrence; holds a (B, L, D, N) complex state),
-            'recurrent' (sequential `lax.scan`), 'toeplitz' (dense L x L matmul; reference
-            for tests and short L).
+          mode: 'fft' (rfft of size 2L, fp32 at least), 'chunked' (Toeplitz blocks plus the
+            state carried between chunks, all matmuls; module docstring), 'scan' (the
+            recurrence in chunks of ~sqrt(L) tokens, each recomputed in the backward pass:
+            trains in O(sqrt(L) B D N) memory, `_chunked_scan`), 'recurrent' (one `lax.scan`
+            over L, which keeps every state for the backward pass), 'toeplitz' (dense L x L
+            matmul; reference for tests and short L), or 'auto' (`resolve_mode`).
           segment_ids_BL: packed rows (int, 1, 2, ... per example, 0 on pads): no output
             sees an input of another segment. The scans reset the state at each segment
-            start; 'fft' and 'toeplitz' use the Toeplitz matrix masked to same-segment pairs
-            (exact, O(L^2) per channel, which at pretraining lengths costs little next to
-            the dense layers).
+            start; 'fft', 'chunked' and 'toeplitz' use the Toeplitz matrix masked to
+            same-segment pairs (exact, O(L^2) per channel, which at pretraining lengths costs
+            little next to the dense layers).
+          anticausal: y_t = sum_(s>=t) K[s-t] u_s + D u_t, the backward direction: equal on
+            real tokens to reversing each sequence within its length (`reverse_padded`),
+            applying the causal layer and reversing back. 'chunked' computes it directly; the
+            other modes flip L around the causal computation.
+          precision: 'chunked' matmuls, one of `PRECISIONS`; the other modes run in fp32.
 
         Returns:
           y (B, L, D).
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown S4D mode {mode!r}; choose one of {list(MODES)}")
+        mode = resolve_mode(mode)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown S4D precision {precision!r}; choose one of "
+                             f"{list(PRECISIONS)}")
+        if anticausal and (mode != "chunked" or segment_ids_BL is not None):
+            flip = lambda x: None if x is None else jnp.flip(jnp.asarray(x), axis=1)
+            return flip(self(flip(u_BLD), flip(mask_BL), mode=mode, precision=precision,
+                             segment_ids_BL=flip(segment_ids_BL)))
         B, L, D = u_BLD.shape
         out_dtype = u_BLD.dtype
         dtype = jnp.promote_types(self.A_re[...].dtype, jnp.float32)  # fp32 even for bf16 u
@@ -328,13 +477,16 @@ class S4D(nnx.Module):
             seg_BL = jnp.asarray(segment_ids_BL)
             start_BL = jnp.concatenate(
                 [jnp.ones_like(seg_BL[:, :1], bool), seg_BL[:, 1:] != seg_BL[:, :-1]], axis=1)
-            if mode == "fft":
+            if mode in ("fft", "chunked"):
                 mode = "toeplitz"
         if mode == "fft":
             # Zero padding to 2L turns the FFT's circular convolution into the linear one.
             k_FH = jnp.fft.rfft(self.kernel(L), n=2 * L, axis=-1).T
             u_BFD = jnp.fft.rfft(u_BLD, n=2 * L, axis=1)
             y_BLD = jnp.fft.irfft(u_BFD * k_FH[None], n=2 * L, axis=1)[:, :L]
+        elif mode == "chunked":
+            y_BLD = chunked_conv(u_BLD, self._params_H(), anticausal=anticausal,
+                                 precision=precision)
         elif mode == "toeplitz":
             K_HL = self.kernel(L)
             lag_LL = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
@@ -356,10 +508,7 @@ class S4D(nnx.Module):
             keep_LB11 = (jnp.ones((L, 1, 1, 1), a_bar_HN.dtype) if segment_ids_BL is None else
                          (~start_BL).T[..., None, None].astype(a_bar_HN.dtype))
             if mode == "scan":
-                a_LBHN = keep_LB11 * a_bar_HN[None, None]
-                _, x_LBDN = jax.lax.associative_scan(
-                    lambda e1, e2: (e2[0] * e1[0], e2[0] * e1[1] + e2[1]),
-                    (a_LBHN, b_bar_HN[None, None] * u_LBD[..., None]))
+                y_LBD = _chunked_scan(u_LBD, keep_LB11, a_bar_HN, b_bar_HN, c_HN)
             else:
                 def body(x_BDN, xs):
                     u_BD, keep_B11 = xs
@@ -368,7 +517,8 @@ class S4D(nnx.Module):
                     return x_BDN, x_BDN
                 x_BDN = jnp.zeros((B, D, self.state_size), a_bar_HN.dtype)
                 _, x_LBDN = jax.lax.scan(body, x_BDN, (u_LBD, keep_LB11))
-            y_BLD = jnp.swapaxes(jnp.sum((c_HN[None, None] * x_LBDN).real, axis=-1), 0, 1)
+                y_LBD = jnp.sum((c_HN[None, None] * x_LBDN).real, axis=-1)
+            y_BLD = jnp.swapaxes(y_LBD, 0, 1)
         return (y_BLD + self.D[...].astype(dtype)[None, None, :] * u_BLD).astype(out_dtype)
 
     def init_state(self, batch: int, features: Optional[int] = None) -> jax.Array:

@@ -17,7 +17,8 @@ knows where it is), `num_layers` pre-norm blocks, a final LayerNorm, an LM head 
 embeddings or untied, as GPT-2's.
 
 Two ways to run the same function. Training and prompts use the parallel path: each SSM is a
-causal convolution with its S4D kernel (FFT over 2L, `ssm_mode`). Generation uses the
+causal convolution with its S4D kernel (`ssm_mode`: by default FFT over 2L on CPU and
+chunked matmuls on TPU/GPU, `ssm.resolve_mode`). Generation uses the
 recurrence (`S4D.step`: x_t = A_bar x_t-1 + B_bar u_t, y_t = Re(C x_t) + D u_t, discretized
 by the same ZOH as the kernel), so a new token costs O(D² + D·N) per layer whatever the
 context length, and the decoding cache is one (B, D, N) complex state per layer: no key/value
@@ -39,10 +40,10 @@ from flax import nnx
 from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import check_token_ids, embed, mask_pad_logits, padded_vocab
 from bigs_jax.layers.linear import dense, gelu_tanh, layer_norm
-from bigs_jax.layers.ssm import INITS, S4D
+from bigs_jax.layers.ssm import INITS, MODES, S4D, resolve_mode
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 
-SSM_MODES = ("fft", "scan", "recurrent", "toeplitz")
+SSM_MODES = MODES + ("auto",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ class BigsLMConfig:
     ssm_init: str = "legs"                   # legs | lin | inv
     ssm_dt_min: float = 0.01
     ssm_dt_max: float = 1.0
-    ssm_mode: str = "fft"                    # fft | scan | recurrent | toeplitz
+    ssm_mode: str = "auto"                   # auto | fft | chunked | scan | recurrent | toeplitz
     norm_eps: float = 1e-5
     dropout: float = 0.1                     # on the embeddings (BiGS has none in the block)
     init_std: float = 0.02
@@ -96,7 +97,7 @@ class CausalGatedBlock(nnx.Module):
         self.duc_forward = dense(d, d, ("mlp", "embed"), **kw)
         self.dol = dense(d, f, ("embed", "mlp"), **kw)
         self.do = dense(f, d, ("mlp", "embed"), **kw)
-        self.mode = c.ssm_mode
+        self.mode = resolve_mode(c.ssm_mode)
 
     def _inputs(self, x_BLD):
         """(V, F): the gate and the SSM input."""

@@ -41,7 +41,7 @@ from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import BertEmbeddings, padded_vocab
 from bigs_jax.layers.linear import activation, dense, gelu_tanh, layer_norm
 from bigs_jax.layers.mlp import MLP
-from bigs_jax.layers.ssm import S4D, reverse_padded
+from bigs_jax.layers.ssm import MODES, PRECISIONS, S4D, resolve_mode, reverse_padded
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead
 from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
                                      with_output_dtype)
@@ -72,7 +72,8 @@ class EncoderConfig:
     ssm_init: str = "legs"                   # legs | lin | inv
     ssm_dt_min: float = 0.01
     ssm_dt_max: float = 1.0
-    ssm_mode: str = "fft"                    # fft | scan | toeplitz
+    ssm_mode: str = "auto"                   # auto | fft | chunked | scan | toeplitz (ssm.MODES)
+    ssm_precision: str = "fp32"              # chunked-mode matmuls: fp32 | bf16_3x | bf16
     pre_norm: Optional[bool] = None          # None: True for gated (BiGS), False for stack (BERT)
     hidden_act: str = "gelu"                 # the stack block's feed-forward activation
     norm_eps: float = 1e-12
@@ -99,6 +100,12 @@ class EncoderConfig:
                                    ("head", self.head, HEADS), ("pooler", self.pooler, POOLERS)):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
+        if self.ssm_mode not in MODES + ("auto",):
+            raise ValueError(f"unknown ssm_mode {self.ssm_mode!r}; choose one of "
+                             f"{list(MODES + ('auto',))}")
+        if self.ssm_precision not in PRECISIONS:
+            raise ValueError(f"unknown ssm_precision {self.ssm_precision!r}; choose one of "
+                             f"{list(PRECISIONS)}")
         activation(self.hidden_act)
         check_remat(self.remat)
         padded_vocab(self.vocab_size, self.vocab_multiple)
@@ -122,29 +129,35 @@ class BiSSM(nnx.Module):
         self.fs4 = S4D(d, **ssm)
         self.bs4 = S4D(d, **ssm)
         self.out = dense(2 * d, d, ("mlp", "embed"), rngs=rngs, init_std=c.init_std, dtype=dt)
-        self.mode, self.official = c.ssm_mode, c.official_padding
+        self.mode, self.official = resolve_mode(c.ssm_mode), c.official_padding
+        self.precision = c.ssm_precision
 
     def __call__(self, x_BLD, mask_BL, segment_ids_BL=None, **_):
         f_BLD, b_BLD = _bidirectional(self.fs4, self.bs4, x_BLD, x_BLD, mask_BL,
-                                      self.official, self.mode, segment_ids_BL)
+                                      self.official, self.mode, segment_ids_BL, self.precision)
         return self.out(jnp.concatenate([f_BLD, b_BLD], axis=-1))
 
 
 def _bidirectional(fs4: S4D, bs4: S4D, f_BLD, b_BLD, mask_BL, official: bool, mode: str,
-                   segment_ids_BL=None):
+                   segment_ids_BL=None, precision: str = "fp32"):
     """Forward SSM on f; backward SSM on b reversed within each sequence's length.
 
-    Packed rows (`segment_ids_BL`) reverse as a whole: each segment comes out reversed in
-    place of another, and the segment-aware SSM keeps it to itself either way.
+    The chunked mode runs the backward SSM anticausally instead (the same outputs on real
+    tokens, pads zeroed first unless `official`; no reversal of the data). Packed rows
+    (`segment_ids_BL`) reverse as a whole: each segment comes out reversed in place of
+    another, and the segment-aware SSM keeps it to itself either way.
     """
     if mask_BL is None:
         official = True  # no pads: reversing the full length is reversing each sequence
     ssm_mask = None if official else mask_BL
     seg_f = segment_ids_BL
+    kw = dict(mode=mode, precision=precision)
+    if mode == "chunked" and seg_f is None:
+        return (fs4(f_BLD, ssm_mask, **kw), bs4(b_BLD, ssm_mask, anticausal=True, **kw))
     seg_b = None if seg_f is None else reverse_padded(seg_f, mask_BL, official_padding=official)
-    f_BLD = fs4(f_BLD, ssm_mask, mode=mode, segment_ids_BL=seg_f)
+    f_BLD = fs4(f_BLD, ssm_mask, segment_ids_BL=seg_f, **kw)
     b_BLD = reverse_padded(b_BLD, mask_BL, official_padding=official)
-    b_BLD = reverse_padded(bs4(b_BLD, ssm_mask, mode=mode, segment_ids_BL=seg_b), mask_BL,
+    b_BLD = reverse_padded(bs4(b_BLD, ssm_mask, segment_ids_BL=seg_b, **kw), mask_BL,
                            official_padding=official)
     return f_BLD, b_BLD
 
@@ -213,8 +226,9 @@ class GatedBlock(nnx.Module):
                                            broadcast_dropout=c.attention_dropout_broadcast, **kw)
         self.dol = dense(d, f, ("embed", "mlp"), **kw)
         self.do = dense(f, d, ("mlp", "embed"), **kw)
-        self.mixer, self.mode = c.mixer, c.ssm_mode
+        self.mixer, self.mode = c.mixer, resolve_mode(c.ssm_mode)
         self.official, self.pre_norm = c.official_padding, c.uses_pre_norm
+        self.precision = c.ssm_precision
 
     def __call__(self, x_BLD, mask_BL, attn_mask, segment_ids_BL=None, *, deterministic=True,
                  rngs=None):
@@ -224,7 +238,7 @@ class GatedBlock(nnx.Module):
             f_BLD, b_BLD = _bidirectional(
                 self.fs4, self.bs4, gelu_tanh(self.du_forward(z_BLD)),
                 gelu_tanh(self.du_backward(z_BLD)), mask_BL, self.official, self.mode,
-                segment_ids_BL)
+                segment_ids_BL, self.precision)
             u_BLD = self.duc_forward(f_BLD) * self.duc_backward(b_BLD)
         else:
             u_BLD = self.attention(gelu_tanh(self.du_forward(z_BLD)), attn_mask,

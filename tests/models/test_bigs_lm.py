@@ -90,7 +90,7 @@ def test_future_tokens_leave_the_past_unchanged(jitted, mode):
 def test_ssm_modes_agree(jitted):
     ids = _ids((2, L))
     ref = np.asarray(jitted(_tiny(ssm_mode="toeplitz"))(ids).logits)
-    for mode in ("fft", "scan", "recurrent"):
+    for mode in ("fft", "chunked", "scan", "recurrent"):
         got = np.asarray(jitted(_tiny(ssm_mode=mode))(ids).logits)
         np.testing.assert_allclose(got, ref, atol=2e-6, rtol=0, err_msg=mode)
 

@@ -75,13 +75,28 @@ def test_bidirectional(block, mixer):
 
 @pytest.mark.parametrize("mode", ["scan", "toeplitz"])
 def test_ssm_modes_agree_in_model(mode, jitted):
-    base = jitted(tiny("gated", "ssm"))
+    base = jitted(tiny("gated", "ssm", ssm_mode="fft"))
     other = jitted(tiny("gated", "ssm", ssm_mode=mode))
     ids = np.random.default_rng(1).integers(1, 97, (2, 40))
     mask = np.ones_like(ids)
     mask[1, 25:] = 0
     a, b = base(ids, mask).logits, other(ids, mask).logits
     assert np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max() < 1e-5
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_chunked_mode_agrees_with_fft_in_model(official, jitted):
+    """The chunked mode (anticausal backward SSM, no reversal) equals the FFT mode on every
+    real token; with official padding, on pads too (both flip the full length)."""
+    kw = dict(official_padding=official, max_len=600)
+    base = jitted(tiny("gated", "ssm", ssm_mode="fft", **kw))
+    other = jitted(tiny("gated", "ssm", ssm_mode="chunked", **kw))
+    ids = np.random.default_rng(1).integers(1, 97, (2, 600))  # 3 chunks of 256: states carry
+    mask = np.ones_like(ids)
+    mask[1, 300:] = 0
+    a, b = np.asarray(base(ids, mask).logits), np.asarray(other(ids, mask).logits)
+    real = slice(None) if official else mask.astype(bool)
+    assert np.abs(a[real] - b[real]).max() / np.abs(a).max() < 1e-5
 
 
 def test_official_padding_reproduces_official_behaviour(jitted):
