@@ -11,8 +11,9 @@ flag, query positions), never as a dense (L, S) matrix, so memory stays linear i
 
 - "cudnn" on GPU: `jax.nn.dot_product_attention(implementation="cudnn")` (fused flash
   attention) for fp16/bf16 with K = V a multiple of 8 up to 128, no segment ids, no dropout
-  and queries at 0..L-1; key padding goes in as per-row key counts, i.e. as right padding,
-  which is every model's input contract here.
+  and queries at 0..L-1; key padding goes in as per-row key counts, i.e. as right padding
+  (every model's input contract here); a batch that is not right-padded (checked on the
+  device) runs the blocked kernel instead.
 - "splash" on TPU: Pallas splash attention (`jax.experimental.pallas.ops.tpu`) for L and S
   multiples of 128 and K = V, without dropout, queries at 0..L-1; key padding becomes segment
   id -1 on the pads.
@@ -144,27 +145,39 @@ def dot_product_attention(q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Arra
     if kernel not in KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
     mask = mask or AttentionMask()
+    blocked = functools.partial(
+        flash_attention, masks=Masks(mask.key_BS, mask.segment_ids_BL, mask.segment_ids_BL,
+                                     mask.positions_BL),
+        causal=mask.causal, dropout_rate=dropout_rate, dropout_key=dropout_key,
+        broadcast_dropout=broadcast_dropout)
     if kernel == "cudnn":
-        return jax_attention(q_BLHK, k_BSHK, v_BSHV, mask, implementation="cudnn")
+        return jax_attention(q_BLHK, k_BSHK, v_BSHV, mask, implementation="cudnn",
+                             otherwise=blocked)
     if kernel == "splash":
         return splash_attention(q_BLHK, k_BSHK, v_BSHV, mask)
-    seg = mask.segment_ids_BL
-    masks = Masks(mask.key_BS, seg, seg, mask.positions_BL)
-    return flash_attention(q_BLHK, k_BSHK, v_BSHV, masks, causal=mask.causal,
-                           dropout_rate=dropout_rate, dropout_key=dropout_key,
-                           broadcast_dropout=broadcast_dropout)
+    return blocked(q_BLHK, k_BSHK, v_BSHV)
 
 
 def jax_attention(q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array,
-                  mask: AttentionMask, *, implementation: str) -> jax.Array:
+                  mask: AttentionMask, *, implementation: str, otherwise) -> jax.Array:
     """`jax.nn.dot_product_attention` of `implementation` ("cudnn"; "xla" tests the same
-    arguments on CPU); key padding goes in as per-row key counts (right padding)."""
+    arguments on CPU). Key padding goes in as per-row key counts, which means right padding:
+    a batch whose key mask is not right padding (checked on the device) runs
+    `otherwise(q, k, v)` instead."""
     B, S = k_BSHK.shape[:2]
-    lengths = None if mask.key_BS is None else jnp.sum(
-        jnp.broadcast_to(mask.key_BS, (B, S)), axis=1, dtype=jnp.int32)
-    return jax.nn.dot_product_attention(q_BLHK, k_BSHK, v_BSHV, is_causal=mask.causal,
-                                        key_value_seq_lengths=lengths,
-                                        implementation=implementation)
+
+    def fused(q, k, v, lengths_B=None):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=mask.causal,
+                                            key_value_seq_lengths=lengths_B,
+                                            implementation=implementation)
+
+    if mask.key_BS is None:
+        return fused(q_BLHK, k_BSHK, v_BSHV)
+    keys_BS = jnp.broadcast_to(mask.key_BS, (B, S))
+    lengths_B = jnp.sum(keys_BS, axis=1, dtype=jnp.int32)
+    right_padded = jnp.all(keys_BS == (jnp.arange(S)[None, :] < lengths_B[:, None]))
+    return jax.lax.cond(right_padded, lambda *a: fused(*a, lengths_B), otherwise,
+                        q_BLHK, k_BSHK, v_BSHV)
 
 
 def splash_attention(q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array,

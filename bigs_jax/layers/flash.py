@@ -56,14 +56,21 @@ class Static(NamedTuple):
 
 
 def block_sizes(B: int, H: int, L: int, S: int) -> tuple[int, int]:
-    """(T, U): up to KEY_BLOCK keys per block, then as many queries as keep the tile's
-    B·H·T·U scores within TILE_FLOATS (a multiple of 8 where that allows; at least 1). A whole
-    axis is one block when it fits."""
-    U = min(S, KEY_BLOCK)
-    T = max(1, TILE_FLOATS // (B * H * U))
-    if T >= L:
-        return L, U
-    return (T // 8 * 8 or T), U
+    """(T, U): keys in blocks of at most KEY_BLOCK, then queries in blocks whose B·H·T·U
+    scores fit in TILE_FLOATS; each axis split into equal blocks (multiples of 8 where the
+    blocks are larger) so padding the last block wastes little. An axis that fits is one
+    block."""
+    U = _even_split(S, KEY_BLOCK)
+    return _even_split(L, max(1, TILE_FLOATS // (B * H * U))), U
+
+
+def _even_split(n: int, most: int) -> int:
+    """The size of the fewest equal blocks of at most `most` covering n, rounded up to a
+    multiple of 8 when over 8 (and below `most`)."""
+    if n <= most:
+        return n
+    size = -(-n // -(-n // most))
+    return min(most, -(-size // 8) * 8) if size > 8 else size
 
 
 def flash_attention(q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array,

@@ -222,7 +222,9 @@ def test_layer_output_does_not_depend_on_the_blocking(monkeypatch):
 
 def test_block_sizes():
     assert flash.block_sizes(1, 12, 64, 64) == (64, 64)           # one tile
-    assert flash.block_sizes(1, 12, 4096, 4096) == (336, 512)     # 2**21 scores, multiple of 8
+    assert flash.block_sizes(1, 12, 512, 512) == (256, 512)       # 2**21 scores at most
+    assert flash.block_sizes(1, 12, 4096, 4096) == (320, 512)     # 13 blocks of <= 341: 4160
+    assert flash.block_sizes(1, 12, 1000, 1000) == (336, 504)     # multiples of 8
     assert flash.block_sizes(1, 12, 1, 4096) == (1, 512)          # one decoding query
     assert flash.block_sizes(64, 64, 4096, 4096) == (1, 512)      # at least one query
 
@@ -288,12 +290,21 @@ def test_splash_kernel_in_interpret_mode_equals_the_reference(masking):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_cudnn_call_arguments_mean_the_mask(causal):
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_cudnn_call_arguments_mean_the_mask(causal, padding):
     """The GPU path's `jax.nn.dot_product_attention` arguments (key counts for right padding,
-    is_causal), run through jax's XLA implementation on CPU."""
+    is_causal), run through jax's XLA implementation on CPU; a left-padded batch goes to the
+    fallback (here a marker: all outputs 7)."""
     (q, k, v), pad, _, _ = qkv_and_masks(K=8, V=8)
+    if padding == "left":
+        pad = pad[:, ::-1].copy()
     mask = make_attention_mask(jnp.asarray(pad), 48, causal=causal)
-    out = attention.jax_attention(q, k, v, mask, implementation="xla")
+    out = jax.jit(lambda q, k, v: attention.jax_attention(
+        q, k, v, mask, implementation="xla", otherwise=lambda q, k, v: jnp.full_like(q, 7)))(
+            q, k, v)
+    if padding == "left":
+        np.testing.assert_array_equal(np.asarray(out), 7)
+        return
     with jax.enable_x64():
         want = reference(q, k, v, mask.dense(48, 48))
     np.testing.assert_allclose(np.asarray(out)[pad], np.asarray(want)[pad], atol=2e-6, rtol=0)
