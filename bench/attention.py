@@ -81,7 +81,8 @@ def layer_runners(L: int, hf: bool) -> dict:
     if hf:
         import torch  # pylint: disable=import-outside-toplevel
         import transformers  # pylint: disable=import-outside-toplevel
-        from transformers.models.bert import modeling_bert  # pylint: disable=import-outside-toplevel
+        # pylint: disable-next=import-outside-toplevel
+        from transformers.models.bert import modeling_bert
 
         config = transformers.BertConfig(hidden_size=D, num_attention_heads=H,
                                           attn_implementation="sdpa")

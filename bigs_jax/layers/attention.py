@@ -107,7 +107,8 @@ def choose_kernel(backend: str, dtype, K: int, V: int, L: int, S: int,
         return "blocked", "queries at given positions (decoding)"
     if backend == "tpu":
         if L % 128 or S % 128 or K != V:
-            return "blocked", f"splash needs L, S multiples of 128 and K = V (L={L}, S={S}, K={K}, V={V})"
+            return "blocked", (f"splash needs L, S multiples of 128 and K = V "
+                               f"(L={L}, S={S}, K={K}, V={V})")
         return "splash", ""
     if mask.segment_ids_BL is not None:
         return "blocked", "segment ids (cuDNN takes none)"
@@ -119,7 +120,7 @@ def choose_kernel(backend: str, dtype, K: int, V: int, L: int, S: int,
 
 @functools.lru_cache(maxsize=None)
 def _log_fallback(why: str) -> None:
-    log.info("attention: blocked XLA kernel instead of the fused one: %s", why)
+    log.warning("attention: blocked XLA kernel instead of the fused one: %s", why)
 
 
 def dot_product_attention(q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array,
