@@ -1,4 +1,4 @@
-"""Attention vs HF PyTorch SDPA, side by side in one process, and forward+backward memory.
+"""Attention vs HF PyTorch SDPA, side by side in one run, and forward+backward memory.
 
     PYTHONPATH=. python bench/attention.py [--layer-lengths 512,1024,2048,4096,8192]
                                            [--model-lengths 512,1024,2048,4096]
@@ -20,7 +20,9 @@ Three tables, batch 1, fp32, random weights (they do not change the work):
 
 Timings: one warm-up call each (compiles), then `repeats` rounds, ours and theirs interleaved
 within a round; medians, and the median of the per-round ratios HF / ours (> 1: ours is
-faster). The acceptance figures (issue 18) are the BERT-base ratios at 1K-4K (>= 1.0) and
+faster). PyTorch runs in a child process that never starts JAX (bench/sdpa_peer.py; in a
+process where XLA's CPU runtime is up, PyTorch's thread pool slows down, see
+bench/train_step.py); the child runs one call per request, so ours and theirs never overlap. The acceptance figures (issue 18) are the BERT-base ratios at 1K-4K (>= 1.0) and
 the memory ratios per doubling at 4K and 8K (~2, linear).
 """
 
@@ -28,10 +30,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("USE_TF", "0")
@@ -47,20 +53,6 @@ from bigs_jax.layers.attention import SelfAttention, make_attention_mask  # noqa
 GiB = 1 << 30
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """{name: [seconds per round]}: one warm-up call each, then `repeats` rounds calling every
-    fn once in turn (each must block until its result is ready)."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def row(L: int, times: dict) -> str:
     ours = statistics.median(times["ours"])
     if "hf" not in times:
@@ -70,57 +62,62 @@ def row(L: int, times: dict) -> str:
     return f"{L:>6}  {ours:>9.3f}  {hf:>9.3f}  {ratio:>6.2f}x"
 
 
-def layer_runners(L: int, hf: bool) -> dict:
+class Peer:
+    """The PyTorch child (bench/sdpa_peer.py): `run(kind, L)` times one call there."""
+
+    def __init__(self):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sdpa_peer.py")
+        self.proc = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.version = json.loads(self.proc.stdout.readline())
+
+    def run(self, kind: str, L: int) -> float:
+        self.proc.stdin.write(json.dumps({"kind": kind, "L": L}) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            sys.exit(f"the PyTorch child process ended (exit {self.proc.wait()})")
+        return json.loads(answer)["seconds"]
+
+
+def layer_runner(L: int):
     D, H = 768, 12
     layer = SelfAttention(D, H, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(layer)
     x = jnp.asarray(np.random.default_rng(L).normal(size=(1, L, D)), jnp.float32)
     mask = make_attention_mask(jnp.ones((1, L), jnp.int32), L)
     forward = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, m))
-    fns = {"ours": lambda: forward(state, x, mask).block_until_ready()}
-    if hf:
-        import torch  # pylint: disable=import-outside-toplevel
-        import transformers  # pylint: disable=import-outside-toplevel
-        # pylint: disable-next=import-outside-toplevel
-        from transformers.models.bert import modeling_bert
-
-        config = transformers.BertConfig(hidden_size=D, num_attention_heads=H,
-                                          attn_implementation="sdpa")
-        attn = modeling_bert.BertSdpaSelfAttention(config).eval()
-        dense = torch.nn.Linear(D, D).eval()
-        tx = torch.tensor(np.asarray(x))
-
-        def theirs():
-            with torch.inference_mode():
-                dense(attn(tx)[0])
-
-        fns["hf"] = theirs
-    return fns
+    return lambda: forward(state, x, mask).block_until_ready()
 
 
-def model_runners(L: int, hf: bool) -> dict:
+def model_runner(L: int):
     model = bigs_jax.create("bert-base", max_len=max(L, 512))
     graphdef, state = nnx.split(model)
     ids = np.random.default_rng(L).integers(1, 30000, (1, L)).astype(np.int32)
     mask = np.ones((1, L), np.int32)
     forward = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, attention_mask=m).hidden_states)
-    fns = {"ours": lambda: forward(state, ids, mask).block_until_ready()}
-    if hf:
-        import torch  # pylint: disable=import-outside-toplevel
-        import transformers  # pylint: disable=import-outside-toplevel
+    return lambda: forward(state, ids, mask).block_until_ready()
 
-        config = transformers.BertConfig(max_position_embeddings=max(L, 512),
-                                         attn_implementation="sdpa")
-        peer = transformers.BertModel(config, add_pooling_layer=False).eval()
-        assert peer.config._attn_implementation == "sdpa"  # pylint: disable=protected-access
-        tids, tmask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
 
-        def theirs():
-            with torch.inference_mode():
-                peer(tids, attention_mask=tmask)
+def timed(ours, peer: Optional[Peer], kind: str, L: int, repeats: int) -> dict:
+    """{name: [seconds per round]}: one warm-up call each (compiles; builds the peer), then
+    `repeats` rounds of ours then theirs."""
+    fns = {"ours": lambda: _seconds(ours)}
+    if peer is not None:
+        fns["hf"] = lambda: peer.run(kind, L)
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return times
 
-        fns["hf"] = theirs
-    return fns
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def temp_bytes(L: int, dense: bool) -> int:
@@ -161,26 +158,22 @@ def main():
     p.add_argument("--no-hf", action="store_true", help="time ours only")
     a = p.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]
-    hf = not a.no_hf
-    if hf:
-        import torch  # pylint: disable=import-outside-toplevel
-
-        peer = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    else:
-        peer = "none"
+    peer = None if a.no_hf else Peer()
+    about = "none" if peer is None else (f"torch {peer.version['torch']}, "
+                                         f"{peer.version['threads']} threads, own process")
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax "
-          f"{jax.__version__} ({jax.default_backend()}), peer: {peer}; batch 1, fp32, "
+          f"{jax.__version__} ({jax.default_backend()}), peer: {about}; batch 1, fp32, "
           f"medians of {a.repeats} interleaved rounds")
     head = f"{'L':>6}  {'ours s':>9}  {'HF s':>9}  {'HF/ours':>7}"
     print("\n## attention layer (768 wide, 12 heads) vs HF BertSdpaSelfAttention + output dense")
     print(head)
     for L in ints(a.layer_lengths):
-        print(row(L, interleaved(layer_runners(L, hf), a.repeats)), flush=True)
+        print(row(L, timed(layer_runner(L), peer, "layer", L, a.repeats)), flush=True)
     print("\n## BERT-base forward vs HF BertModel (sdpa)")
     print(head)
     for L in ints(a.model_lengths):
-        print(row(L, interleaved(model_runners(L, hf), a.repeats)), flush=True)
+        print(row(L, timed(model_runner(L), peer, "model", L, a.repeats)), flush=True)
     print("\n## forward+backward temporaries, one 1024-wide 16-head bf16 layer (compiled, GiB)")
     print(f"{'L':>6}  {'ours':>8}  {'x prev':>6}  {'dense':>8}  {'x prev':>6}")
     prev = None
