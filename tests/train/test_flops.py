@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bigs_jax.layers import attention
+from bigs_jax.layers import flash
 from bigs_jax.train import flops, loop
 from configs import bert
 
@@ -88,8 +88,8 @@ def test_loop_free_functions_count_what_xla_counts(f):
 
 
 def dry_run(tmp_path, *, grad_accum_steps=1, scan_layers=False):
-    """The dry run of a small BERT MLM step (no dropout, so training attends in query blocks
-    when the scores exceed `attention.SCORE_BLOCK_FLOATS`); returns (its summary, the config)."""
+    """The dry run of a small BERT MLM step (attention in blocks of queries when the scores
+    exceed `flash.TILE_FLOATS`); returns (its summary, the config)."""
     config = bert.get_config("size=tiny")
     config.model.update(hidden_size=128, intermediate_size=512, num_heads=2, num_layers=2,
                         dropout=0.0, attention_dropout=0.0)
@@ -100,16 +100,18 @@ def dry_run(tmp_path, *, grad_accum_steps=1, scan_layers=False):
 
 
 def hand_count(config, vocab: int) -> float:
-    """Matmul FLOPs of one BERT MLM train step: 2 per multiply-add, forward once, backward
-    twice (input and weight gradients), every token of the global batch."""
+    """Matmul FLOPs of one BERT MLM train step: 2 per multiply-add, every token of the global
+    batch. Dense layers: forward once, backward twice (input and weight gradients). Attention
+    (`layers/flash.py`): the forward's 2 matmuls (q·kᵀ, probabilities·v) and the backward's 5
+    (q·kᵀ recomputed, then dp, dv, dq, dk)."""
     m, d = config.model, config.data
     D, F, L, P, B = m.hidden_size, m.intermediate_size, d.seq_len, config.train.max_predictions, \
         d.batch_size
-    per_layer = (2 * L * 4 * D * D         # q, k, v and output projections
-                 + 2 * L * 2 * D * F       # the feed-forward's two matmuls
-                 + 2 * 2 * L * L * D)      # scores q·kᵀ and probabilities·v, all heads
+    dense = (2 * L * 4 * D * D             # q, k, v and output projections
+             + 2 * L * 2 * D * F)          # the feed-forward's two matmuls
+    scores = 2 * L * L * D                 # one L x L x D matmul over all heads
     head = 2 * P * D * D + 2 * P * D * vocab  # MLM transform and tied decoder at P positions
-    return 3 * B * (m.num_layers * per_layer + head)
+    return B * (3 * (m.num_layers * dense + head) + m.num_layers * 7 * scores)
 
 
 def test_dry_run_flops_equal_a_hand_count_with_blocked_attention_and_accumulation(
@@ -117,9 +119,9 @@ def test_dry_run_flops_equal_a_hand_count_with_blocked_attention_and_accumulatio
     """Issue 16's acceptance. Per microbatch the scores are (4, 2, 256, 256) floats; a budget
     of 2**17 splits them into 4 query blocks of 64, which XLA's count would see only once;
     the layers run as one scan, and the microbatches as another."""
-    assert attention.query_block_size(4, 2, 256, 256) == 256  # one block unless told
-    monkeypatch.setattr(attention, "SCORE_BLOCK_FLOATS", 1 << 17)
-    assert attention.query_block_size(4, 2, 256, 256) == 64
+    assert flash.block_sizes(4, 2, 256, 256) == (256, 256)  # one block unless told
+    monkeypatch.setattr(flash, "TILE_FLOATS", 1 << 17)
+    assert flash.block_sizes(4, 2, 256, 256) == (64, 256)
     summary, config = dry_run(tmp_path, grad_accum_steps=2, scan_layers=True)
     expected = hand_count(config, vocab=8192)  # the embedded corpus's vocabulary
     assert summary["flops"] == pytest.approx(expected, rel=0.05)
