@@ -89,10 +89,12 @@ def test_padding_independence_and_official_mode_differs(jitted):
 
 
 def _layers_fn(model, mask=None):
+    # The layers run channel-major, (B, D, L) (M2Config.channel_major)
     def f(x_BLD):
+        x_BDL = jnp.swapaxes(x_BLD, 1, 2)
         for layer in model.layers:
-            x_BLD = layer(x_BLD, mask)
-        return x_BLD
+            x_BDL = layer(x_BDL, mask)
+        return jnp.swapaxes(x_BDL, 1, 2)
     return f
 
 
