@@ -22,6 +22,14 @@ convolutions (`causal=True`) and a tied LM head. `mlp=False` is the MLP-free var
 layer is out = LN(h + mixer(h)) (our choice: without the MLP's post-norm residual the stack
 would have no normalization at all).
 
+Layout: the layer stack runs channel-major, hidden states (B, D, L) between the embeddings
+and the head (`channel_major=True`, one transpose in and one out). The long convolutions'
+FFTs then run along the last axis with no transpose around them, the dense projections are
+GEMMs that write (D, L) directly, and the block-diagonal MLP is one batched GEMM over blocks
+of contiguous channel rows (bench/m2.py times it against `channel_major=False`, the (B, L, D)
+stack, and against the fp32 matmul roofline). The cached decoding path and
+`M2SequenceMixer.__call__` (M2-ViT's mixer) keep (B, L, D).
+
 Padding: by default pads never reach real tokens (long-conv inputs are zeroed at pads; the
 short conv is causal). `official_padding=True` leaves pads in, as the released checkpoints
 were trained and are used (inputs padded to max_len).
