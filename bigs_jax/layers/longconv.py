@@ -205,12 +205,13 @@ class ImplicitFilter(nnx.Module):
         self._check_length(length)
         z_LE = self.z[...][:length].astype(jnp.float32)
         t_L = filter_time(self.l_max)[:length, 0]
-        k_fwd_DL = self._mlp(self.implicit_filter, z_LE) * self._decay(t_L)
         if not self.bidirectional:
-            return k_fwd_DL
-        k_rev_flipped_DL = (self._mlp(self.implicit_filter_rev, z_LE[::-1])
-                            * self._decay(t_L[::-1]))
-        return jnp.concatenate([k_fwd_DL, k_rev_flipped_DL], axis=-1)
+            return self._mlp(self.implicit_filter, z_LE) * self._decay(t_L)
+        # One decay over the 2L columns: XLA fuses the concatenation, the exp and the product
+        # into one pass over the kernel (three passes when each half is scaled first).
+        mlp_DN = jnp.concatenate([self._mlp(self.implicit_filter, z_LE),
+                                  self._mlp(self.implicit_filter_rev, z_LE[::-1])], axis=-1)
+        return mlp_DN * self._decay(np.concatenate([t_L, t_L[::-1]]))
 
     def __call__(self, u_BLD: jax.Array, *, mode: str = "fft") -> jax.Array:
         """y = long_conv(u, k_fwd, k_rev) + D ⊙ u, in float32."""
@@ -221,6 +222,21 @@ class ImplicitFilter(nnx.Module):
         if mode not in CONV_MODES:
             raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
         return circular_conv(u_BLD, self.circular_kernel(u_BLD.shape[1]), mode=mode) + skip_BLD
+
+    def channel_major(self, u_BDL: jax.Array, *, mode: str = "fft") -> jax.Array:
+        """`__call__` on channel-major u (B, D, L) → (B, D, L) float32: the FFT runs along
+        the last axis as it is, with no transpose in or out."""
+        u_BDL = u_BDL.astype(jnp.float32)
+        skip_BDL = self.bias[...][None, :, None] * u_BDL
+        L = u_BDL.shape[2]
+        if mode == "toeplitz":
+            w_LLD = toeplitz_weights(*self.kernels(L))
+            return jnp.einsum("tsd,bds->bdt", w_LLD, u_BDL,
+                              precision=jax.lax.Precision.HIGHEST) + skip_BDL
+        if mode not in CONV_MODES:
+            raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
+        return fft_conv(u_BDL, self.circular_kernel(L), 2 * L,
+                        use_monarch=mode == "monarch") + skip_BDL
 
     # Decoding (causal filters): y[p] = Σ_{s≤p} k[p-s]·v[s] + D·v[p] read from a cache of the
     # inputs v, O(S·D) per token for S cached positions, exact (no FFT round-off).
@@ -262,17 +278,23 @@ def long_conv(u_BLD: jax.Array, k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Arra
     L = u_BLD.shape[1]
     u_BLD = u_BLD.astype(jnp.float32)
     if mode == "toeplitz":
-        t_L1, s_1L = np.arange(L)[:, None], np.arange(L)[None, :]
-        w_LLD = jnp.where((s_1L <= t_L1)[..., None], k_fwd_LD[np.clip(t_L1 - s_1L, 0, L - 1)],
-                          0.0)
-        if k_rev_LD is not None:
-            w_LLD = w_LLD + jnp.where((s_1L > t_L1)[..., None],
-                                      k_rev_LD[np.clip(s_1L - t_L1 - 1, 0, L - 1)], 0.0)
-        return jnp.einsum("tsd,bsd->btd", w_LLD, u_BLD, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("tsd,bsd->btd", toeplitz_weights(k_fwd_LD, k_rev_LD), u_BLD,
+                          precision=jax.lax.Precision.HIGHEST)
     k_DN = k_fwd_LD.T  # causal: zero padding to 2L in fft_conv keeps the future out
     if k_rev_LD is not None:
         k_DN = jnp.concatenate([k_DN, k_rev_LD.T[:, ::-1]], axis=-1)
     return circular_conv(u_BLD, k_DN, mode=mode)
+
+
+def toeplitz_weights(k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Array]) -> jax.Array:
+    """(L, L, D) weights w[t, s] of input s in output t (`long_conv`'s toeplitz mode)."""
+    L = k_fwd_LD.shape[0]
+    t_L1, s_1L = np.arange(L)[:, None], np.arange(L)[None, :]
+    w_LLD = jnp.where((s_1L <= t_L1)[..., None], k_fwd_LD[np.clip(t_L1 - s_1L, 0, L - 1)], 0.0)
+    if k_rev_LD is not None:
+        w_LLD = w_LLD + jnp.where((s_1L > t_L1)[..., None],
+                                  k_rev_LD[np.clip(s_1L - t_L1 - 1, 0, L - 1)], 0.0)
+    return w_LLD
 
 
 def circular_conv(u_BLD: jax.Array, k_DN: jax.Array, *, mode: str = "fft") -> jax.Array:
@@ -318,6 +340,14 @@ class ShortConv(nnx.Module):
         xp_BLC = jnp.pad(x_BLC, ((0, 0), (K - 1, 0), (0, 0)))
         y_BLC = sum(kernel_KC[j][None, None, :] * xp_BLC[:, j:j + L] for j in range(K))
         return y_BLC + self.bias[...].astype(x_BLC.dtype)[None, None, :]
+
+    def channel_major(self, x_BCL: jax.Array) -> jax.Array:
+        """`__call__` on channel-major x: (B, C, L) → (B, C, L)."""
+        kernel_KC = self.kernel[...].astype(x_BCL.dtype)
+        K, L = kernel_KC.shape[0], x_BCL.shape[2]
+        xp_BCL = jnp.pad(x_BCL, ((0, 0), (0, 0), (K - 1, 0)))
+        y_BCL = sum(kernel_KC[j][None, :, None] * xp_BCL[:, :, j:j + L] for j in range(K))
+        return y_BCL + self.bias[...].astype(x_BCL.dtype)[None, :, None]
 
     def decode(self, x_B1C: jax.Array, prev_BKC: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One new input per row after the K-1 before it (`prev_BKC`, oldest first; zeros

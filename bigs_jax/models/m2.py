@@ -22,6 +22,14 @@ convolutions (`causal=True`) and a tied LM head. `mlp=False` is the MLP-free var
 layer is out = LN(h + mixer(h)) (our choice: without the MLP's post-norm residual the stack
 would have no normalization at all).
 
+Layout: the layer stack runs channel-major, hidden states (B, D, L) between the embeddings
+and the head (`channel_major=True`, one transpose in and one out). The long convolutions'
+FFTs then run along the last axis with no transpose around them, the dense projections are
+GEMMs that write (D, L) directly, and the block-diagonal MLP is one batched GEMM over blocks
+of contiguous channel rows (bench/m2.py times it against `channel_major=False`, the (B, L, D)
+stack, and against the fp32 matmul roofline). The cached decoding path and
+`M2SequenceMixer.__call__` (M2-ViT's mixer) keep (B, L, D).
+
 Padding: by default pads never reach real tokens (long-conv inputs are zeroed at pads; the
 short conv is causal). `official_padding=True` leaves pads in, as the released checkpoints
 were trained and are used (inputs padded to max_len).
@@ -40,7 +48,7 @@ from flax import nnx
 
 from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import BertEmbeddings, mask_pad_logits, padded_vocab
-from bigs_jax.layers.linear import dense, gelu_exact, layer_norm
+from bigs_jax.layers.linear import LayerNorm, dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv, modulation_deltas
 from bigs_jax.layers.monarch import BlockdiagLinear
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead, pool
@@ -84,6 +92,10 @@ class M2Config:
     num_labels: int = 2
     pooler: str = "cls"                      # cls | mean | non_padding_mean
     conv_mode: str = "fft"                   # fft | monarch | toeplitz
+    # The layer stack runs channel-major, (B, D, L): the long convolutions' FFTs run along the
+    # last axis without transposes and the block-diagonal MLP is a plain batched GEMM. False
+    # runs it (B, L, D), the layout before issue 18 (bench/m2.py's baseline); same outputs.
+    channel_major: bool = True
     official_padding: bool = False
     # dtype policy (outputs.DTYPES): parameter storage, compute, logits
     param_dtype: str = "float32"
@@ -116,6 +128,27 @@ class M2Config:
                              "pairs of positive ints, as bigs_jax.growth writes them")
         object.__setattr__(self, "decay_tiling", tiling)
         modulation_deltas(self.hidden_size, tiling)  # the tiling must fit the width
+
+
+def _linear_channels(linear: nnx.Linear, x_BIL: jax.Array) -> jax.Array:
+    """`linear` (kernel (I, O)) on channel-major x (B, I, L) → (B, O, L), in its dtype."""
+    dtype = linear.dtype or jnp.result_type(x_BIL, linear.kernel[...])
+    y_BOL = jnp.einsum("BIL,IO->BOL", x_BIL.astype(dtype), linear.kernel[...].astype(dtype),
+                       precision=linear.precision)
+    return y_BOL + linear.bias[...].astype(dtype)[None, :, None]
+
+
+def _channel_norm(norm: LayerNorm, x_BDL: jax.Array) -> jax.Array:
+    """`norm` on channel-major x (B, D, L): statistics over D (axis 1), in float32 as
+    `LayerNorm` computes them."""
+    x32 = x_BDL.astype(jnp.promote_types(x_BDL.dtype, jnp.float32))
+    centered = x32 - jnp.mean(x32, axis=1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(centered * centered, axis=1, keepdims=True)
+                            + norm.epsilon)
+    scale, bias = norm.scale[...], norm.bias[...]
+    y = (centered * inv_std * scale.astype(x32.dtype)[None, :, None]
+         + bias.astype(x32.dtype)[None, :, None])
+    return y.astype(norm.dtype or jnp.promote_types(x_BDL.dtype, scale.dtype))
 
 
 class M2SequenceMixer(nnx.Module):
@@ -153,6 +186,22 @@ class M2SequenceMixer(nnx.Module):
             r_BLD = u_BLD if keep_BL1 is None else u_BLD * keep_BL1.astype(u_BLD.dtype)
             y_BLD = y_BLD + self.filter_fn2(r_BLD, mode=self.mode)
         return self.out_linear(y_BLD.astype(self.dtype))
+
+    def channel_major(self, h_BDL: jax.Array, mask_BL: Optional[jax.Array]) -> jax.Array:
+        """`__call__` on channel-major h (B, D, L); returns (B, D, L)."""
+        u_BDL = _channel_norm(self.norm, h_BDL) if self.norm is not None else h_BDL
+        keep_B1L = (mask_BL[:, None, :].astype(jnp.float32)
+                    if self.mask_pads and mask_BL is not None else None)
+        z_B3L = self.short_filter.channel_major(_linear_channels(self.in_linear, u_BDL))
+        x1_BDL, x2_BDL, v_BDL = jnp.split(z_B3L, 3, axis=1)
+        v_BDL = v_BDL * x1_BDL
+        if keep_B1L is not None:
+            v_BDL = v_BDL * keep_B1L.astype(v_BDL.dtype)
+        y_BDL = self.filter_fn.channel_major(v_BDL, mode=self.mode) * x2_BDL.astype(jnp.float32)
+        if self.filter_fn2 is not None:
+            r_BDL = u_BDL if keep_B1L is None else u_BDL * keep_B1L.astype(u_BDL.dtype)
+            y_BDL = y_BDL + self.filter_fn2.channel_major(r_BDL, mode=self.mode)
+        return _linear_channels(self.out_linear, y_BDL.astype(self.dtype))
 
     # Decoding (M2-GPT). The cache holds, per row, the long-conv inputs of every position so
     # far (v ⊙ x1 and u, float32) and the short conv's last K-1 inputs; a new token's long
@@ -223,6 +272,13 @@ class GLUMLP(nnx.Module):
         m_BLF = self.dropout(m_BLF, deterministic=deterministic, rngs=rngs)
         return self.norm(self.wo(m_BLF) + y_BLD)
 
+    def channel_major(self, y_BDL, *, deterministic=True, rngs=None):
+        """`__call__` on channel-major y (B, D, L); returns (B, D, L)."""
+        a_BFL = self.gated_layers.channel_major(y_BDL)
+        m_BFL = gelu_exact(a_BFL[:, :self.inner]) * a_BFL[:, self.inner:]
+        m_BFL = self.dropout(m_BFL, deterministic=deterministic, rngs=rngs)
+        return _channel_norm(self.norm, self.wo.channel_major(m_BFL) + y_BDL)
+
 
 class M2Layer(nnx.Module):
     """Sequence mixer then the GLU MLP (or, with mlp=False, LN(h + mixer(h)))."""
@@ -232,12 +288,19 @@ class M2Layer(nnx.Module):
         self.mlp = nnx.data(GLUMLP(c, rngs=rngs) if c.mlp else None)
         self.norm = nnx.data(None if c.mlp else layer_norm(
             c.hidden_size, eps=c.norm_eps, rngs=rngs, dtype=jnp.dtype(c.dtype)))
+        self.channel_major = c.channel_major
 
-    def __call__(self, h_BLD, mask_BL, *, deterministic=True, rngs=None):
-        y_BLD = self.mixer(h_BLD, mask_BL)
+    def __call__(self, h, mask_BL, *, deterministic=True, rngs=None):
+        """h (B, D, L) with `channel_major` (the default), else (B, L, D); same layout out."""
+        if not self.channel_major:
+            y_BLD = self.mixer(h, mask_BL)
+            if self.mlp is None:
+                return self.norm(h + y_BLD)
+            return self.mlp(y_BLD, deterministic=deterministic, rngs=rngs)
+        y_BDL = self.mixer.channel_major(h, mask_BL)
         if self.mlp is None:
-            return self.norm(h_BLD + y_BLD)
-        return self.mlp(y_BLD, deterministic=deterministic, rngs=rngs)
+            return _channel_norm(self.norm, h + y_BDL)
+        return self.mlp.channel_major(y_BDL, deterministic=deterministic, rngs=rngs)
 
     def _finish(self, h_BLD, y_BLD):
         return self.norm(h_BLD + y_BLD) if self.mlp is None else self.mlp(y_BLD)
@@ -320,8 +383,15 @@ class M2(nnx.Module):
         x_BLD = self.embeddings(ids_BL, None if token_type_ids is None
                                 else jnp.asarray(token_type_ids),
                                 inputs_embeds_BLD=embeds_BLD, **kw)
-        x_BLD = run_layers(self.layers, x_BLD, mask_BL, rngs=rngs, remat=c.remat,
-                           deterministic=deterministic, scan=c.scan_layers)
+        if c.channel_major:
+            # One transpose in and one out for the whole stack (sharding constraints between
+            # blocks still see the batch axis first).
+            x_BDL = run_layers(self.layers, jnp.swapaxes(x_BLD, 1, 2), mask_BL, rngs=rngs,
+                               remat=c.remat, deterministic=deterministic, scan=c.scan_layers)
+            x_BLD = jnp.swapaxes(x_BDL, 1, 2)
+        else:
+            x_BLD = run_layers(self.layers, x_BLD, mask_BL, rngs=rngs, remat=c.remat,
+                               deterministic=deterministic, scan=c.scan_layers)
         word_CD = self.embeddings.word.embedding[...]
         if c.head == "lm":
             return ModelOutput(hidden_states=x_BLD, logits=self._lm_logits(x_BLD))

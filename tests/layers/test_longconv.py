@@ -97,3 +97,17 @@ def test_short_conv_is_torch_conv1d_padding_k_minus_1_cropped():
     np.testing.assert_allclose(np.asarray(conv(jnp.asarray(x, jnp.float32))), ref, atol=1e-5)
     g = jax.grad(lambda x: conv(x)[0, 3].sum())(jnp.asarray(x, jnp.float32))
     assert np.all(np.asarray(g)[0, 4:] == 0) and np.all(np.asarray(g)[0, 1:4] != 0)
+
+
+@pytest.mark.parametrize("mode", ["fft", "monarch", "toeplitz"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_channel_major_filter_and_short_conv_equal_last_axis_layout(mode, bidirectional):
+    # `channel_major` on (B, D, L) is `__call__` on (B, L, D), transposed
+    filt = ImplicitFilter(4, l_max=16, order=8, bidirectional=bidirectional, rngs=nnx.Rngs(0))
+    conv = ShortConv(4, 3, rngs=nnx.Rngs(1))
+    u_BLD = jnp.asarray(np.random.default_rng(0).normal(size=(2, 12, 4)), jnp.float32)
+    u_BDL = jnp.swapaxes(u_BLD, 1, 2)
+    ref, got = filt(u_BLD, mode=mode), jnp.swapaxes(filt.channel_major(u_BDL, mode=mode), 1, 2)
+    np.testing.assert_allclose(got, ref, atol=1e-5 * float(jnp.abs(ref).max()))
+    np.testing.assert_allclose(jnp.swapaxes(conv.channel_major(u_BDL), 1, 2), conv(u_BLD),
+                               rtol=1e-6, atol=1e-6)

@@ -321,3 +321,23 @@ def test_monarch_linear(d_in, d_out, shapes):
     assert rel_err(jax.jit(lambda x: layer(x))(x), ref) < MATMUL_TOL
     n_params = sum(p.size for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
     assert n_params == math.prod(shapes[0]) + math.prod(shapes[1]) + d_out
+
+
+@pytest.mark.parametrize("d_in,d_out,nblocks", [(24, 40, 4), (10, 7, 4), (768, 6144, 4)])
+def test_blockdiag_channel_major_equals_last_axis_layout(d_in, d_out, nblocks):
+    # channel_major on (B, in, L) is the layer on (B, L, in), transposed; padding included
+    layer = BlockdiagLinear(d_in, d_out, nblocks=nblocks, rngs=nnx.Rngs(0))
+    x_BLI = normal(1, (2, 9, d_in))
+    got_BOL = jax.jit(lambda x: layer.channel_major(x))(jnp.swapaxes(x_BLI, 1, 2))
+    assert got_BOL.shape == (2, d_out, 9)
+    assert rel_err(jnp.swapaxes(got_BOL, 1, 2), layer(x_BLI)) < MATMUL_TOL
+
+
+def test_blockdiag_matmul_channels_matches_dense_and_refuses_bad_width():
+    w = normal(0, (3, 4, 5))
+    x_BIL = normal(1, (2, 12, 6))
+    ref = np.einsum("bil,io->bol", np.asarray(x_BIL, np.float64),
+                    np.asarray(blockdiag_to_dense(w), np.float64))
+    assert rel_err(monarch.blockdiag_matmul_channels(x_BIL, w), ref) < MATMUL_TOL
+    with pytest.raises(ValueError, match="need 12"):
+        monarch.blockdiag_matmul_channels(normal(1, (2, 10, 6)), w)

@@ -89,10 +89,12 @@ def test_padding_independence_and_official_mode_differs(jitted):
 
 
 def _layers_fn(model, mask=None):
+    # The layers run channel-major, (B, D, L) (M2Config.channel_major)
     def f(x_BLD):
+        x_BDL = jnp.swapaxes(x_BLD, 1, 2)
         for layer in model.layers:
-            x_BLD = layer(x_BLD, mask)
-        return x_BLD
+            x_BDL = layer(x_BDL, mask)
+        return jnp.swapaxes(x_BDL, 1, 2)
     return f
 
 
@@ -100,7 +102,10 @@ def test_bidirectional_gradients_both_ways():
     model = _tiny()
     x = jax.random.normal(jax.random.key(0), (1, 16, 32))
     t = 7
-    g = jax.jit(jax.grad(lambda x: _layers_fn(model)(x)[0, t].sum()))(x)
+    # A random readout of position t: the plain sum over channels of a post-LayerNorm output
+    # (unit scale, zero bias at init) is constant, and its gradient is round-off (~1e-7).
+    w = jax.random.normal(jax.random.key(1), (32,))
+    g = jax.jit(jax.grad(lambda x: _layers_fn(model)(x)[0, t] @ w))(x)
     mag = np.abs(np.asarray(g))[0].sum(-1)
     # Every position reaches t both ways; the implicit filters decay with distance, so far
     # positions weigh little at init, while the neighbours on each side weigh O(1).
@@ -163,3 +168,17 @@ def test_gpt_lm_logits_and_heads(jitted):
         want = np.tanh(first @ kernel + bias)
         assert out.pooled.shape == (2, 64) and np.abs(want).max() > 0.1  # not saturated at 0
         np.testing.assert_allclose(np.asarray(out.pooled), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("m2-bert-tiny", dict()), ("m2-bert-tiny", dict(mixer_norm=True, conv_mode="toeplitz")),
+    ("m2-gpt-tiny", dict()), ("m2-gpt-tiny", dict(mlp=False, conv_mode="monarch"))])
+def test_channel_major_stack_equals_length_major(jitted, name, overrides):
+    # The default channel-major layers compute what the (B, L, D) ones do, pads included
+    kw = dict(vocab_size=50, max_len=24, dropout=0.0, seed=0, **overrides)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (3, 24))
+    mask = (np.arange(24)[None] < np.array([[24], [17], [9]])).astype(np.int32)
+    new = np.asarray(jitted(bigs_jax.create(name, **kw))(ids, mask).logits)
+    old = np.asarray(jitted(bigs_jax.create(name, channel_major=False, **kw))(ids, mask).logits)
+    assert np.abs(new - old).max() < 1e-5 * np.abs(old).max()
