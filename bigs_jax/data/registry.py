@@ -66,7 +66,9 @@ def check_token_ids(batch: dict, vocab_size: Optional[int], where: str,
                     type_vocab_size: Optional[int] = None) -> dict:
     """`batch` after checking its token ids (a host min/max per array, once per batch): ids
     from another tokenizer would give NaN or garbage, not an error. `input_ids` and the LM
-    `labels` beside them lie in [0, vocab_size), `token_type_ids` in [0, type_vocab_size)."""
+    `labels` beside them lie in [0, vocab_size), `token_type_ids` in [0, type_vocab_size).
+    Labels of another shape or dtype (a class per row, a regression score) are no token
+    ids and are left alone."""
     if batch.get("input_ids") is None:
         return batch
     vocabulary = "vocabulary", vocab_size, "tokenize config.data with the model's vocabulary"
@@ -75,6 +77,9 @@ def check_token_ids(batch: dict, vocab_size: Optional[int], where: str,
                                "0..type_vocab_size-1, or no token_type_ids"))):
         ids = batch.get(key)
         if not size or ids is None or ids.size == 0:  # size 0: the model has no such table
+            continue
+        if key == "labels" and (ids.shape != batch["input_ids"].shape
+                                or not np.issubdtype(ids.dtype, np.integer)):
             continue
         if int(np.min(ids)) < 0 or int(np.max(ids)) >= size:
             bad = ids[(ids < 0) | (ids >= size)]

@@ -196,6 +196,13 @@ def test_data_check_covers_labels_and_token_types():
     assert registry.check_token_ids(good, 8192, "batch 3", 2) is good
     # a model without a token-type table (type_vocab_size 0) ignores token_type_ids
     assert registry.check_token_ids(good, 8192, "batch 3", 0) is good
+    # sequence-level labels are no token ids: STS-B scores (negative once standardised),
+    # class ids per row
+    for labels in (np.array([-1.8, 0.4], np.float32), np.array([1, 0], np.int32)):
+        batch = {"input_ids": ids, "labels": labels}
+        assert registry.check_token_ids(batch, 16, "batch 3") is batch
+    with pytest.raises(loop.ConfigError, match=r"^batch 3 has labels outside"):
+        registry.check_token_ids({"input_ids": ids, "labels": ids + 8}, 16, "batch 3")
 
 
 def test_train_loop_refuses_data_from_a_larger_vocabulary(tmp_path):
