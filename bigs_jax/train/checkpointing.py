@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -148,6 +149,10 @@ class Checkpointer:
             raise self._write_failed(e) from None
 
     def _write_failed(self, e: BaseException) -> CheckpointWriteError:
+        # The failed write abandons its other fragment writes; at exit Python would report
+        # each as a "coroutine ... was never awaited" warning after the run's one error line.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                category=RuntimeWarning)
         latest = self.manager.latest_step()
         newest = ("there is no complete checkpoint yet" if latest is None else
                   f"the newest complete checkpoint is step {latest}")
