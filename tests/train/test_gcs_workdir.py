@@ -20,6 +20,7 @@ import pytest
 from bigs_jax import fs
 from bigs_jax.train import loop
 from tests.runs import ROOT, params_of, smoke
+from tests.train.test_sharding import run_two_processes
 
 RUN = "gs://bucket/run"
 # tests.runs.smoke(steps) as flags.
@@ -72,3 +73,33 @@ def test_train_and_resume_on_gcs_equal_a_local_run(gcs, tmp_path):
     for a, b in zip(on_gcs, straight):
         np.testing.assert_array_equal(a, b)
     assert fs.read_json(fs.join(RUN, "model.json")) == fs.read_json(fs.join(local, "model.json"))
+
+
+@pytest.mark.slow  # three two-process runs
+def test_two_hosts_train_and_resume_on_gcs(gcs, tmp_path):
+    """Two processes × 4 devices (gloo) share one gs:// workdir, as the workers of a pod slice
+    do: the run's files and checkpoints land once in the bucket, each host's input position
+    too, nothing lands in a local `gs:` folder, and a pair resumed from the bucket at step 4
+    continues with the losses of a pair trained straight to 6."""
+    from bigs_jax.data import corpus
+
+    docs = [doc.text for doc in corpus.documents("train")]
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for i in range(4):
+        (corpus_dir / f"train-{i}.txt").write_text("\n".join(docs[i::4][:60]) + "\n")
+    task = f"text_mlm:{corpus_dir}/train-*.txt,validation={corpus_dir}/train-0.txt"
+    overrides = {"data.task": task, "data.streaming": True, "data.shuffle_buffer": 64}
+    straight = run_two_processes("bert-tiny", "8,1,1", 6, "gs://bucket/straight", overrides)
+    run_two_processes("bert-tiny", "8,1,1", 4, RUN, overrides)
+    names = gcs.names("bucket")
+    for name in ("run/bigs_jax.json", "run/config.json", "run/model.json",
+                 "run/checkpoints/4/commit_success.txt",
+                 "run/checkpoints/4/data/process_0-of-2", "run/checkpoints/4/data/process_1-of-2"):
+        assert name in names, name
+    resumed = run_two_processes("bert-tiny", "8,1,1", 6, RUN, overrides)
+    for got, want in zip(resumed, straight, strict=True):
+        assert "resuming from step 4" in got["stdout"] and "replaying" not in got["stdout"]
+        np.testing.assert_array_equal(got["losses"], want["losses"][4:])
+    assert "run/checkpoints/6/commit_success.txt" in gcs.names("bucket")
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))  # no local stand-in for the bucket
