@@ -20,7 +20,7 @@ import pytest
 from bigs_jax import fs
 from bigs_jax.train import loop
 from tests.runs import ROOT, params_of, smoke
-from tests.train.test_sharding import run_two_processes
+from tests.train.test_sharding import run_two_processes, streaming_overrides
 
 RUN = "gs://bucket/run"
 # tests.runs.smoke(steps) as flags.
@@ -81,15 +81,7 @@ def test_two_hosts_train_and_resume_on_gcs(gcs, tmp_path):
     do: the run's files and checkpoints land once in the bucket, each host's input position
     too, nothing lands in a local `gs:` folder, and a pair resumed from the bucket at step 4
     continues with the losses of a pair trained straight to 6."""
-    from bigs_jax.data import corpus
-
-    docs = [doc.text for doc in corpus.documents("train")]
-    corpus_dir = tmp_path / "corpus"
-    corpus_dir.mkdir()
-    for i in range(4):
-        (corpus_dir / f"train-{i}.txt").write_text("\n".join(docs[i::4][:60]) + "\n")
-    task = f"text_mlm:{corpus_dir}/train-*.txt,validation={corpus_dir}/train-0.txt"
-    overrides = {"data.task": task, "data.streaming": True, "data.shuffle_buffer": 64}
+    overrides = streaming_overrides(tmp_path / "corpus")
     straight = run_two_processes("bert-tiny", "8,1,1", 6, "gs://bucket/straight", overrides)
     run_two_processes("bert-tiny", "8,1,1", 4, RUN, overrides)
     names = gcs.names("bucket")

@@ -85,6 +85,19 @@ def run_two_processes(model, mesh, steps, workdir, overrides=None):
     return results
 
 
+def streaming_overrides(corpus_dir) -> dict:
+    """Config overrides of a streamed MLM task over 4 small text files written to
+    `corpus_dir` (4 × 60 documents of the embedded corpus; validation: the first file)."""
+    from bigs_jax.data import corpus
+
+    docs = [doc.text for doc in corpus.documents("train")]
+    corpus_dir.mkdir()
+    for i in range(4):
+        (corpus_dir / f"train-{i}.txt").write_text("\n".join(docs[i::4][:60]) + "\n")
+    task = f"text_mlm:{corpus_dir}/train-*.txt,validation={corpus_dir}/train-0.txt"
+    return {"data.task": task, "data.streaming": True, "data.shuffle_buffer": 64}
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 4 devices == 1 process x 8 devices; each process reads its own half."""
@@ -129,15 +142,7 @@ def test_two_processes_resume_their_streams_exactly(tmp_path):
     """Streaming on two hosts, stopped at step 4 and resumed to 8: each host saved its own
     input position in the step and restores it (no replay), and the resumed steps' losses
     equal those of a run straight to 8."""
-    from bigs_jax.data import corpus
-
-    docs = [doc.text for doc in corpus.documents("train")]
-    corpus_dir = tmp_path / "corpus"
-    corpus_dir.mkdir()
-    for i in range(4):
-        (corpus_dir / f"train-{i}.txt").write_text("\n".join(docs[i::4][:60]) + "\n")
-    task = f"text_mlm:{corpus_dir}/train-*.txt,validation={corpus_dir}/train-0.txt"
-    overrides = {"data.task": task, "data.streaming": True, "data.shuffle_buffer": 64}
+    overrides = streaming_overrides(tmp_path / "corpus")
     straight = run_two_processes("bert-tiny", "8,1,1", 8, tmp_path / "straight", overrides)
     run_two_processes("bert-tiny", "8,1,1", 4, tmp_path / "run", overrides)
     data = tmp_path / "run" / "checkpoints" / "4" / "data"
