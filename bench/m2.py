@@ -2,11 +2,12 @@
 machine's roofline; with --bert, also against BERT-base (ours and HF PyTorch).
 
     python bench/m2.py [--lengths 512,1024,2048,4096,8192] [--repeats 3] [--bert] [--smoke]
+                       [--conv-mode auto] [--conv-precision fp32]
 
 Batch 1, fp32, eval mode, no head (final hidden states), every model built with max length =
-the largest benchmarked length. Default table: our `m2-bert-80m` (long convolutions by FFT)
-with its layer stack channel-major (`channel_major=True`, the default) and the same weights
-run (B, L, D) (`channel_major=False`: the layout before issue 18; the filter kernel is
+the largest benchmarked length. Default table: our `m2-bert-80m` (long convolutions by FFT on
+CPU) with its layer stack channel-major (`channel_major=True`, the default) and the same
+weights run (B, L, D) (`channel_major=False`: the layout before issue 18; the filter kernel is
 computed the same way in both, so that part of the issue-18 work is in both columns). The two
 are timed in turns (old, new, old, ...) after one warm-up call each; figures are medians and
 "old / new" is the median of the per-round ratios.
@@ -24,6 +25,8 @@ our `bert-base` (full L x L attention) and HF PyTorch `BertModel` (base config, 
 length, the table this script printed before issue 18; PyTorch runs in a child process that
 never starts JAX (see bench/train_step.py for why). The block-diagonal and Monarch matmuls
 against dense are in bench/monarch.py. `--smoke` shrinks the models to check the script.
+`--conv-mode` / `--conv-precision` set both M2 models' long convolutions (`M2Config`; default
+auto = fft on CPU, the Monarch DFT GEMMs on TPU/GPU, in fp32); the header names them.
 """
 
 from __future__ import annotations
@@ -102,7 +105,9 @@ def m2_times(args) -> dict:
         head="none", max_len=max(lengths), seed=0)
     forwards = {}
     for name, channel_major in (("old", False), ("new", True)):
-        model = bigs_jax.create("m2-bert-80m", channel_major=channel_major, **kw)
+        model = bigs_jax.create("m2-bert-80m", channel_major=channel_major,
+                                conv_mode=args.conv_mode, conv_precision=args.conv_precision,
+                                **kw)
         graphdef, state = nnx.split(model)
         forwards[name] = (jax.jit(lambda s, ids, g=graphdef: nnx.merge(g, s)(ids).hidden_states),
                           state)
@@ -151,7 +156,8 @@ def bert_times(args) -> dict:
 def print_m2(args, m2: dict) -> None:
     peak = max(m2["peaks"])
     print(f"Forward latency, batch 1, fp32, no head, median of {args.repeats} in turns after "
-          f"one warm-up; m2-bert-80m {m2['params'] / 1e6:.1f}M params. fp32 matmul peak "
+          f"one warm-up; m2-bert-80m {m2['params'] / 1e6:.1f}M params, long convolutions "
+          f"conv_mode={args.conv_mode}, conv_precision={args.conv_precision}. fp32 matmul peak "
           f"{peak:.1f} GFLOP/s (best square jnp.dot; {m2['peaks'][0]:.1f} before, "
           f"{m2['peaks'][1]:.1f} after the M2 timings). FLOPs: XLA cost analysis.\n")
     print("| L | GFLOP (new / old) | old (s) | new (s) | old / new | roofline (s) | "
@@ -189,6 +195,10 @@ def main():
     parser.add_argument("--bert", action="store_true",
                         help="also time our BERT-base and HF PyTorch BertModel")
     parser.add_argument("--smoke", action="store_true", help="tiny models: check the script")
+    parser.add_argument("--conv-mode", default="auto",
+                        help="M2Config.conv_mode: auto | fft | monarch | toeplitz")
+    parser.add_argument("--conv-precision", default="fp32",
+                        help="M2Config.conv_precision: fp32 | bf16_3x | bf16")
     parser.add_argument("--only-torch", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only_torch:

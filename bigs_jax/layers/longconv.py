@@ -21,7 +21,20 @@ which the official code computes as one circular FFT convolution of length 2L wi
 (`bias`) is added by the filter. Causally only the first sum remains. Modes: `fft` (jnp.fft),
 `monarch` (the same FFT as Monarch GEMMs, `bigs_jax.layers.monarch`), `toeplitz` (the dense
 L×L matrix; O(L²), but a future input has an exactly-zero weight, so causality is exact rather
-than exact up to FFT round-off).
+than exact up to FFT round-off), and `auto` (`resolve_conv_mode`), the per-backend default:
+`fft` on CPU (XLA's FFT; the Monarch DFT is 3-10x slower there, README bench/monarch.py),
+`monarch` on TPU and GPU, where its GEMMs run on the matrix units (as FlashFFTConv, the
+official code's GPU path, does; TPU FFTs are slow). Not yet timed on an accelerator here.
+
+The two matmul modes take a `precision` (`bigs_jax.layers.precision`): 'fp32' (HIGHEST, the
+default), 'bf16_3x' (three bf16 products per real product, f32 accumulation) or 'bf16' (one);
+`fft` runs in fp32 whatever it is. Against the fp32 FFT path, relative to max |y|, with
+M2-BERT's filter (order 128) at L = 1000 and 2048, bidirectional and causal
+(tests/layers/test_longconv.py): fp32 3e-7 to 9e-7; bf16_3x 7.0e-6 to 1.0e-5 (monarch) and
+4.3e-6 to 4.5e-6 (toeplitz), within issue 18's 1e-4; bf16 4.6e-3 to 7.2e-3 (monarch) and
+1.9e-3 to 2.1e-3 (toeplitz), bounded at 1e-2. Through a whole m2-bert-tiny / m2-gpt-tiny
+(tests/models/test_m2.py), monarch bf16_3x moves the logits and hidden states by 8e-6 to
+1.1e-5 of their max.
 
 Padding: the kernel depends only on the offset t-s (z and t are sliced, not resampled, for a
 shorter L), so zeroing the inputs at right-padded positions makes every real output equal to
@@ -44,11 +57,23 @@ from flax import nnx
 
 from bigs_jax.layers.linear import sharded
 from bigs_jax.layers.monarch import fft_conv
+from bigs_jax.layers.precision import check_precision, dot
 
 CONV_MODES = ("fft", "monarch", "toeplitz")
 # The official ExponentialModulation defaults: the fastest channel decays to `target` within
 # 30% of l_max, the slowest within 150%.
 _DECAY_TARGET, _FAST_DECAY_PCT, _SLOW_DECAY_PCT = 1e-2, 0.3, 1.5
+
+
+def resolve_conv_mode(mode: str) -> str:
+    """The long-conv mode to run: `mode` itself, or for 'auto' the per-backend default
+    (module docstring): 'fft' on CPU, 'monarch' (the matmul DFT) on TPU and GPU."""
+    if mode not in CONV_MODES + ("auto",):
+        raise ValueError(f"unknown long-conv mode {mode!r}; choose one of "
+                         f"{list(CONV_MODES + ('auto',))}")
+    if mode != "auto":
+        return mode
+    return "fft" if jax.default_backend() == "cpu" else "monarch"
 
 
 def filter_time(l_max: int) -> np.ndarray:
@@ -213,30 +238,36 @@ class ImplicitFilter(nnx.Module):
                                   self._mlp(self.implicit_filter_rev, z_LE[::-1])], axis=-1)
         return mlp_DN * self._decay(np.concatenate([t_L, t_L[::-1]]))
 
-    def __call__(self, u_BLD: jax.Array, *, mode: str = "fft") -> jax.Array:
-        """y = long_conv(u, k_fwd, k_rev) + D ⊙ u, in float32."""
+    def __call__(self, u_BLD: jax.Array, *, mode: str = "fft",
+                 precision: str = "fp32") -> jax.Array:
+        """y = long_conv(u, k_fwd, k_rev) + D ⊙ u, in float32.
+
+        `mode`: one of `CONV_MODES` or 'auto' (`resolve_conv_mode`); `precision`: the
+        matmuls of the 'monarch' and 'toeplitz' modes, one of `precision.PRECISIONS` ('fft' runs
+        `jnp.fft` in float32 whatever it is).
+        """
+        mode = _check(mode, precision)
         u_BLD = u_BLD.astype(jnp.float32)
         skip_BLD = self.bias[...][None, None, :] * u_BLD
         if mode == "toeplitz":
-            return long_conv(u_BLD, *self.kernels(u_BLD.shape[1]), mode=mode) + skip_BLD
-        if mode not in CONV_MODES:
-            raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
-        return circular_conv(u_BLD, self.circular_kernel(u_BLD.shape[1]), mode=mode) + skip_BLD
+            return long_conv(u_BLD, *self.kernels(u_BLD.shape[1]), mode=mode,
+                             precision=precision) + skip_BLD
+        return circular_conv(u_BLD, self.circular_kernel(u_BLD.shape[1]), mode=mode,
+                             precision=precision) + skip_BLD
 
-    def channel_major(self, u_BDL: jax.Array, *, mode: str = "fft") -> jax.Array:
+    def channel_major(self, u_BDL: jax.Array, *, mode: str = "fft",
+                      precision: str = "fp32") -> jax.Array:
         """`__call__` on channel-major u (B, D, L) → (B, D, L) float32: the FFT runs along
         the last axis as it is, with no transpose in or out."""
+        mode = _check(mode, precision)
         u_BDL = u_BDL.astype(jnp.float32)
         skip_BDL = self.bias[...][None, :, None] * u_BDL
         L = u_BDL.shape[2]
         if mode == "toeplitz":
             w_LLD = toeplitz_weights(*self.kernels(L))
-            return jnp.einsum("tsd,bds->bdt", w_LLD, u_BDL,
-                              precision=jax.lax.Precision.HIGHEST) + skip_BDL
-        if mode not in CONV_MODES:
-            raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
-        return fft_conv(u_BDL, self.circular_kernel(L), 2 * L,
-                        use_monarch=mode == "monarch") + skip_BDL
+            return dot("tsd,bds->bdt", w_LLD, u_BDL, precision) + skip_BDL
+        return fft_conv(u_BDL, self.circular_kernel(L), 2 * L, use_monarch=mode == "monarch",
+                        precision=precision) + skip_BDL
 
     # Decoding (causal filters): y[p] = Σ_{s≤p} k[p-s]·v[s] + D·v[p] read from a cache of the
     # inputs v, O(S·D) per token for S cached positions, exact (no FFT round-off).
@@ -260,30 +291,35 @@ class ImplicitFilter(nnx.Module):
         return (y_BD + self.bias[...][None, :] * u_BD)[:, None, :]
 
 
+def _check(mode: str, precision: str) -> str:
+    """The resolved mode, after one-line errors for an unknown mode or precision."""
+    check_precision(precision, "long-conv precision")
+    return resolve_conv_mode(mode)
+
+
 def long_conv(u_BLD: jax.Array, k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Array] = None, *,
-              mode: str = "fft") -> jax.Array:
+              mode: str = "fft", precision: str = "fp32") -> jax.Array:
     """Per-channel long convolution along L (module docstring), without the D skip.
 
     Args:
       u_BLD: (B, L, D) input.
       k_fwd_LD: (L, D) kernel on the present and past: k_fwd[j] weights u[t-j].
       k_rev_LD: (L, D) kernel on the future: k_rev[j] weights u[t+j+1]; None for causal.
-      mode: `fft`, `monarch` or `toeplitz`.
+      mode: `fft`, `monarch`, `toeplitz` or `auto` (`resolve_conv_mode`).
+      precision: the matmuls of `monarch` and `toeplitz`, one of `precision.PRECISIONS`; `fft`
+        ignores it (float32).
 
     Returns:
       (B, L, D) float32.
     """
-    if mode not in CONV_MODES:
-        raise ValueError(f"unknown long-conv mode {mode!r}; choose one of {CONV_MODES}")
-    L = u_BLD.shape[1]
+    mode = _check(mode, precision)
     u_BLD = u_BLD.astype(jnp.float32)
     if mode == "toeplitz":
-        return jnp.einsum("tsd,bsd->btd", toeplitz_weights(k_fwd_LD, k_rev_LD), u_BLD,
-                          precision=jax.lax.Precision.HIGHEST)
+        return dot("tsd,bsd->btd", toeplitz_weights(k_fwd_LD, k_rev_LD), u_BLD, precision)
     k_DN = k_fwd_LD.T  # causal: zero padding to 2L in fft_conv keeps the future out
     if k_rev_LD is not None:
         k_DN = jnp.concatenate([k_DN, k_rev_LD.T[:, ::-1]], axis=-1)
-    return circular_conv(u_BLD, k_DN, mode=mode)
+    return circular_conv(u_BLD, k_DN, mode=mode, precision=precision)
 
 
 def toeplitz_weights(k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Array]) -> jax.Array:
@@ -297,12 +333,14 @@ def toeplitz_weights(k_fwd_LD: jax.Array, k_rev_LD: Optional[jax.Array]) -> jax.
     return w_LLD
 
 
-def circular_conv(u_BLD: jax.Array, k_DN: jax.Array, *, mode: str = "fft") -> jax.Array:
+def circular_conv(u_BLD: jax.Array, k_DN: jax.Array, *, mode: str = "fft",
+                  precision: str = "fp32") -> jax.Array:
     """(B, L, D) float32 y[t] = Σ_s k[(t - s) mod 2L]·u[s] along L by a length-2L FFT, with the
-    channel-major kernel k_DN of length N = L (causal) or 2L ([k_fwd, flip(k_rev)])."""
+    channel-major kernel k_DN of length N = L (causal) or 2L ([k_fwd, flip(k_rev)]); `mode`
+    'monarch' runs the DFTs as GEMMs at `precision`, any other mode by `jnp.fft`."""
     L = u_BLD.shape[1]
     y_BDL = fft_conv(jnp.swapaxes(u_BLD.astype(jnp.float32), 1, 2), k_DN, 2 * L,
-                     use_monarch=mode == "monarch")
+                     use_monarch=resolve_conv_mode(mode) == "monarch", precision=precision)
     return jnp.swapaxes(y_BDL, 1, 2)
 
 

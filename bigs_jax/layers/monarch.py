@@ -12,7 +12,11 @@ MLP projections (`BlockdiagLinear`). (The two-factor form, which no model uses, 
 benchmark that compares it: bench/monarch_two_factor.py.) The DFT is itself a Monarch
 matrix (the Cooley-Tukey four-step algorithm): `monarch_fft` computes it as two dense DFT GEMMs
 of size ~√N with a twiddle multiply and transposes between them, and `fft_conv` uses it (or
-`jnp.fft`) for the FFT long convolutions of the M2 sequence mixer. Weights are stored
+`jnp.fft`) for the FFT long convolutions of the M2 sequence mixer. The DFT GEMMs run at a
+`bigs_jax.layers.precision` level: 'fp32' (the default) as one complex64 einsum at HIGHEST,
+'bf16_3x' and 'bf16' as four real products each. Against a float64 DFT at N = 4096
+(tests/layers/test_monarch.py), relative to max |X|: fp32 2.6e-7, bf16_3x 5.0e-6, bf16
+3.3e-3. Weights are stored
 (block, in, out), like Flax kernels; the PyTorch checkpoints store (block, out, in).
 
 Dimension key:
@@ -36,14 +40,11 @@ import numpy as np
 from flax import nnx
 
 from bigs_jax.layers.linear import leading_ones
+from bigs_jax.layers.precision import check_precision, complex_dot
 
 Array = jax.Array
 Dtype = Any
 PrecisionLike = Any
-
-# GEMMs of the DFT run at full fp32: TF32/bf16 passes would cost ~1e-3 relative error at
-# N = 65536, far outside the 1e-4 we promise against jnp.fft.
-_DFT_PRECISION = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,8 +272,8 @@ def _dft_plan(n: int, inverse: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return tuple(a.astype(np.complex64) for a in (f_VV, tw_UV, f_UU))
 
 
-def _dft_last(x: Array, inverse: bool) -> Array:
-    """complex64 DFT (or inverse DFT with 1/N) along the last axis.
+def _dft_last(x: Array, inverse: bool, precision: str = "fp32") -> Array:
+    """complex64 DFT (or inverse DFT with 1/N) along the last axis; GEMMs at `precision`.
 
     Four-step with n = n1 + U·n2 and k = V·k1 + k2:
       X[k1, k2] = Σ_n1 F_U[k1, n1] · ω_N^(n1·k2) · Σ_n2 x[n2, n1] F_V[n2, k2].
@@ -284,9 +285,9 @@ def _dft_last(x: Array, inverse: bool) -> Array:
     U, V = dft_factors(N)
     f_VV, tw_UV, f_UU = _dft_plan(N, inverse)
     x_BVU = x.reshape(*lead, V, U)
-    y_BUV = jnp.einsum("...vu,vw->...uw", x_BVU, f_VV, precision=_DFT_PRECISION)
+    y_BUV = complex_dot("...vu,vw->...uw", x_BVU, f_VV, precision)
     y_BUV = y_BUV * leading_ones(tw_UV, y_BUV.ndim)
-    z_BUV = jnp.einsum("ku,...uw->...kw", f_UU, y_BUV, precision=_DFT_PRECISION)
+    z_BUV = complex_dot("ku,...uw->...kw", f_UU, y_BUV, precision)
     return z_BUV.reshape(*lead, N)
 
 
@@ -302,29 +303,35 @@ def _on_last_axis(x: Array, axis: int, fn: Callable[[Array], Array]) -> Array:
     return jnp.moveaxis(fn(x), -1, axis)
 
 
-def _complex_transform(x: Array, n: int | None, axis: int, inverse: bool) -> Array:
+def _complex_transform(x: Array, n: int | None, axis: int, inverse: bool,
+                       precision: str) -> Array:
+    check_precision(precision, "DFT precision")
+
     def last(x: Array) -> Array:
-        return _dft_last(_fit_length(x, n or x.shape[-1]), inverse)
+        return _dft_last(_fit_length(x, n or x.shape[-1]), inverse, precision)
     return _on_last_axis(jnp.asarray(x), axis, last)
 
 
-def monarch_fft(x: Array, n: int | None = None, axis: int = -1) -> Array:
+def monarch_fft(x: Array, n: int | None = None, axis: int = -1, *,
+                precision: str = "fp32") -> Array:
     """DFT along `axis` as two dense DFT GEMMs of size ~√N (same contract as `jnp.fft.fft`).
 
     Args:
       x: real or complex input; computed in float32/complex64.
       n: transform length; the axis is cropped or zero-padded to it (default: its size).
       axis: the transformed axis.
+      precision: the GEMMs' level, one of `precision.PRECISIONS` ('fp32': HIGHEST).
 
     Returns:
       complex64 array, X[k] = Σ_n x[n] exp(-2πi·nk/N).
     """
-    return _complex_transform(x, n, axis, inverse=False)
+    return _complex_transform(x, n, axis, False, precision)
 
 
-def monarch_ifft(x: Array, n: int | None = None, axis: int = -1) -> Array:
+def monarch_ifft(x: Array, n: int | None = None, axis: int = -1, *,
+                 precision: str = "fp32") -> Array:
     """Inverse DFT (with 1/N) along `axis`; same contract as `jnp.fft.ifft`."""
-    return _complex_transform(x, n, axis, inverse=True)
+    return _complex_transform(x, n, axis, True, precision)
 
 
 def _half_twiddle(n: int, inverse: bool) -> np.ndarray:
@@ -332,18 +339,22 @@ def _half_twiddle(n: int, inverse: bool) -> np.ndarray:
     return np.exp((1 if inverse else -1) * 2j * np.pi * k / n).astype(np.complex64)
 
 
-def monarch_rfft(x: Array, n: int | None = None, axis: int = -1) -> Array:
-    """DFT of a real signal, bins 0..n//2 (same contract as `jnp.fft.rfft`).
+def monarch_rfft(x: Array, n: int | None = None, axis: int = -1, *,
+                 precision: str = "fp32") -> Array:
+    """DFT of a real signal, bins 0..n//2 (same contract as `jnp.fft.rfft`), GEMMs at
+    `precision`.
 
     For even n the signal is packed as z[m] = x[2m] + i·x[2m+1] and transformed with one complex
     DFT of length n/2, then split into the even/odd spectra: half the GEMM work of `monarch_fft`.
     """
+    check_precision(precision, "DFT precision")
+
     def last(x: Array) -> Array:
         x = _fit_length(x.astype(jnp.float32), n or x.shape[-1])
         N = x.shape[-1]
         if N % 2:
-            return _dft_last(x, inverse=False)[..., : N // 2 + 1]
-        z = _dft_last(jax.lax.complex(x[..., 0::2], x[..., 1::2]), inverse=False)
+            return _dft_last(x, False, precision)[..., : N // 2 + 1]
+        z = _dft_last(jax.lax.complex(x[..., 0::2], x[..., 1::2]), False, precision)
         z = jnp.concatenate([z, z[..., :1]], axis=-1)  # Z[n/2] = Z[0]
         zc_rev = jnp.conj(z[..., ::-1])  # conj(Z[n/2 - k])
         even, odd = 0.5 * (z + zc_rev), -0.5j * (z - zc_rev)
@@ -351,29 +362,33 @@ def monarch_rfft(x: Array, n: int | None = None, axis: int = -1) -> Array:
     return _on_last_axis(jnp.asarray(x), axis, last)
 
 
-def monarch_irfft(x: Array, n: int | None = None, axis: int = -1) -> Array:
-    """Inverse of `monarch_rfft` (same contract as `jnp.fft.irfft`).
+def monarch_irfft(x: Array, n: int | None = None, axis: int = -1, *,
+                  precision: str = "fp32") -> Array:
+    """Inverse of `monarch_rfft` (same contract as `jnp.fft.irfft`), GEMMs at `precision`.
 
     Like numpy, the imaginary parts of bin 0 (and of bin n/2 for even n) are ignored.
     """
+    check_precision(precision, "DFT precision")
+
     def last(x: Array) -> Array:
         N = n or 2 * (x.shape[-1] - 1)
         x = _fit_length(x.astype(jnp.complex64), N // 2 + 1)
         x = x.at[..., 0].set(x[..., 0].real)
         if N % 2:
             full = jnp.concatenate([x, jnp.conj(x[..., 1:][..., ::-1])], axis=-1)
-            return _dft_last(full, inverse=True).real
+            return _dft_last(full, True, precision).real
         x = x.at[..., -1].set(x[..., -1].real)
         xc_rev = jnp.conj(x[..., ::-1])  # conj(X[n/2 - k])
         even = 0.5 * (x + xc_rev)
         odd = 0.5 * (x - xc_rev) * leading_ones(_half_twiddle(N, inverse=True), x.ndim)
         zf = (even + 1j * odd)[..., : N // 2]
-        z = _dft_last(zf, inverse=True)
+        z = _dft_last(zf, True, precision)
         return jnp.stack([z.real, z.imag], axis=-1).reshape(*z.shape[:-1], N)
     return _on_last_axis(jnp.asarray(x), axis, last)
 
 
-def fft_conv(u: Array, k: Array, n_fft: int, use_monarch: bool = False) -> Array:
+def fft_conv(u: Array, k: Array, n_fft: int, use_monarch: bool = False,
+             precision: str = "fp32") -> Array:
     """Causal convolution of `u` with `k` along the last axis by an FFT of length n_fft.
 
     Computes y[..., t] = Σ_{s<L} k[..., (t - s) mod n_fft] · u[..., s] for t < L, with k
@@ -388,6 +403,8 @@ def fft_conv(u: Array, k: Array, n_fft: int, use_monarch: bool = False) -> Array
       k: (..., Lk) real kernel, Lk ≤ n_fft; leading dims broadcast against u's.
       n_fft: FFT length, ≥ L and ≥ Lk.
       use_monarch: use the Monarch (GEMM) DFT instead of `jnp.fft`.
+      precision: the Monarch DFT GEMMs' level, one of `precision.PRECISIONS`; `jnp.fft`
+        (use_monarch=False) always runs in float32 and ignores it.
 
     Returns:
       (..., L) float32, leading dims broadcast from u and k.
@@ -396,7 +413,12 @@ def fft_conv(u: Array, k: Array, n_fft: int, use_monarch: bool = False) -> Array
     if n_fft < L or n_fft < Lk:
         raise ValueError(f"fft_conv: n_fft={n_fft} is shorter than the signal (L={L}) or the "
                          f"kernel (Lk={Lk}); use n_fft >= L + Lk - 1 for a linear convolution.")
-    rfft, irfft = (monarch_rfft, monarch_irfft) if use_monarch else (jnp.fft.rfft, jnp.fft.irfft)
+    check_precision(precision, "long-conv precision")
+    if use_monarch:
+        rfft = functools.partial(monarch_rfft, precision=precision)
+        irfft = functools.partial(monarch_irfft, precision=precision)
+    else:
+        rfft, irfft = jnp.fft.rfft, jnp.fft.irfft
     u_f = rfft(u.astype(jnp.float32), n=n_fft)
     k_f = rfft(k.astype(jnp.float32), n=n_fft)
     rank = max(u_f.ndim, k_f.ndim)

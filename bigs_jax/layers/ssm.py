@@ -22,9 +22,10 @@ a C x C Toeplitz matmul; across chunks it goes through the SSM state, exactly: t
 chunk end is a (2N x C) matmul of the chunk (Re, Im of A_bar^(C-1-i)), the states are carried
 chunk to chunk by A_bar^C (a scan over L/C steps), and each chunk reads the carried state with
 a (C x 2N) matmul (C B_bar A_bar^(j+1)). Cost 2 (C + 4N) flops per token and channel, all in
-matmuls, no FFT: the path for matmul units (TPU, GPU). `precision` picks how those matmuls run:
-'fp32' (HIGHEST), 'bf16_3x' (each f32 operand split into bf16 hi + lo, three bf16 products with
-f32 accumulation) or 'bf16' (one bf16 product). Against the fp32 FFT path at L = 1000, N = 64
+matmuls, no FFT: the path for matmul units (TPU, GPU). `precision` picks how those matmuls run
+(`bigs_jax.layers.precision`, shared with M2's matmul long convolutions): 'fp32' (HIGHEST),
+'bf16_3x' (each f32 operand split into bf16 hi + lo, three bf16 products with f32
+accumulation) or 'bf16' (one bf16 product). Against the fp32 FFT path at L = 1000, N = 64
 (tests/layers/test_ssm.py), relative to max |y|: fp32 2e-7 to 5e-7, bf16_3x 5.5e-6 to 7.5e-6,
 bf16 2.8e-3 to 3.7e-3.
 `resolve_mode('auto')` is the per-backend default: 'fft' on CPU, 'chunked' elsewhere. On CPU the
@@ -50,12 +51,12 @@ import numpy as np
 from flax import nnx
 
 from bigs_jax.layers.linear import sharded
+from bigs_jax.layers.precision import PRECISIONS, dot
 
 Dtype = Any
 
 INITS = ("legs", "lin", "inv")
 MODES = ("fft", "chunked", "scan", "recurrent", "toeplitz")
-PRECISIONS = ("fp32", "bf16_3x", "bf16")
 CHUNK = 256  # chunked path: the fastest of 64/128/256 on CPU at L = 512 and 8192
 _A_RE_MAX = -1e-4  # the official clip that keeps every mode stable (Re A < 0)
 
@@ -240,21 +241,6 @@ def resolve_mode(mode: str) -> str:
     return "fft" if jax.default_backend() == "cpu" else "chunked"
 
 
-def _dot(subscripts: str, a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
-    """f32 einsum at a `PRECISIONS` level, written out so it means the same on every backend."""
-    if precision == "fp32":
-        return jnp.einsum(subscripts, a, b, precision="highest")
-    dot = functools.partial(jnp.einsum, subscripts, preferred_element_type=jnp.float32)
-    a_hi, b_hi = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    if precision == "bf16":
-        return dot(a_hi, b_hi)
-    if precision != "bf16_3x":
-        raise ValueError(f"unknown S4D precision {precision!r}; choose one of {list(PRECISIONS)}")
-    a_lo = (a - a_hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    b_lo = (b - b_hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    return dot(a_hi, b_lo) + dot(a_lo, b_hi) + dot(a_hi, b_hi)
-
-
 def _chunk_operators(a_re_HN, a_im_HN, c_HN2, log_step_H, chunk: int, anticausal: bool):
     """The chunked path's matrices: R (H, C + 2N, C) = [Toeplitz; Re; Im of the chunk's
     contribution to the state], W (H, C, 2N) reading a carried state, A_bar^C (H, N) complex.
@@ -291,10 +277,10 @@ def chunked_conv(u_BLD: jax.Array, params_H: tuple, *, anticausal: bool = False,
     R_HRC, W_HCK, lam_HN = _chunk_operators(*params_H, C, anticausal)
     u_GCD = jnp.pad(u_BLD, ((0, 0), (0, M * C - L), (0, 0))).reshape(B * M, C, D)
     if shared:  # a batched matmul: XLA would transpose u for "rs,gsd->grd"
-        z_GRD = _dot("grs,gsd->grd", jnp.broadcast_to(R_HRC, (B * M,) + R_HRC.shape[1:]),
+        z_GRD = dot("grs,gsd->grd", jnp.broadcast_to(R_HRC, (B * M,) + R_HRC.shape[1:]),
                      u_GCD, precision)
     else:
-        z_GRD = _dot("drs,gsd->grd", R_HRC, u_GCD, precision)
+        z_GRD = dot("drs,gsd->grd", R_HRC, u_GCD, precision)
     y_BMCD = z_GRD[:, :C].reshape(B, M, C, D)
     if M > 1:
         e_BMND = jax.lax.complex(z_GRD[:, C:C + N], z_GRD[:, C + N:]).reshape(B, M, N, D)
@@ -308,10 +294,10 @@ def chunked_conv(u_BLD: jax.Array, params_H: tuple, *, anticausal: bool = False,
                   jnp.concatenate([zero, s_BMND[:, :-1]], 1))
         s_GKD = jnp.concatenate([s_BMND.real, s_BMND.imag], axis=2).reshape(B * M, 2 * N, D)
         if shared:
-            y_GCD = _dot("gck,gkd->gcd", jnp.broadcast_to(W_HCK, (B * M,) + W_HCK.shape[1:]),
+            y_GCD = dot("gck,gkd->gcd", jnp.broadcast_to(W_HCK, (B * M,) + W_HCK.shape[1:]),
                          s_GKD, precision)
         else:
-            y_GCD = _dot("dck,gkd->gcd", W_HCK, s_GKD, precision)
+            y_GCD = dot("dck,gkd->gcd", W_HCK, s_GKD, precision)
         y_BMCD = y_BMCD + y_GCD.reshape(B, M, C, D)
     return y_BMCD.reshape(B, M * C, D)[:, :L]
 

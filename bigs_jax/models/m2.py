@@ -30,6 +30,12 @@ of contiguous channel rows (bench/m2.py times it against `channel_major=False`, 
 stack, and against the fp32 matmul roofline). The cached decoding path and
 `M2SequenceMixer.__call__` (M2-ViT's mixer) keep (B, L, D).
 
+Long convolutions: `conv_mode='auto'` (the default) runs them by `jnp.fft` on CPU and as
+Monarch DFT GEMMs on TPU/GPU (`longconv.resolve_conv_mode`); `conv_precision` sets those GEMMs'
+(and the toeplitz mode's) level, fp32 | bf16_3x | bf16 (`bigs_jax.layers.precision`; errors
+measured in longconv's docstring). An explicit `conv_mode='fft'` with a reduced precision is
+refused; M2-GPT's cached decoding (exact dot products over the cache) stays fp32.
+
 Padding: by default pads never reach real tokens (long-conv inputs are zeroed at pads; the
 short conv is causal). `official_padding=True` leaves pads in, as the released checkpoints
 were trained and are used (inputs padded to max_len).
@@ -51,6 +57,7 @@ from bigs_jax.layers.embeddings import BertEmbeddings, mask_pad_logits, padded_v
 from bigs_jax.layers.linear import LayerNorm, dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv, modulation_deltas
 from bigs_jax.layers.monarch import BlockdiagLinear
+from bigs_jax.layers.precision import PRECISIONS
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead, pool
 from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
                                      with_output_dtype)
@@ -91,7 +98,10 @@ class M2Config:
     head: str = "mlm"                        # mlm | classification | pooler | none; lm (causal)
     num_labels: int = 2
     pooler: str = "cls"                      # cls | mean | non_padding_mean
-    conv_mode: str = "fft"                   # fft | monarch | toeplitz
+    # Long convolutions: auto (fft on CPU, monarch on TPU/GPU) | fft | monarch | toeplitz, and
+    # the matmul level of monarch/toeplitz: fp32 | bf16_3x | bf16 (layers/precision.py).
+    conv_mode: str = "auto"
+    conv_precision: str = "fp32"
     # The layer stack runs channel-major, (B, D, L): the long convolutions' FFTs run along the
     # last axis without transposes and the block-diagonal MLP is a plain batched GEMM. False
     # runs it (B, L, D), the layout before issue 18 (bench/m2.py's baseline); same outputs.
@@ -109,10 +119,12 @@ class M2Config:
         check_remat(self.remat)
         heads = DECODER_HEADS if self.causal else ENCODER_HEADS
         for name, value, valid in (("head", self.head, heads), ("pooler", self.pooler, POOLERS),
-                                   ("conv_mode", self.conv_mode, CONV_MODES)):
+                                   ("conv_mode", self.conv_mode, CONV_MODES + ("auto",)),
+                                   ("conv_precision", self.conv_precision, PRECISIONS)):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r} for an M2 model with "
                                  f"causal={self.causal}; choose one of {valid}")
+        check_conv_precision(self.conv_mode, self.conv_precision)
         if self.hidden_size % self.mlp_nblocks or self.intermediate_size % self.mlp_nblocks:
             raise ValueError(f"hidden_size {self.hidden_size} and intermediate_size "
                              f"{self.intermediate_size} must be multiples of mlp_nblocks "
@@ -128,6 +140,15 @@ class M2Config:
                              "pairs of positive ints, as bigs_jax.growth writes them")
         object.__setattr__(self, "decay_tiling", tiling)
         modulation_deltas(self.hidden_size, tiling)  # the tiling must fit the width
+
+
+def check_conv_precision(conv_mode: str, conv_precision: str) -> None:
+    """Refuses a reduced conv_precision with conv_mode='fft', which has no matmuls to apply
+    it to ('auto' may pick fft, on CPU, and then runs it in fp32)."""
+    if conv_mode == "fft" and conv_precision != "fp32":
+        raise ValueError(f"conv_precision={conv_precision!r} sets the matmuls of conv_mode "
+                         "'monarch' or 'toeplitz', but conv_mode='fft' runs jnp.fft in fp32; "
+                         "use conv_mode='monarch' (or 'auto') or conv_precision='fp32'")
 
 
 def _linear_channels(linear: nnx.Linear, x_BIL: jax.Array) -> jax.Array:
@@ -167,8 +188,13 @@ class M2SequenceMixer(nnx.Module):
         self.filter_fn = ImplicitFilter(d, **filt)
         self.filter_fn2 = nnx.data(ImplicitFilter(d, **filt) if c.residual_long_conv else None)
         self.out_linear = dense(d, d, ("mlp", "embed"), **kw)
-        self.mode, self.dtype = c.conv_mode, dt
+        self.mode, self.precision, self.dtype = c.conv_mode, c.conv_precision, dt
         self.mask_pads = not (c.official_padding or c.causal)
+
+    @property
+    def conv(self) -> dict:
+        """The long convolutions' mode and matmul precision (`ImplicitFilter.__call__`)."""
+        return {"mode": self.mode, "precision": self.precision}
 
     def __call__(self, h_BLD: jax.Array, mask_BL: Optional[jax.Array]) -> jax.Array:
         u_BLD = self.norm(h_BLD) if self.norm is not None else h_BLD
@@ -181,10 +207,10 @@ class M2SequenceMixer(nnx.Module):
         v_BLD = v_BLD * x1_BLD
         if keep_BL1 is not None:
             v_BLD = v_BLD * keep_BL1.astype(v_BLD.dtype)
-        y_BLD = self.filter_fn(v_BLD, mode=self.mode) * x2_BLD.astype(jnp.float32)
+        y_BLD = self.filter_fn(v_BLD, **self.conv) * x2_BLD.astype(jnp.float32)
         if self.filter_fn2 is not None:
             r_BLD = u_BLD if keep_BL1 is None else u_BLD * keep_BL1.astype(u_BLD.dtype)
-            y_BLD = y_BLD + self.filter_fn2(r_BLD, mode=self.mode)
+            y_BLD = y_BLD + self.filter_fn2(r_BLD, **self.conv)
         return self.out_linear(y_BLD.astype(self.dtype))
 
     def channel_major(self, h_BDL: jax.Array, mask_BL: Optional[jax.Array]) -> jax.Array:
@@ -197,10 +223,10 @@ class M2SequenceMixer(nnx.Module):
         v_BDL = v_BDL * x1_BDL
         if keep_B1L is not None:
             v_BDL = v_BDL * keep_B1L.astype(v_BDL.dtype)
-        y_BDL = self.filter_fn.channel_major(v_BDL, mode=self.mode) * x2_BDL.astype(jnp.float32)
+        y_BDL = self.filter_fn.channel_major(v_BDL, **self.conv) * x2_BDL.astype(jnp.float32)
         if self.filter_fn2 is not None:
             r_BDL = u_BDL if keep_B1L is None else u_BDL * keep_B1L.astype(u_BDL.dtype)
-            y_BDL = y_BDL + self.filter_fn2.channel_major(r_BDL, mode=self.mode)
+            y_BDL = y_BDL + self.filter_fn2.channel_major(r_BDL, **self.conv)
         return _linear_channels(self.out_linear, y_BDL.astype(self.dtype))
 
     # Decoding (M2-GPT). The cache holds, per row, the long-conv inputs of every position so
@@ -225,11 +251,11 @@ class M2SequenceMixer(nnx.Module):
         zin_BL3 = self.in_linear(u_BLD)
         x1_BLD, x2_BLD, v_BLD = jnp.split(self.short_filter(zin_BL3), 3, axis=-1)
         v_BLD = v_BLD * x1_BLD
-        y_BLD = self.filter_fn(v_BLD, mode=self.mode) * x2_BLD.astype(jnp.float32)
+        y_BLD = self.filter_fn(v_BLD, **self.conv) * x2_BLD.astype(jnp.float32)
         L, K1 = u_BLD.shape[1], cache["prev"].shape[1]
         cache = dict(cache, v=cache["v"].at[:, :L].set(v_BLD.astype(jnp.float32)))
         if self.filter_fn2 is not None:
-            y_BLD = y_BLD + self.filter_fn2(u_BLD, mode=self.mode)
+            y_BLD = y_BLD + self.filter_fn2(u_BLD, **self.conv)
             cache["u"] = cache["u"].at[:, :L].set(u_BLD.astype(jnp.float32))
         # the short conv's inputs at positions n-K+1 .. n-1 of each row (zeros before 0)
         t_BK = lengths_B[:, None] - K1 + jnp.arange(K1)[None, :]

@@ -41,7 +41,8 @@ from bigs_jax.layers.blocks import check_remat
 from bigs_jax.layers.linear import activation, layer_norm, sharded
 from bigs_jax.layers.longconv import CONV_MODES
 from bigs_jax.layers.monarch import BlockdiagLinear
-from bigs_jax.models.m2 import M2Config, M2SequenceMixer
+from bigs_jax.layers.precision import PRECISIONS
+from bigs_jax.models.m2 import M2Config, M2SequenceMixer, check_conv_precision
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 from bigs_jax.models.vit import (
     PatchEmbed,
@@ -71,7 +72,8 @@ class M2ViTConfig:
     filter_w: float = 1.0                    # filter_args.w
     filter_w_mod: float = 1.0
     short_conv_size: int = 5                 # short_filter_order
-    conv_mode: str = "fft"                   # fft | monarch | toeplitz (longconv.CONV_MODES)
+    conv_mode: str = "auto"                  # auto | fft | monarch | toeplitz (as M2Config)
+    conv_precision: str = "fp32"             # fp32 | bf16_3x | bf16: monarch/toeplitz matmuls
     # Width growth by duplication (bigs_jax.growth_m2) records ((blocks, copies), ...) here so
     # every channel keeps its filter decay rate (as M2Config.decay_tiling); () = ungrown.
     decay_tiling: tuple = ()
@@ -92,8 +94,13 @@ class M2ViTConfig:
         check_dtype_policy(self)
         check_image_geometry(self)
         activation(self.hidden_act)
-        if self.conv_mode not in CONV_MODES:
-            raise ValueError(f"unknown conv_mode {self.conv_mode!r}; choose one of {CONV_MODES}")
+        if self.conv_mode not in CONV_MODES + ("auto",):
+            raise ValueError(f"unknown conv_mode {self.conv_mode!r}; choose one of "
+                             f"{CONV_MODES + ('auto',)}")
+        if self.conv_precision not in PRECISIONS:
+            raise ValueError(f"unknown conv_precision {self.conv_precision!r}; choose one of "
+                             f"{PRECISIONS}")
+        check_conv_precision(self.conv_mode, self.conv_precision)
         check_remat(self.remat)
         if self.hidden_size % self.mlp_nblocks or self.intermediate_size % self.mlp_nblocks:
             raise ValueError(f"hidden_size {self.hidden_size} and intermediate_size "
@@ -116,7 +123,8 @@ class M2ViTConfig:
                         filter_w_mod=self.filter_w_mod, short_conv_size=self.short_conv_size,
                         residual_long_conv=self.residual_long_conv, norm_eps=self.norm_eps,
                         dropout=self.dropout, init_std=self.init_std, head="none",
-                        conv_mode=self.conv_mode, decay_tiling=self.decay_tiling,
+                        conv_mode=self.conv_mode, conv_precision=self.conv_precision,
+                        decay_tiling=self.decay_tiling,
                         dtype=self.dtype)
 
 
