@@ -11,6 +11,7 @@ from flax import nnx
 import bigs_jax
 from bigs_jax.paths import flat_paths as flatten
 from bigs_jax.convert.m2_official import KEY_MAP, official_to_ours
+from bigs_jax.layers.longconv import resolve_conv_mode
 from bigs_jax.models import make_config
 from bigs_jax.models.m2 import M2
 from tests.reference.m2_shapes import official_shapes
@@ -150,8 +151,8 @@ def test_fft_equals_monarch_equals_toeplitz(jitted):
 def test_monarch_conv_precisions_equal_fft(jitted, name):
     """The matmul long convolutions (Monarch DFT GEMMs) in the whole model: bf16_3x equals the
     fp32 FFT path within 1e-4 of max |out| on the logits and hidden states (issue 18's
-    acceptance; measured 8.0e-6 to 1.1e-5), fp32 within 1e-5 (4.0e-7 to 4.9e-7); the default, conv_mode='auto', is
-    the FFT path itself on CPU (bitwise)."""
+    acceptance; measured 8.0e-6 to 1.1e-5), fp32 within 1e-5 (4.0e-7 to 4.9e-7). The
+    default, conv_mode='auto', is bitwise the path it resolves to (fft on CPU)."""
     kw = dict(vocab_size=50, max_len=128, dropout=0.0, seed=0)
     rng = np.random.default_rng(5)
     ids = rng.integers(1, 50, (2, 128))
@@ -165,9 +166,8 @@ def test_monarch_conv_precisions_equal_fft(jitted, name):
         errs[precision] = [rel(getattr(out, k), getattr(fft, k))
                            for k in ("logits", "hidden_states")]
     assert max(errs["fp32"]) < 1e-5 and max(errs["bf16_3x"]) < 1e-4, errs
-    if jax.default_backend() == "cpu":
-        auto = run()
-        np.testing.assert_array_equal(np.asarray(auto.logits), np.asarray(fft.logits))
+    want = fft if resolve_conv_mode("auto") == "fft" else run(conv_mode="monarch")
+    np.testing.assert_array_equal(np.asarray(run().logits), np.asarray(want.logits))
 
 
 def test_conv_precision_refusals():

@@ -68,15 +68,23 @@ def test_bidirectional_sees_every_patch():
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_conv_modes_agree(bidirectional):
-    """The long conv by FFT, by Monarch DFT and as a dense Toeplitz matrix give one model."""
+    """The long conv by FFT, by Monarch DFT and as a dense Toeplitz matrix give one model, and
+    so do the matmul modes at conv_precision bf16_3x; bf16 (one bf16 product) reaches the
+    mixer too: it moves the logits 10x more than bf16_3x does."""
     outs = {}
-    for mode in ("fft", "monarch", "toeplitz"):
-        model = bigs_jax.create("m2-vit-tiny", conv_mode=mode, bidirectional=bidirectional,
-                                **TINY)
-        outs[mode] = np.asarray(jax.jit(lambda x, m=model: m(x).logits)(images()))
-    assert np.abs(outs["toeplitz"]).max() > 0.1
-    for mode in ("fft", "monarch"):
-        np.testing.assert_allclose(outs[mode], outs["toeplitz"], atol=1e-4)
+    for mode, precision in (("fft", "fp32"), ("monarch", "fp32"), ("toeplitz", "fp32"),
+                            ("monarch", "bf16_3x"), ("toeplitz", "bf16_3x"),
+                            ("monarch", "bf16")):
+        model = bigs_jax.create("m2-vit-tiny", conv_mode=mode, conv_precision=precision,
+                                bidirectional=bidirectional, **TINY)
+        outs[mode, precision] = np.asarray(jax.jit(lambda x, m=model: m(x).logits)(images()))
+    ref = outs["toeplitz", "fp32"]
+    assert np.abs(ref).max() > 0.1
+    for key in (("fft", "fp32"), ("monarch", "fp32"), ("monarch", "bf16_3x"),
+                ("toeplitz", "bf16_3x")):
+        np.testing.assert_allclose(outs[key], ref, atol=1e-4)
+    err = lambda key: np.abs(outs[key] - outs["monarch", "fp32"]).max()
+    assert err(("monarch", "bf16")) > 10 * err(("monarch", "bf16_3x")) > 0
 
 
 def test_blockdiag_mlp_equals_dense_reference():
