@@ -34,7 +34,8 @@ M2-BERT's filter (order 128) at L = 1000 and 2048, bidirectional and causal
 4.3e-6 to 4.5e-6 (toeplitz), within issue 18's 1e-4; bf16 4.6e-3 to 7.2e-3 (monarch) and
 1.9e-3 to 2.1e-3 (toeplitz), bounded at 1e-2. Through a whole m2-bert-tiny / m2-gpt-tiny
 (tests/models/test_m2.py), monarch bf16_3x moves the logits and hidden states by 8e-6 to
-1.1e-5 of their max.
+1.1e-5 of their max. The backward pass runs at the same level: bf16_3x gradients (input and
+kernels) are within 4.8e-6 to 8.2e-6 of the FFT path's at L = 512.
 
 Padding: the kernel depends only on the offset t-s (z and t are sliced, not resampled, for a
 shorter L), so zeroing the inputs at right-padded positions makes every real output equal to
