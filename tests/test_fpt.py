@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 
 import jax
 import jax.numpy as jnp
+import lmdb
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -388,6 +390,8 @@ def test_missing_datasets_stop_with_one_line(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         fpt_tasks.FPTSource(c)
     assert "\n" not in str(e.value) and "remote_homology_train.json" in str(e.value)
+    assert "remote_homology_train.lmdb" in str(e.value)
+    assert "remote_homology.tar.gz" in str(e.value)
     c = _loop_config("listops", data_dir=str(tmp_path), listops_source="lra")
     with pytest.raises(FileNotFoundError, match="basic_train.tsv"):
         fpt_tasks.FPTSource(c)
@@ -404,6 +408,120 @@ def test_remote_homology_reads_tape_records(tmp_path):
     vocab = fpt_tasks.TAPE_VOCAB
     assert [vocab[i] for i in splits["train"].inputs[0, :5]] == ["<cls>", "M", "K", "V", "<sep>"]
     assert list(splits["test"].labels) == [3, 0]
+
+
+# TAPE's remote homology records as its LMDB databases hold them (tape.datasets.LMDBDataset).
+HOMOLOGY_RECORDS = {
+    "train": [("MKVL", 3), ("AXWJ", 0), ("ACDEFGHIKLMNPQRSTVWY", 1194)],
+    "valid": [("GG", 7)],
+    "test_fold_holdout": [("OUBZ", 12), ("M", 5)],
+}
+
+
+def _tape_record(i: int, primary: str, fold: int) -> dict:
+    n = len(primary)
+    return {"id": f"d{i}a_", "primary": primary, "protein_length": n, "class_label": 2,
+            "fold_label": fold, "superfamily_label": 40 + fold, "family_label": 90,
+            "secondary_structure": np.arange(n) % 3,
+            "solvent_accessibility": np.ones(n, np.int64),
+            "evolutionary": np.full((n, 20), 0.5, np.float32)}
+
+
+def _write_lmdb(path, items: dict[bytes, bytes]):
+    with lmdb.open(str(path), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for k, v in items.items():
+            txn.put(k, v)
+
+
+def _tape_items(records: list, count: int | None = None) -> dict[bytes, bytes]:
+    """The keys and values of a TAPE LMDB database: b"num_examples", then b"0", b"1", ...,
+    pickled."""
+    items = {b"num_examples": pickle.dumps(len(records) if count is None else count)}
+    items.update({str(i).encode(): pickle.dumps(r) for i, r in enumerate(records)})
+    return items
+
+
+def _write_tape_lmdb(path, records: list):
+    _write_lmdb(path, _tape_items(records))
+
+
+def _write_homology(root, fmt: str):
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, rows in HOMOLOGY_RECORDS.items():
+        records = [_tape_record(i, p, y) for i, (p, y) in enumerate(rows)]
+        if fmt == "lmdb":
+            _write_tape_lmdb(root / f"remote_homology_{split}.lmdb", records)
+        else:
+            with open(root / f"remote_homology_{split}.json", "w") as f:
+                json.dump([{"primary": r["primary"], "fold_label": r["fold_label"]}
+                           for r in records], f)
+
+
+def test_remote_homology_reads_tape_lmdb_as_the_json(tmp_path):
+    """TAPE's download layout (data_dir/remote_homology/remote_homology_*.lmdb, or that folder
+    itself) gives the ids and labels of the JSON path on the same records: TAPE's IUPAC ids,
+    <cls> ... <sep>, cut at seq_len, 0-padded."""
+    _write_homology(tmp_path / "tape" / "remote_homology", "lmdb")
+    _write_homology(tmp_path / "json", "json")
+    seq_len = 8
+    reference = fpt_tasks.homology_splits(str(tmp_path / "json"), seq_len)
+    for data_dir in (tmp_path / "tape", tmp_path / "tape" / "remote_homology"):
+        splits = fpt_tasks.homology_splits(str(data_dir), seq_len)
+        for split in ("train", "validation", "test"):
+            np.testing.assert_array_equal(splits[split].inputs, reference[split].inputs)
+            np.testing.assert_array_equal(splits[split].labels, reference[split].labels)
+    # Golden ids (tape.tokenizers.IUPAC_VOCAB): <cls>=2, <sep>=3, <unk>=4, A=5 ... Z=29.
+    train = splits["train"]
+    np.testing.assert_array_equal(train.inputs[0], [2, 16, 14, 25, 15, 3, 0, 0])     # MKVL
+    np.testing.assert_array_equal(train.inputs[1], [2, 5, 27, 26, 4, 3, 0, 0])       # AXWJ
+    np.testing.assert_array_equal(train.inputs[2], [2, 5, 7, 8, 9, 10, 11, 12])      # cut
+    np.testing.assert_array_equal(splits["test"].inputs[0], [2, 18, 24, 6, 29, 3, 0, 0])
+    assert list(train.labels) == [3, 0, 1194] and list(splits["validation"].labels) == [7]
+    # Through the source: TAPE's 30 ids in, 1195 folds out.
+    c = _loop_config("remote-homology", data_dir=str(tmp_path / "tape"), seq_len=seq_len)
+    o = fpt_tasks.FPTSource(c).model_overrides()
+    assert (o["input_kind"], o["input_dim"], o["num_classes"], o["num_tokens"]) == (
+        "tokens", 30, 1195, seq_len)
+
+
+def test_damaged_tape_lmdb_stops_with_one_line(tmp_path):
+    """A damaged or incomplete TAPE database, or a missing split, stops with one line naming
+    the file and what to do."""
+    records = [_tape_record(0, "MKV", 1), _tape_record(1, "GG", 2)]
+
+    def garbage(path):
+        path.mkdir()
+        (path / "data.mdb").write_bytes(b"not an lmdb file" * 1000)
+
+    damaged = {
+        "an empty .lmdb folder": lambda path: path.mkdir(),
+        "a data.mdb of garbage": garbage,
+        "num_examples beyond the records": lambda path: _write_lmdb(
+            path, _tape_items(records, count=3)),
+        "a record that does not unpickle": lambda path: _write_lmdb(
+            path, {**_tape_items(records), b"1": b"\x00 not a pickle"}),
+        "no num_examples": lambda path: _write_lmdb(path, {b"0": pickle.dumps(records[0])}),
+        "another dataset's records": lambda path: _write_tape_lmdb(path, [{"seq": "MKV"}]),
+    }
+    for k, (name, write) in enumerate(damaged.items()):
+        root = tmp_path / str(k)
+        root.mkdir()
+        for split in ("valid", "test_fold_holdout"):
+            _write_tape_lmdb(root / f"remote_homology_{split}.lmdb", records)
+        write(root / "remote_homology_train.lmdb")
+        with pytest.raises(ValueError) as e:
+            fpt_tasks.homology_splits(str(root), 8)
+        message = str(e.value)
+        assert "\n" not in message and "remote_homology_train.lmdb" in message, (name, message)
+        assert "remote_homology.tar.gz" in message or "TAPE" in message, (name, message)
+    root = tmp_path / "partial"
+    root.mkdir()
+    _write_tape_lmdb(root / "remote_homology_train.lmdb", records)
+    with pytest.raises(FileNotFoundError) as e:
+        fpt_tasks.homology_splits(str(root), 8)
+    assert "\n" not in str(e.value) and "remote_homology_valid.lmdb" in str(e.value)
 
 
 # ---------------------------------------------------------------------------- slow: real weights

@@ -18,7 +18,10 @@ Splits: `train`, `validation`, `test`. Bit tasks draw fresh examples from (seed,
 so resuming is exact; their validation and test sets are fixed draws from other seeds. ListOps
 generated sets come from `data.generator_seed` (the same data for every run); the LRA files
 and TAPE have their own validation split; image validation sets are a fixed 10%
-(`data.val_fraction`) carved from train. No augmentation (the official code augments CIFAR).
+(`data.val_fraction`) carved from train. Remote homology reads TAPE's own
+`remote_homology_*.lmdb` (its download unpacked) or JSON lists of the same records
+(bigs_jax.data.tape; the LMDB records are unpickled: trusted files only). No augmentation (the
+official code augments CIFAR).
 
 Batches: `inputs` float32 (B, L, I) or int32 (B, L), `labels` int32 (B,) or (B, T),
 `example_weights` float32 (B,). `score` reports validation and test accuracy (and, for bit
@@ -29,15 +32,13 @@ tasks, `exact`: every bit of an example right) at each evaluation, written to
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from bigs_jax.data import images, listops, registry
+from bigs_jax.data import images, listops, registry, tape
 from bigs_jax.data.images import train_indices
 from bigs_jax.train.metrics import write_scores
 
@@ -50,8 +51,7 @@ IMAGE_TASKS = {
     "cifar10-gray": ("cifar10", 1, True, ((0.5,), (0.5,))),
     "digits": ("sklearn_digits", 2, False, ((0.0,), (1.0,))),
 }
-# TAPE's IUPAC vocabulary (tape.tokenizers.IUPAC_VOCAB): 5 specials, then 25 letters.
-TAPE_VOCAB = ("<pad>", "<mask>", "<cls>", "<sep>", "<unk>") + tuple("ABCDEFGHIKLMNOPQRSTUVWXYZ")
+TAPE_VOCAB = tape.VOCAB
 HOMOLOGY_CLASSES = 1195
 HOMOLOGY_SPLITS = {"train": "train", "validation": "valid", "test": "test_fold_holdout"}
 
@@ -204,25 +204,11 @@ def listops_splits(d: ConfigDict) -> tuple[dict[str, Split], int]:
 
 
 def homology_splits(data_dir: str, seq_len: int) -> dict[str, Split]:
-    """TAPE remote homology from `remote_homology_{train,valid,test_fold_holdout}.json`
-    (records with `primary` and `fold_label`): <cls> + residues + <sep>, cut at seq_len."""
-    ids = {t: i for i, t in enumerate(TAPE_VOCAB)}
-    out = {}
-    for split, tape in HOMOLOGY_SPLITS.items():
-        path = os.path.join(os.path.expanduser(data_dir), f"remote_homology_{tape}.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: export TAPE's remote_homology_{{train,valid,"
-                "test_fold_holdout}} (data/remote_homology.tar.gz of TAPE) as JSON lists of "
-                "{primary, fold_label} records into config.data.data_dir")
-        with open(path) as f:
-            records = json.load(f)
-        x = np.zeros((len(records), seq_len), np.int32)
-        for k, r in enumerate(records):
-            row = [2] + [ids.get(a, 4) for a in r["primary"]] + [3]
-            x[k, :min(len(row), seq_len)] = row[:seq_len]
-        out[split] = Split(x, np.asarray([r["fold_label"] for r in records], np.int32))
-    return out
+    """TAPE remote homology, `remote_homology_{train,valid,test_fold_holdout}` as TAPE's LMDB
+    databases or JSON lists (bigs_jax.data.tape): <cls> + residues + <sep>, cut at seq_len."""
+    folder, fmt = tape.locate(data_dir)
+    return {split: Split(*tape.encode(tape.read_split(folder, fmt, name), seq_len))
+            for split, name in HOMOLOGY_SPLITS.items()}
 
 
 # ---------------------------------------------------------------------------- the source
