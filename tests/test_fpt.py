@@ -619,6 +619,7 @@ def test_cifar_augmentation_is_train_only_and_resumes_exactly(task, tmp_path, mo
         a, b = next(augmented), next(unaugmented)
         np.testing.assert_array_equal(a["labels"], b["labels"])
         assert a["inputs"].shape == b["inputs"].shape == (4,) + zero.shape[1:]
+        assert a["inputs"].dtype == b["inputs"].dtype == np.float32
         assert not np.array_equal(a["inputs"], b["inputs"]), step
         mine, theirs = _pixels(a["inputs"], p), _pixels(b["inputs"], p)
         for k in range(4):
