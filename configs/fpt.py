@@ -19,6 +19,9 @@ small backbones, not the paper's (it trained "to convergence", up to 1e6 steps o
 `config.fpt.pretrained` defaults to "config.init is set"; `False` with an init keeps the
 architecture and draws the backbone at random (seed config.train.seed).
 
+`config.data.augment` (default True, as the official code) augments the cifar10 and
+cifar10-gray training batches: random crop (4-pixel zero padding), flip, rotation up to 20°.
+
 `size=paper` (default) or `size=cpu` picks the task sizes (bigs_jax.data.fpt_tasks
 .TASK_SETTINGS). `smoke`: bit-xor on gpt2-tiny, 6 steps (CI).
 
@@ -80,6 +83,8 @@ def get_config(arg=None):
         "listops_min_length": 20, "listops_max_length": 120, "listops_parens": False,
         # images and homology
         "data_dir": "", "val_fraction": 0.1,
+        # cifar10, cifar10-gray: the official training augmentation (crop, flip, rotation)
+        "augment": True,
     })
     c.optim.update({
         "lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "end_lr_ratio": 1.0,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 
 import jax
 import jax.numpy as jnp
+import lmdb
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -388,6 +390,8 @@ def test_missing_datasets_stop_with_one_line(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         fpt_tasks.FPTSource(c)
     assert "\n" not in str(e.value) and "remote_homology_train.json" in str(e.value)
+    assert "remote_homology_train.lmdb" in str(e.value)
+    assert "remote_homology.tar.gz" in str(e.value)
     c = _loop_config("listops", data_dir=str(tmp_path), listops_source="lra")
     with pytest.raises(FileNotFoundError, match="basic_train.tsv"):
         fpt_tasks.FPTSource(c)
@@ -404,6 +408,239 @@ def test_remote_homology_reads_tape_records(tmp_path):
     vocab = fpt_tasks.TAPE_VOCAB
     assert [vocab[i] for i in splits["train"].inputs[0, :5]] == ["<cls>", "M", "K", "V", "<sep>"]
     assert list(splits["test"].labels) == [3, 0]
+
+
+# TAPE's remote homology records as its LMDB databases hold them (tape.datasets.LMDBDataset).
+HOMOLOGY_RECORDS = {
+    "train": [("MKVL", 3), ("AXWJ", 0), ("ACDEFGHIKLMNPQRSTVWY", 1194)],
+    "valid": [("GG", 7)],
+    "test_fold_holdout": [("OUBZ", 12), ("M", 5)],
+}
+
+
+def _tape_record(i: int, primary: str, fold: int) -> dict:
+    n = len(primary)
+    return {"id": f"d{i}a_", "primary": primary, "protein_length": n, "class_label": 2,
+            "fold_label": fold, "superfamily_label": 40 + fold, "family_label": 90,
+            "secondary_structure": np.arange(n) % 3,
+            "solvent_accessibility": np.ones(n, np.int64),
+            "evolutionary": np.full((n, 20), 0.5, np.float32)}
+
+
+def _write_lmdb(path, items: dict[bytes, bytes]):
+    with lmdb.open(str(path), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for k, v in items.items():
+            txn.put(k, v)
+
+
+def _tape_items(records: list, count: int | None = None) -> dict[bytes, bytes]:
+    """The keys and values of a TAPE LMDB database: b"num_examples", then b"0", b"1", ...,
+    pickled."""
+    items = {b"num_examples": pickle.dumps(len(records) if count is None else count)}
+    items.update({str(i).encode(): pickle.dumps(r) for i, r in enumerate(records)})
+    return items
+
+
+def _write_tape_lmdb(path, records: list):
+    _write_lmdb(path, _tape_items(records))
+
+
+def _write_homology(root, fmt: str):
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, rows in HOMOLOGY_RECORDS.items():
+        records = [_tape_record(i, p, y) for i, (p, y) in enumerate(rows)]
+        if fmt == "lmdb":
+            _write_tape_lmdb(root / f"remote_homology_{split}.lmdb", records)
+        else:
+            with open(root / f"remote_homology_{split}.json", "w") as f:
+                json.dump([{"primary": r["primary"], "fold_label": r["fold_label"]}
+                           for r in records], f)
+
+
+def test_remote_homology_reads_tape_lmdb_as_the_json(tmp_path):
+    """TAPE's download layout (data_dir/remote_homology/remote_homology_*.lmdb, or that folder
+    itself) gives the ids and labels of the JSON path on the same records: TAPE's IUPAC ids,
+    <cls> ... <sep>, cut at seq_len, 0-padded."""
+    _write_homology(tmp_path / "tape" / "remote_homology", "lmdb")
+    _write_homology(tmp_path / "json", "json")
+    seq_len = 8
+    reference = fpt_tasks.homology_splits(str(tmp_path / "json"), seq_len)
+    for data_dir in (tmp_path / "tape", tmp_path / "tape" / "remote_homology"):
+        splits = fpt_tasks.homology_splits(str(data_dir), seq_len)
+        for split in ("train", "validation", "test"):
+            np.testing.assert_array_equal(splits[split].inputs, reference[split].inputs)
+            np.testing.assert_array_equal(splits[split].labels, reference[split].labels)
+    # Golden ids (tape.tokenizers.IUPAC_VOCAB): <cls>=2, <sep>=3, <unk>=4, A=5 ... Z=29.
+    train = splits["train"]
+    np.testing.assert_array_equal(train.inputs[0], [2, 16, 14, 25, 15, 3, 0, 0])     # MKVL
+    np.testing.assert_array_equal(train.inputs[1], [2, 5, 27, 26, 4, 3, 0, 0])       # AXWJ
+    np.testing.assert_array_equal(train.inputs[2], [2, 5, 7, 8, 9, 10, 11, 12])      # cut
+    np.testing.assert_array_equal(splits["test"].inputs[0], [2, 18, 24, 6, 29, 3, 0, 0])
+    assert list(train.labels) == [3, 0, 1194] and list(splits["validation"].labels) == [7]
+    # Through the source: TAPE's 30 ids in, 1195 folds out.
+    c = _loop_config("remote-homology", data_dir=str(tmp_path / "tape"), seq_len=seq_len)
+    o = fpt_tasks.FPTSource(c).model_overrides()
+    assert (o["input_kind"], o["input_dim"], o["num_classes"], o["num_tokens"]) == (
+        "tokens", 30, 1195, seq_len)
+
+
+def test_damaged_tape_lmdb_stops_with_one_line(tmp_path):
+    """A damaged or incomplete TAPE database, or a missing split, stops with one line naming
+    the file and what to do."""
+    records = [_tape_record(0, "MKV", 1), _tape_record(1, "GG", 2)]
+
+    def garbage(path):
+        path.mkdir()
+        (path / "data.mdb").write_bytes(b"not an lmdb file" * 1000)
+
+    damaged = {
+        "an empty .lmdb folder": lambda path: path.mkdir(),
+        "a data.mdb of garbage": garbage,
+        "num_examples beyond the records": lambda path: _write_lmdb(
+            path, _tape_items(records, count=3)),
+        "a record that does not unpickle": lambda path: _write_lmdb(
+            path, {**_tape_items(records), b"1": b"\x00 not a pickle"}),
+        "no num_examples": lambda path: _write_lmdb(path, {b"0": pickle.dumps(records[0])}),
+        "another dataset's records": lambda path: _write_tape_lmdb(path, [{"seq": "MKV"}]),
+    }
+    for k, (name, write) in enumerate(damaged.items()):
+        root = tmp_path / str(k)
+        root.mkdir()
+        for split in ("valid", "test_fold_holdout"):
+            _write_tape_lmdb(root / f"remote_homology_{split}.lmdb", records)
+        write(root / "remote_homology_train.lmdb")
+        with pytest.raises(ValueError) as e:
+            fpt_tasks.homology_splits(str(root), 8)
+        message = str(e.value)
+        assert "\n" not in message and "remote_homology_train.lmdb" in message, (name, message)
+        assert "remote_homology.tar.gz" in message or "TAPE" in message, (name, message)
+    root = tmp_path / "partial"
+    root.mkdir()
+    _write_tape_lmdb(root / "remote_homology_train.lmdb", records)
+    with pytest.raises(FileNotFoundError) as e:
+        fpt_tasks.homology_splits(str(root), 8)
+    assert "\n" not in str(e.value) and "remote_homology_valid.lmdb" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- CIFAR augmentation
+
+
+def _augmentation(n: int, *, top=4, left=4, flip=False, degrees=0.0) -> fpt_tasks.Augmentation:
+    return fpt_tasks.Augmentation(np.full(n, top), np.full(n, left), np.full(n, flip),
+                                  np.full(n, float(degrees)))
+
+
+def _rotated(img_HWC: np.ndarray, degrees: float) -> np.ndarray:
+    """Reference: torchvision's rotate (counter-clockwise, about the centre, nearest pixel,
+    zero fill) by its inverse map: output pixel centre p reads the input at R(-θ)p."""
+    H, W, _ = img_HWC.shape
+    t = np.deg2rad(degrees)
+    i, j = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    x, y = j - (W - 1) / 2, (H - 1) / 2 - i                        # y points up
+    sx, sy = np.cos(t) * x + np.sin(t) * y, -np.sin(t) * x + np.cos(t) * y
+    si, sj = np.round((H - 1) / 2 - sy).astype(int), np.round(sx + (W - 1) / 2).astype(int)
+    inside = (si >= 0) & (si < H) & (sj >= 0) & (sj < W)
+    out = np.zeros_like(img_HWC)
+    out[inside] = img_HWC[si[inside], sj[inside]]
+    return out
+
+
+def test_cifar_augmentation_is_crop_then_flip_then_rotation():
+    """The official transforms in their order on [0, 1] pixels: a crop of the 4-padded image
+    (zero fill), a mirror, a nearest-pixel rotation about the centre; draws in torchvision's
+    ranges."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.01, 1.0, (3, 32, 32, 3)).astype(np.float32)  # no zeros: fill shows
+    augment = fpt_tasks.augment
+    np.testing.assert_array_equal(augment(x, _augmentation(3)), x)
+    np.testing.assert_array_equal(augment(x, _augmentation(3, flip=True)), x[:, :, ::-1])
+    crop = augment(x, _augmentation(3, top=0, left=8))  # 32×32 window at (0, 8) of 40×40
+    np.testing.assert_array_equal(crop[:, 4:, :28], x[:, :28, 4:])
+    assert not crop[:, :4].any() and not crop[:, :, 28:].any()
+    crop = augment(x, _augmentation(3, top=8, left=0))
+    np.testing.assert_array_equal(crop[:, :28, 4:], x[:, 4:, :28])
+    assert not crop[:, 28:].any() and not crop[:, :, :4].any()
+    for top, left in ((0, 0), (3, 7), (8, 8)):  # every window is the padded image's
+        padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+        np.testing.assert_array_equal(augment(x, _augmentation(3, top=top, left=left)),
+                                      padded[:, top:top + 32, left:left + 32])
+    # The mirror comes after the crop, the rotation after the mirror.
+    cropped = augment(x, _augmentation(3, top=0, left=8))
+    np.testing.assert_array_equal(augment(x, _augmentation(3, top=0, left=8, flip=True)),
+                                  cropped[:, :, ::-1])
+    np.testing.assert_array_equal(augment(x, _augmentation(3, degrees=90)),
+                                  np.rot90(x, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(augment(x, _augmentation(3, degrees=-90)),
+                                  np.rot90(x, -1, axes=(1, 2)))
+    for degrees in (20.0, -13.7, 7.3):
+        out = augment(x, _augmentation(3, degrees=degrees))
+        flipped = augment(x, _augmentation(3, flip=True, degrees=degrees))
+        for k in range(3):
+            np.testing.assert_array_equal(out[k], _rotated(x[k], degrees))
+            np.testing.assert_array_equal(flipped[k], _rotated(x[k, :, ::-1], degrees))
+        assert not out[:, 0, 0].any() and not out[:, -1, -1].any()  # corners: zero fill
+    a = fpt_tasks.Augmentation.draw(np.random.default_rng(1), 4000)
+    assert set(a.top) == set(a.left) == set(range(9))
+    assert 0.45 < a.flip.mean() < 0.55
+    assert -20 <= a.degrees.min() < -19.9 and 19.9 < a.degrees.max() <= 20
+
+
+def _pixels(patches_BLI: np.ndarray, p: int) -> np.ndarray:
+    """The inverse of fpt_tasks.patches for square images."""
+    B, L, I = patches_BLI.shape
+    g, c = int(round(np.sqrt(L))), I // (p * p)
+    x = patches_BLI.reshape(B, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, g * p, g * p, c)
+
+
+@pytest.mark.parametrize("task", ["cifar10", "cifar10-gray"])
+def test_cifar_augmentation_is_train_only_and_resumes_exactly(task, tmp_path, monkeypatch):
+    """Through tfds' cifar10 builder (mock examples): augmentation is on by default; eval
+    splits and data.augment=False are the plain patches; an augmented training image holds
+    only its own pixels or the zero fill, normalized after; a resumed stream and two hosts'
+    halves give the same batches."""
+    with tfds.testing.mock_data(num_examples=20):
+        c = _loop_config(task, data_dir=str(tmp_path), val_fraction=0.25, batch_size=4)
+        assert c.data.augment is True
+        src = fpt_tasks.FPTSource(c)
+        c.data.augment = False
+        plain = fpt_tasks.FPTSource(c)
+    assert src.model_overrides() == plain.model_overrides()
+    for split in ("validation", "test"):
+        for a, b in zip(src.eval_batches(split), plain.eval_batches(split)):
+            np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    p = fpt_tasks.IMAGE_TASKS[task][1]
+    zero = fpt_tasks.image_inputs(task, np.zeros((1, 32, 32, 3), np.uint8))
+    fill = _pixels(zero, p)[0, 0, 0]
+    augmented, unaugmented = src.train_batches(0), plain.train_batches(0)
+    for step in range(5):
+        a, b = next(augmented), next(unaugmented)
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        assert a["inputs"].shape == b["inputs"].shape == (4,) + zero.shape[1:]
+        assert a["inputs"].dtype == b["inputs"].dtype == np.float32
+        assert not np.array_equal(a["inputs"], b["inputs"]), step
+        mine, theirs = _pixels(a["inputs"], p), _pixels(b["inputs"], p)
+        for k in range(4):
+            allowed = {tuple(v) for v in theirs[k].reshape(-1, theirs.shape[-1])}
+            allowed.add(tuple(fill))
+            assert all(tuple(v) in allowed for v in mine[k].reshape(-1, mine.shape[-1]))
+    # The unaugmented stream is the same arithmetic on the raw images as before.
+    index = next(fpt_tasks.train_indices(15, 4, seed=c.data.seed, start_step=2))
+    np.testing.assert_array_equal(next(plain.train_batches(2))["inputs"],
+                                  fpt_tasks.image_inputs(task, src.splits["train"].inputs[index]))
+    ahead = src.train_batches(0)
+    for _ in range(3):
+        next(ahead)
+    whole = next(ahead)["inputs"]
+    np.testing.assert_array_equal(whole, next(src.train_batches(3))["inputs"])
+    monkeypatch.setattr(fpt_tasks.jax, "process_count", lambda: 2)
+    halves = []
+    for host in (0, 1):
+        monkeypatch.setattr(fpt_tasks.jax, "process_index", lambda host=host: host)
+        halves.append(next(src.train_batches(3))["inputs"])
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
 
 
 # ---------------------------------------------------------------------------- slow: real weights

@@ -18,7 +18,17 @@ Splits: `train`, `validation`, `test`. Bit tasks draw fresh examples from (seed,
 so resuming is exact; their validation and test sets are fixed draws from other seeds. ListOps
 generated sets come from `data.generator_seed` (the same data for every run); the LRA files
 and TAPE have their own validation split; image validation sets are a fixed 10%
-(`data.val_fraction`) carved from train. No augmentation (the official code augments CIFAR).
+(`data.val_fraction`) carved from train. Remote homology reads TAPE's own
+`remote_homology_*.lmdb` (its download unpacked) or JSON lists of the same records
+(bigs_jax.data.tape; the LMDB records are unpickled: trusted files only).
+
+Augmentation (`data.augment`, default on, as the official code): the cifar10 and cifar10-gray
+training batches go through the official torchvision transforms in their order, on [0, 1]
+pixels after the grayscale step and before normalization and patching: RandomCrop(32,
+padding=4) (zero padding), RandomHorizontalFlip(), RandomRotation(20) (an angle uniform in
+[-20°, 20°], nearest pixel about the centre, zero fill). Each batch's draws come from (seed,
+batch index), like the bit tasks', so a resumed run sees the same batches; validation and test
+are never augmented, nor are the other tasks (the official code augments only CIFAR).
 
 Batches: `inputs` float32 (B, L, I) or int32 (B, L), `labels` int32 (B,) or (B, T),
 `example_weights` float32 (B,). `score` reports validation and test accuracy (and, for bit
@@ -29,15 +39,14 @@ tasks, `exact`: every bit of an example right) at each evaluation, written to
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
+from scipy import ndimage
 
-from bigs_jax.data import images, listops, registry
+from bigs_jax.data import images, listops, registry, tape
 from bigs_jax.data.images import train_indices
 from bigs_jax.train.metrics import write_scores
 
@@ -50,8 +59,12 @@ IMAGE_TASKS = {
     "cifar10-gray": ("cifar10", 1, True, ((0.5,), (0.5,))),
     "digits": ("sklearn_digits", 2, False, ((0.0,), (1.0,))),
 }
-# TAPE's IUPAC vocabulary (tape.tokenizers.IUPAC_VOCAB): 5 specials, then 25 letters.
-TAPE_VOCAB = ("<pad>", "<mask>", "<cls>", "<sep>", "<unk>") + tuple("ABCDEFGHIKLMNOPQRSTUVWXYZ")
+# ITU-R 601 luma, as PIL's convert("L") and torchvision's Grayscale
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# The official code's CIFAR training augmentation (see the module docstring).
+AUGMENTED_TASKS = ("cifar10", "cifar10-gray")
+CROP_PADDING, MAX_DEGREES = 4, 20.0
+TAPE_VOCAB = tape.VOCAB
 HOMOLOGY_CLASSES = 1195
 HOMOLOGY_SPLITS = {"train": "train", "validation": "valid", "test": "test_fold_holdout"}
 
@@ -153,8 +166,60 @@ def patches(images_BHWC: np.ndarray, p: int) -> np.ndarray:
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def image_splits(task: str, data_dir: str, val_fraction: float) -> dict[str, Split]:
-    name, p, gray, (mean, std) = IMAGE_TASKS[task]
+@dataclasses.dataclass
+class Augmentation:
+    """One draw of the official CIFAR augmentation per image (B,): the crop's top-left corner
+    in the zero-padded image, whether to mirror, the rotation angle (counter-clockwise)."""
+
+    top: np.ndarray       # int (B,) in [0, 2·CROP_PADDING]
+    left: np.ndarray      # int (B,) in [0, 2·CROP_PADDING]
+    flip: np.ndarray      # bool (B,), probability 0.5
+    degrees: np.ndarray   # float (B,) uniform in [-MAX_DEGREES, MAX_DEGREES]
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n: int) -> "Augmentation":
+        top, left = rng.integers(2 * CROP_PADDING + 1, size=(2, n))
+        return cls(top, left, rng.random(n) < 0.5, rng.uniform(-MAX_DEGREES, MAX_DEGREES, n))
+
+    def rows(self, index: slice) -> "Augmentation":
+        return Augmentation(self.top[index], self.left[index], self.flip[index],
+                            self.degrees[index])
+
+
+def augment(images_BHWC: np.ndarray, a: Augmentation) -> np.ndarray:
+    """RandomCrop(H, padding=CROP_PADDING), then RandomHorizontalFlip, then RandomRotation
+    (nearest pixel, about the image centre, zero fill) with the draws of `a`."""
+    B, H, W, _ = images_BHWC.shape
+    pad = CROP_PADDING
+    padded = np.pad(images_BHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = (a.top[:, None] + np.arange(H))[:, :, None]
+    cols = (a.left[:, None] + np.arange(W))[:, None, :]
+    x = padded[np.arange(B)[:, None, None], rows, cols]
+    x = np.where(a.flip[:, None, None, None], x[:, :, ::-1], x)
+    return np.stack([ndimage.rotate(img, angle, axes=(1, 0), reshape=False, order=0,
+                                    mode="grid-constant", cval=0.0)
+                     for img, angle in zip(x, a.degrees)])
+
+
+def image_inputs(task: str, images_BHWC: np.ndarray,
+                 augmentation: Augmentation | None = None) -> np.ndarray:
+    """uint8 images → the task's float32 patches, in the official order: pixels / 255,
+    grayscale, the augmentation if given, per-channel normalization, patches."""
+    _, p, gray, (mean, std) = IMAGE_TASKS[task]
+    x = images_BHWC.astype(np.float32) / 255.0
+    if gray:
+        x = x @ LUMA[:, None]
+    if augmentation is not None:
+        x = augment(x, augmentation)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return patches(x, p)
+
+
+def image_splits(task: str, data_dir: str, val_fraction: float,
+                 raw_train: bool = False) -> dict[str, Split]:
+    """The task's splits as patches; `raw_train`: the train split as its uint8 images
+    (N, H, W, C), for `image_inputs` to augment batch by batch."""
+    name = IMAGE_TASKS[task][0]
     builder = images.load_builder(name, data_dir)
     h = builder.info.features["image"].shape[0]
 
@@ -163,20 +228,16 @@ def image_splits(task: str, data_dir: str, val_fraction: float) -> dict[str, Spl
             ex = images.Examples(builder, split, h)
         except AssertionError:  # tfds's "Dataset ... could not find data in DIR"
             raise images.not_prepared(name, data_dir) from None
-        x, y = ex.take(np.arange(len(ex)))
-        x = x.astype(np.float32) / 255.0
-        if gray:  # ITU-R 601 luma, as PIL's convert("L") and torchvision's Grayscale
-            x = x @ np.array([0.299, 0.587, 0.114], np.float32)[:, None]
-        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-        return patches(x, p), y
+        return ex.take(np.arange(len(ex)))
 
     x, y = load("train")
     order = np.random.default_rng(0).permutation(len(y))
     n_val = int(round(val_fraction * len(y)))
     val, train = order[:n_val], np.sort(order[n_val:])
     tx, ty = load("test")
-    return {"train": Split(x[train], y[train]), "validation": Split(x[val], y[val]),
-            "test": Split(tx, ty)}
+    return {"train": Split(x[train] if raw_train else image_inputs(task, x[train]), y[train]),
+            "validation": Split(image_inputs(task, x[val]), y[val]),
+            "test": Split(image_inputs(task, tx), ty)}
 
 
 # ---------------------------------------------------------------------------- token tasks
@@ -204,25 +265,11 @@ def listops_splits(d: ConfigDict) -> tuple[dict[str, Split], int]:
 
 
 def homology_splits(data_dir: str, seq_len: int) -> dict[str, Split]:
-    """TAPE remote homology from `remote_homology_{train,valid,test_fold_holdout}.json`
-    (records with `primary` and `fold_label`): <cls> + residues + <sep>, cut at seq_len."""
-    ids = {t: i for i, t in enumerate(TAPE_VOCAB)}
-    out = {}
-    for split, tape in HOMOLOGY_SPLITS.items():
-        path = os.path.join(os.path.expanduser(data_dir), f"remote_homology_{tape}.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: export TAPE's remote_homology_{{train,valid,"
-                "test_fold_holdout}} (data/remote_homology.tar.gz of TAPE) as JSON lists of "
-                "{primary, fold_label} records into config.data.data_dir")
-        with open(path) as f:
-            records = json.load(f)
-        x = np.zeros((len(records), seq_len), np.int32)
-        for k, r in enumerate(records):
-            row = [2] + [ids.get(a, 4) for a in r["primary"]] + [3]
-            x[k, :min(len(row), seq_len)] = row[:seq_len]
-        out[split] = Split(x, np.asarray([r["fold_label"] for r in records], np.int32))
-    return out
+    """TAPE remote homology, `remote_homology_{train,valid,test_fold_holdout}` as TAPE's LMDB
+    databases or JSON lists (bigs_jax.data.tape): <cls> + residues + <sep>, cut at seq_len."""
+    folder, fmt = tape.locate(data_dir)
+    return {split: Split(*tape.encode(tape.read_split(folder, fmt, name), seq_len))
+            for split, name in HOMOLOGY_SPLITS.items()}
 
 
 # ---------------------------------------------------------------------------- the source
@@ -235,7 +282,7 @@ class FPTSource:
         d = self.d = config.data
         if d.task not in TASKS:
             raise ValueError(f"unknown config.data.task {d.task!r}; choose one of {TASKS}")
-        self.task, self.splits = d.task, {}
+        self.task, self.splits, self.augment = d.task, {}, False
         self.generated = d.task in ("bit-memory", "bit-xor")
         if self.generated:
             if d.n_bits % d.patch_size:
@@ -255,8 +302,12 @@ class FPTSource:
             self.splits = homology_splits(d.data_dir, d.seq_len)
             kind, dim, classes = "tokens", len(TAPE_VOCAB), HOMOLOGY_CLASSES
         else:
-            self.splits = image_splits(d.task, d.data_dir, d.val_fraction)
-            kind, dim, classes = "continuous", self.splits["train"].inputs.shape[-1], 10
+            # The official code augments CIFAR's training images: keep them as uint8 and
+            # build each batch's patches after its augmentation (train_batches).
+            self.augment = bool(d.augment) and d.task in AUGMENTED_TASKS
+            self.splits = image_splits(d.task, d.data_dir, d.val_fraction,
+                                       raw_train=self.augment)
+            kind, dim, classes = "continuous", self.splits["test"].inputs.shape[-1], 10
         ref = self.splits["test"]
         predictions = ref.labels.shape[1] if ref.labels.ndim == 2 else 1
         self.overrides = {"input_kind": kind, "input_dim": int(dim),
@@ -290,10 +341,16 @@ class FPTSource:
                 yield self._batch(Split(x[p * k:(p + 1) * k], y[p * k:(p + 1) * k]),
                                   np.arange(k))
                 step += 1
-        train = self.splits["train"]
+        train, k, step = self.splits["train"], d.batch_size // n, start_step
         for index in train_indices(len(train), d.batch_size, seed=d.seed,
                                    start_step=start_step, shard_index=p, num_shards=n):
-            yield self._batch(train, index)
+            batch = self._batch(train, index)
+            if self.augment:  # draws for the global batch from (seed, step); this host's rows
+                a = Augmentation.draw(np.random.default_rng([d.seed, 4, step]), d.batch_size)
+                batch["inputs"] = image_inputs(self.task, batch["inputs"],
+                                               a.rows(slice(p * k, (p + 1) * k)))
+            yield batch
+            step += 1
 
     def eval_batches(self, split: str, limit: int = 0) -> list[dict]:
         """The split in order, global batches of eval_batch_size, the last padded with
