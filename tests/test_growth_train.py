@@ -247,7 +247,7 @@ def _collapse(g, roles, K, m):
 
 
 @pytest.mark.parametrize("family", ["m2-gpt", pytest.param("m2-bert", marks=pytest.mark.slow),
-                                    "m2-vit"])
+                                    pytest.param("m2-vit", marks=pytest.mark.slow)])
 def test_m2_hidden_growth_gradients_map_to_the_small_models(family):
     """At the growth point each part of a split reader row has the small model's gradient of
     that row, the copies of a writer (or per-channel parameter) sum to it, and shared
@@ -332,6 +332,7 @@ M2_VIT_GROWTH = [{"step": 5, "hidden_size": 128, "num_layers": 3, "intermediate_
                   "mlp_nblocks": 2}]
 
 
+@pytest.mark.slow  # ~40 s; the default suite grows a train run in test_growth_loop.py
 def test_m2_vit_growth_schedule_in_a_classification_run(tmp_path, digits_dir):
     """configs/m2_vit.py:smoke (M2-ViT on the sklearn digits) with a growth schedule at step 5
     (width 64 → 128, 2 → 3 layers, MLP 256 → 320 in 2 blocks): the eval loss right after

@@ -75,7 +75,10 @@ def test_openai_sizes_and_untied_head():
 
 
 def test_residual_projections_use_scaled_init():
-    model = bigs_jax.create("gpt2", num_layers=12, vocab_size=256, max_len=16)
+    # 12 layers (the 1/sqrt(2·12) scale) at width 256: a 256×256 kernel estimates its std to
+    # ~0.3%, and the init is a fraction of GPT-2 small's 85M numbers
+    model = bigs_jax.create("gpt2", num_layers=12, hidden_size=256, num_heads=4,
+                            intermediate_size=1024, vocab_size=256, max_len=16)
     block = model.layers[0]
     std = lambda p: float(np.asarray(p[...]).std())  # noqa: E731
     assert abs(std(block.mixer.query.kernel) - 0.02) < 1e-3

@@ -32,60 +32,64 @@ def grown_run(steps: int):
     config.optim.schedule = "constant"
     config.optim.warmup_steps = 0
     config.train.checkpoint_every = 2
+    config.train.keep_checkpoints = 4
     config.train.eval_every = 3
     config.train.log_every = 1
     config.growth = json.dumps(GROWTH)
     return config
 
 
+def rewarm_run():
+    """grown_run(5) with the growth's lr re-warmed over 2 steps."""
+    config = grown_run(5)
+    config.growth = json.dumps([{**GROWTH[0], "rewarm_steps": 2}])
+    return config
+
+
 @pytest.fixture(scope="module")
-def grown4(tmp_path_factory):
-    """(workdir, summary) of grown_run(4): checkpoints 2 (base model), 3 (grown), 4."""
-    workdir = str(tmp_path_factory.mktemp("grown4") / "run")
-    return workdir, loop.train_and_evaluate(grown_run(4), workdir)
+def grown5(tmp_path_factory):
+    """(workdir, summary) of rewarm_run(): checkpoints 2 (base model), 3 (grown), 4, 5."""
+    workdir = str(tmp_path_factory.mktemp("grown5") / "run")
+    return workdir, loop.train_and_evaluate(rewarm_run(), workdir)
 
 
-def test_growth_schedule_in_a_train_run(grown4):
-    workdir, summary = grown4
+def test_growth_schedule_in_a_train_run(grown5):
+    workdir, summary = grown5
     before, after = summary["growth"][3]["eval_loss_before"], summary["growth"][3][
         "eval_loss_after"]
     print(f"eval loss at the growth step: before {before:.7f}, after {after:.7f}")
     assert abs(before - after) < 1e-5
-    assert summary["eval_loss"][4] < summary["eval_loss"][3] < summary["eval_loss"][0]
-    assert summary["steps"] == 4 and summary["checkpoints"] == [2, 3, 4]
+    assert summary["eval_loss"][5] < summary["eval_loss"][3] < summary["eval_loss"][0]
+    assert summary["steps"] == 5 and summary["checkpoints"] == [2, 3, 4, 5]
     grown = checkpointing.read_model_config(workdir)
     assert (grown.hidden_size, grown.num_layers, grown.intermediate_size,
             grown.ssm_state) == (128, 3, 256, 24)
     assert bigs_jax.load(workdir).config == grown  # the grown workdir loads like any other
 
 
-def test_damaged_grown_steps_resume_in_the_stage_before_growth(grown4, tmp_path, capsys):
-    """Both steps saved after growth (3, 4) damaged: the run resumes from step 2 in the base
+def test_damaged_grown_steps_resume_in_the_stage_before_growth(grown5, tmp_path, capsys):
+    """Every step saved after growth (3, 4, 5) damaged: the run resumes from step 2 in the base
     model's stage (not restoring step 2 onto the grown model and calling it damaged too), sets
-    3 and 4 aside, grows again at 3 and ends with the uninterrupted run's parameters."""
+    3-5 aside, grows again at 3 and ends with the uninterrupted run's parameters."""
     workdir = str(tmp_path / "run")
-    shutil.copytree(grown4[0], workdir)
-    for step in (3, 4):
+    shutil.copytree(grown5[0], workdir)
+    for step in (3, 4, 5):
         truncate_largest(os.path.join(workdir, "checkpoints", str(step)))
-    summary = loop.train_and_evaluate(grown_run(4), workdir)
+    summary = loop.train_and_evaluate(rewarm_run(), workdir)
     out = capsys.readouterr().out
-    for step in (4, 3):
+    for step in (5, 4, 3):
         assert (f"warning: checkpoint step {step} is damaged (its files cannot be read (" in out
                 and "resuming from an earlier growth stage" in out), out
-    assert sorted(os.listdir(os.path.join(workdir, checkpointing.DAMAGED))) == ["3", "4"]
-    assert summary["checkpoints"] == [2, 3, 4]
-    for a, b in zip(params_of(workdir), params_of(grown4[0])):
+    assert sorted(os.listdir(os.path.join(workdir, checkpointing.DAMAGED))) == ["3", "4", "5"]
+    assert summary["checkpoints"] == [2, 3, 4, 5]
+    for a, b in zip(params_of(workdir), params_of(grown5[0])):
         np.testing.assert_array_equal(a, b)
 
 
-def test_rewarm_steps_ramp_the_logged_lr_after_growth(tmp_path):
-    config = grown_run(5)
-    config.growth = json.dumps([{**GROWTH[0], "rewarm_steps": 2}])
-    workdir = str(tmp_path / "run")
-    loop.train_and_evaluate(config, workdir)
-    lr = _scalars(workdir, "train/lr")
-    np.testing.assert_allclose([lr[s] for s in (3, 4, 5)],
-                               [config.optim.lr, config.optim.lr / 2, config.optim.lr],
+def test_rewarm_steps_ramp_the_logged_lr_after_growth(grown5):
+    lr = _scalars(grown5[0], "train/lr")
+    peak = rewarm_run().optim.lr
+    np.testing.assert_allclose([lr[s] for s in (2, 3, 4, 5)], [peak, peak, peak / 2, peak],
                                rtol=1e-6)
 
 
