@@ -120,8 +120,11 @@ def test_sigkill_at_random_points_and_damage_then_rerun(tmp_path):
         steps = Checkpointer(str(workdir)).all_steps()
         assert not steps or max(steps) < STEPS, (point, steps)
         moved = os.listdir(workdir / DAMAGED) if (workdir / DAMAGED).is_dir() else []
-        # Damage the newest checkpoint, once the rerun has set the previous damage aside.
-        if damages and steps and len(moved) == len(damaged):
+        # Damage the newest checkpoint, once the rerun has set the previous damage aside and
+        # while an older intact one remains (a kill that left a single step behind is followed
+        # by an undamaged rerun: with no intact step the rerun refuses, which
+        # test_rerun_with_no_intact_checkpoint_is_one_line_and_changes_nothing covers).
+        if damages and len(steps) >= 2 and len(moved) == len(damaged):
             how = damages.pop(0)
             DAMAGES[how][0](str(workdir / "checkpoints" / str(max(steps))))
             damaged.append((max(steps), how))
