@@ -57,7 +57,7 @@ from bigs_jax.layers.embeddings import BertEmbeddings, mask_pad_logits, padded_v
 from bigs_jax.layers.linear import LayerNorm, dense, gelu_exact, layer_norm
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv, modulation_deltas
 from bigs_jax.layers.monarch import BlockdiagLinear
-from bigs_jax.layers.precision import PRECISIONS
+from bigs_jax.layers.precision import check_precision
 from bigs_jax.models.heads import POOLERS, ClassificationHead, MLMHead, pool
 from bigs_jax.models.outputs import (ModelOutput, check_dtype_policy, ids_or_embeds,
                                      with_output_dtype)
@@ -118,13 +118,11 @@ class M2Config:
         check_dtype_policy(self)
         check_remat(self.remat)
         heads = DECODER_HEADS if self.causal else ENCODER_HEADS
-        for name, value, valid in (("head", self.head, heads), ("pooler", self.pooler, POOLERS),
-                                   ("conv_mode", self.conv_mode, CONV_MODES + ("auto",)),
-                                   ("conv_precision", self.conv_precision, PRECISIONS)):
+        for name, value, valid in (("head", self.head, heads), ("pooler", self.pooler, POOLERS)):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r} for an M2 model with "
                                  f"causal={self.causal}; choose one of {valid}")
-        check_conv_precision(self.conv_mode, self.conv_precision)
+        check_conv_settings(self.conv_mode, self.conv_precision)
         if self.hidden_size % self.mlp_nblocks or self.intermediate_size % self.mlp_nblocks:
             raise ValueError(f"hidden_size {self.hidden_size} and intermediate_size "
                              f"{self.intermediate_size} must be multiples of mlp_nblocks "
@@ -142,9 +140,14 @@ class M2Config:
         modulation_deltas(self.hidden_size, tiling)  # the tiling must fit the width
 
 
-def check_conv_precision(conv_mode: str, conv_precision: str) -> None:
-    """Refuses a reduced conv_precision with conv_mode='fft', which has no matmuls to apply
-    it to ('auto' may pick fft, on CPU, and then runs it in fp32)."""
+def check_conv_settings(conv_mode: str, conv_precision: str) -> None:
+    """One-line refusals of an unknown conv_mode or conv_precision, and of a reduced
+    conv_precision with conv_mode='fft', which has no matmuls to apply it to ('auto' may pick
+    fft, on CPU, and then runs it in fp32). Shared by M2Config and M2ViTConfig."""
+    if conv_mode not in CONV_MODES + ("auto",):
+        raise ValueError(f"unknown conv_mode {conv_mode!r}; choose one of "
+                         f"{list(CONV_MODES + ('auto',))}")
+    check_precision(conv_precision, "conv_precision")
     if conv_mode == "fft" and conv_precision != "fp32":
         raise ValueError(f"conv_precision={conv_precision!r} sets the matmuls of conv_mode "
                          "'monarch' or 'toeplitz', but conv_mode='fft' runs jnp.fft in fp32; "

@@ -39,10 +39,8 @@ from flax import nnx
 
 from bigs_jax.layers.blocks import check_remat
 from bigs_jax.layers.linear import activation, layer_norm, sharded
-from bigs_jax.layers.longconv import CONV_MODES
 from bigs_jax.layers.monarch import BlockdiagLinear
-from bigs_jax.layers.precision import PRECISIONS
-from bigs_jax.models.m2 import M2Config, M2SequenceMixer, check_conv_precision
+from bigs_jax.models.m2 import M2Config, M2SequenceMixer, check_conv_settings
 from bigs_jax.models.outputs import ModelOutput, check_dtype_policy, with_output_dtype
 from bigs_jax.models.vit import (
     PatchEmbed,
@@ -94,13 +92,7 @@ class M2ViTConfig:
         check_dtype_policy(self)
         check_image_geometry(self)
         activation(self.hidden_act)
-        if self.conv_mode not in CONV_MODES + ("auto",):
-            raise ValueError(f"unknown conv_mode {self.conv_mode!r}; choose one of "
-                             f"{CONV_MODES + ('auto',)}")
-        if self.conv_precision not in PRECISIONS:
-            raise ValueError(f"unknown conv_precision {self.conv_precision!r}; choose one of "
-                             f"{PRECISIONS}")
-        check_conv_precision(self.conv_mode, self.conv_precision)
+        check_conv_settings(self.conv_mode, self.conv_precision)
         check_remat(self.remat)
         if self.hidden_size % self.mlp_nblocks or self.intermediate_size % self.mlp_nblocks:
             raise ValueError(f"hidden_size {self.hidden_size} and intermediate_size "
