@@ -50,8 +50,9 @@ FAMILIES = {
 }
 FLOAT64 = ("gpt2", "gpt2-rms", "vit", "bert", "bigs", "gated-attention", "stack-ssm", "m2-vit")
 # The default suite runs these; the rest of FAMILIES / FLOAT64 run under -m slow (each test
-# compiles two models, 5-20 s on the 2-core CI machine).
-FAST, FAST64 = ("gpt2", "bert", "bigs", "m2-vit"), ("gpt2-rms", "bert")
+# compiles two models, 5-25 s on the 2-core CI machine). The M2 families' width growth stays in
+# the default suite through test_m2_hidden_growth_is_exact*.
+FAST, FAST64 = ("gpt2", "bert", "bigs"), ("gpt2-rms", "bert")
 
 
 def families(names, fast):
