@@ -126,6 +126,11 @@ def rmtree(path: str) -> None:
         _p(path).rmtree()
 
 
+def remove(path: str) -> None:
+    """Delete a file, if it exists."""
+    _p(path).unlink(missing_ok=True)
+
+
 def copy(src: str, dst: str) -> None:
     """Copy a file (overwriting `dst`)."""
     _p(src).copy(_p(dst), overwrite=True)

@@ -84,10 +84,6 @@ class Case:
 CASES: list[Case] = []
 
 
-# eval.py marks its output directory as ours before it reads the init and the data.
-EVAL_MARKER = ("+out/bigs_jax.json",)
-
-
 def case(what: str, rc: int, expect: str, disk: bool = False, one_line: bool = True,
          allow: tuple = ()):
     def register(make):
@@ -273,8 +269,7 @@ def load_damaged_no_params(fx, d):
     return [api(f"bigs_jax.load({str(run)!r})")]
 
 
-@case("eval.py --config.init of a run whose newest checkpoint is damaged", 1, "damaged",
-      allow=EVAL_MARKER)
+@case("eval.py --config.init of a run whose newest checkpoint is damaged", 1, "damaged")
 def eval_init_damaged(fx, d):
     run = copy(fx["run"], d / "run")
     shutil.rmtree(checkpoint(run, 4) / "params")
@@ -346,7 +341,7 @@ def glue_eval_of_train_workdir(fx, d):
                 f"--workdir={d / 'out'}")]
 
 
-@case("eval.py of a converted HF BERT that has no vocab.txt", 1, "vocab", allow=EVAL_MARKER)
+@case("eval.py of a converted HF BERT that has no vocab.txt", 1, "vocab")
 def eval_converted_without_vocab(fx, d):
     hf = copy(fx["hf"], d / "hf_bert")
     os.remove(hf / "vocab.txt")
@@ -539,14 +534,14 @@ def eval_unknown_task(fx, d):
                 f"--config.data_dir={glue}", f"--workdir={d / 'out'}")]
 
 
-@case("eval.py with a GLUE data_dir that does not exist", 1, "", allow=EVAL_MARKER)
+@case("eval.py with a GLUE data_dir that does not exist", 1, "")
 def eval_missing_data(fx, d):
     run = copy(fx["run"], d / "run")
     return [cli("eval.py", *GLUE, f"--config.init={run}", f"--config.data_dir={d / 'nodata'}",
                 f"--workdir={d / 'out'}")]
 
 
-@case("eval.py --config.vocab_file that does not exist", 1, "", allow=EVAL_MARKER)
+@case("eval.py --config.vocab_file that does not exist", 1, "")
 def eval_missing_vocab(fx, d):
     run, glue = copy(fx["run"], d / "run"), copy(fx["glue"], d / "glue")
     return [cli("eval.py", *GLUE, f"--config.init={run}", f"--config.data_dir={glue}",

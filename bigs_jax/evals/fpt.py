@@ -31,7 +31,7 @@ from bigs_jax.data.fpt_tasks import apply_task_settings
 from bigs_jax.fpt import freeze_patterns
 from bigs_jax.train import checkpointing, loop
 from bigs_jax.train.metrics import read_scores
-from bigs_jax.train.workdir import check_workdir
+from bigs_jax.train.workdir import eval_output
 from bigs_jax.errors import ConfigError
 
 MODES = ("pretrained", "random", "full")
@@ -165,29 +165,26 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     if c.protocol.sweep not in ("all", "first_seed"):
         raise ConfigError(f"unknown config.protocol.sweep {c.protocol.sweep!r}; choose all "
                           "or first_seed")
-    out = check_workdir(out, "eval")
-    fs.makedirs(out)
-    if fs.is_primary():
-        checkpointing.write_marker(out, "eval")
     rows = []
-    for task in tasks:
-        for mode in modes:
-            runs: dict[float, list[dict]] = {}
-            sweep_seeds = seeds if c.protocol.sweep == "all" else seeds[:1]
-            for lr in lrs:
-                for seed in sweep_seeds:
-                    result = run_one(c, task, mode, lr, seed, out)
-                    if result is None:
-                        return None
-                    runs.setdefault(lr, []).append(result)
-            if c.protocol.sweep == "first_seed":
-                best = pick_lr(runs)
-                for seed in seeds[1:]:
-                    result = run_one(c, task, mode, best, seed, out)
-                    if result is None:
-                        return None
-                    runs[best].append(result)
-            rows.append(summarize(task, mode, runs))
+    with eval_output(out) as out:
+        for task in tasks:
+            for mode in modes:
+                runs: dict[float, list[dict]] = {}
+                sweep_seeds = seeds if c.protocol.sweep == "all" else seeds[:1]
+                for lr in lrs:
+                    for seed in sweep_seeds:
+                        result = run_one(c, task, mode, lr, seed, out)
+                        if result is None:
+                            return None
+                        runs.setdefault(lr, []).append(result)
+                if c.protocol.sweep == "first_seed":
+                    best = pick_lr(runs)
+                    for seed in seeds[1:]:
+                        result = run_one(c, task, mode, best, seed, out)
+                        if result is None:
+                            return None
+                        runs[best].append(result)
+                rows.append(summarize(task, mode, runs))
     summary = {"protocol": c.protocol.to_dict(), "init": c.init, "rows": rows}
     if fs.is_primary():
         checkpointing.write_json_atomic(fs.join(out, "results.json"), summary)

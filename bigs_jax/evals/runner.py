@@ -28,7 +28,7 @@ from bigs_jax.models import build
 from bigs_jax.train import checkpointing, loop
 from bigs_jax.train import config as schema
 from bigs_jax.train import metrics as tb
-from bigs_jax.train.workdir import check_workdir
+from bigs_jax.train.workdir import eval_output
 
 RESULT_JSON = "result.json"
 MNLI_STARTED = ("mrpc", "stsb", "rte")
@@ -250,20 +250,17 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
                           "--config.seeds=0,1,2") from None
     if c.select not in ("best", "last"):
         raise ConfigError(f"unknown config.select {c.select!r}; choose best or last")
-    out = check_workdir(out, "eval")
-    fs.makedirs(out)
-    if fs.is_primary():
-        checkpointing.write_marker(out, "eval")
     results = {}
-    for task in tasks:
-        runs = []
-        for seed in seeds:
-            result = run_one(c, bench, task, seed, out)
-            if result is None:
-                print("stopped (preempted); rerun the same command to resume", flush=True)
-                return None
-            runs.append(result)
-        results[task] = runs
+    with eval_output(out) as out:
+        for task in tasks:
+            runs = []
+            for seed in seeds:
+                result = run_one(c, bench, task, seed, out)
+                if result is None:
+                    print("stopped (preempted); rerun the same command to resume", flush=True)
+                    return None
+                runs.append(result)
+            results[task] = runs
     summary = aggregate(results, bench)
     if fs.is_primary():
         write_results(out, summary, bench)

@@ -1,6 +1,7 @@
 """A run's workdir and model: checked before anything is written, then recorded in it.
 
 `check_workdir` refuses a path that cannot be written or a directory that is not ours;
+`eval_output` claims eval.py's output directory and gives it back if the evaluation fails;
 `model_config_from` resolves the frozen model config of a run (registry entry, `config.init`
 checkpoint, what the data fixes); `prepare_workdir` writes the marker, config.json and
 model.json, refusing a workdir of another model.
@@ -12,11 +13,12 @@ is not empty (an HF model directory, a home directory) is refused before a byte 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 from ml_collections import ConfigDict
 
@@ -60,6 +62,30 @@ def check_workdir(workdir: str, kind: str = "run") -> str:
     if probe == workdir:
         _check_ours(workdir, kind)
     return workdir
+
+
+@contextlib.contextmanager
+def eval_output(out: str) -> Iterator[str]:
+    """eval.py's output directory, checked (`check_workdir(out, "eval")`), created and marked.
+    An evaluation that fails before writing anything else there removes what this made (the
+    directory, or the marker of one that existed empty), so the disk is as it was."""
+    out = check_workdir(out, "eval")
+    existed = fs.exists(out)
+    marker = fs.join(out, checkpointing.MARKER_JSON)
+    marked = existed and fs.exists(marker)
+    fs.makedirs(out)
+    if fs.is_primary():
+        checkpointing.write_marker(out, "eval")
+    try:
+        yield out
+    except BaseException:
+        if (fs.is_primary() and not marked
+                and fs.listdir(out) == [checkpointing.MARKER_JSON]):
+            if existed:
+                fs.remove(marker)
+            else:
+                fs.rmtree(out)
+        raise
 
 
 def _check_uri(workdir: str, kind: str) -> None:

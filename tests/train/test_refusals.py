@@ -14,7 +14,7 @@ import bigs_jax
 from bigs_jax.data import registry
 from bigs_jax.train import checkpointing, loop
 from bigs_jax.train.config import check_values
-from bigs_jax.train.workdir import check_workdir
+from bigs_jax.train.workdir import check_workdir, eval_output
 from configs import bert, quickstart
 from tests.runs import smoke, snapshot
 from tests.train.test_loop import run_cli
@@ -81,6 +81,38 @@ def test_eval_output_of_someone_else_is_refused(tmp_path):
     with pytest.raises(loop.ConfigError, match="not a bigs_jax eval directory"):
         check_workdir(str(foreign), "eval")
     assert hashes(foreign) == before
+
+
+def test_a_failed_evaluation_gives_its_output_directory_back(tmp_path):
+    """eval.py's output claim (`eval_output`) is undone when the evaluation fails before
+    writing anything else there; an output already ours, or one a run wrote into, stays."""
+    marker = checkpointing.MARKER_JSON
+
+    def fail(out: str):
+        with pytest.raises(RuntimeError, match="init is damaged"):
+            with eval_output(out) as claimed:
+                assert os.listdir(claimed) == [marker]
+                raise RuntimeError("init is damaged")
+
+    fresh = tmp_path / "new" / "out"
+    fail(str(fresh))
+    assert not fresh.exists() and (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fail(str(empty))
+    assert os.listdir(empty) == []
+    ours = tmp_path / "ours"
+    with eval_output(str(ours)):
+        pass
+    before = hashes(ours)
+    fail(str(ours))
+    assert hashes(ours) == before and os.listdir(ours) == [marker]
+    written = tmp_path / "written"
+    with pytest.raises(RuntimeError):
+        with eval_output(str(written)) as out:
+            (written / "task").mkdir()
+            raise RuntimeError(out)
+    assert sorted(os.listdir(written)) == sorted([marker, "task"])
 
 
 def test_our_workdirs_old_and_new_are_recognised(smoke_run, tmp_path):
