@@ -83,6 +83,9 @@ def get_config(arg=None):
         "listops_min_length": 20, "listops_max_length": 120, "listops_parens": False,
         # images and homology
         "data_dir": "", "val_fraction": 0.1,
+        # remote-homology: leave out sequences longer than seq_len, as the official code
+        # does (skip), or cut them (truncate)
+        "long_sequences": "skip",
         # cifar10, cifar10-gray: the official training augmentation (crop, flip, rotation)
         "augment": True,
     })

@@ -406,7 +406,8 @@ def test_remote_homology_reads_tape_records(tmp_path):
         with open(tmp_path / f"remote_homology_{tape}.json", "w") as f:
             json.dump([{"primary": "MKV", "fold_label": 3}, {"primary": "AXW", "fold_label": 0}],
                       f)
-    splits = fpt_tasks.homology_splits(str(tmp_path), 8)
+    splits, skipped = fpt_tasks.homology_splits(str(tmp_path), 8)
+    assert skipped == {"train": 0, "validation": 0, "test": 0}
     vocab = fpt_tasks.TAPE_VOCAB
     assert [vocab[i] for i in splits["train"].inputs[0, :5]] == ["<cls>", "M", "K", "V", "<sep>"]
     assert list(splits["test"].labels) == [3, 0]
@@ -468,9 +469,9 @@ def test_remote_homology_reads_tape_lmdb_as_the_json(tmp_path):
     _write_homology(tmp_path / "tape" / "remote_homology", "lmdb")
     _write_homology(tmp_path / "json", "json")
     seq_len = 8
-    reference = fpt_tasks.homology_splits(str(tmp_path / "json"), seq_len)
+    reference, _ = fpt_tasks.homology_splits(str(tmp_path / "json"), seq_len, "truncate")
     for data_dir in (tmp_path / "tape", tmp_path / "tape" / "remote_homology"):
-        splits = fpt_tasks.homology_splits(str(data_dir), seq_len)
+        splits, _ = fpt_tasks.homology_splits(str(data_dir), seq_len, "truncate")
         for split in ("train", "validation", "test"):
             np.testing.assert_array_equal(splits[split].inputs, reference[split].inputs)
             np.testing.assert_array_equal(splits[split].labels, reference[split].labels)
@@ -486,6 +487,42 @@ def test_remote_homology_reads_tape_lmdb_as_the_json(tmp_path):
     o = fpt_tasks.FPTSource(c).model_overrides()
     assert (o["input_kind"], o["input_dim"], o["num_classes"], o["num_tokens"]) == (
         "tokens", 30, 1195, seq_len)
+
+
+def test_remote_homology_skips_long_sequences_as_the_official_code(tmp_path):
+    """By default an example longer than seq_len (<cls> and <sep> included) is left out of
+    its split, as the official code's batch redraw leaves it out; scores count what was left
+    out as wrong in `accuracy_all` (the paper's x0.9739). A split with nothing left refuses."""
+    _write_homology(tmp_path, "json")
+    splits, skipped = fpt_tasks.homology_splits(str(tmp_path), 6)      # MKVL fits exactly
+    assert skipped == {"train": 1, "validation": 0, "test": 0}
+    np.testing.assert_array_equal(splits["train"].inputs,
+                                  [[2, 16, 14, 25, 15, 3], [2, 5, 27, 26, 4, 3]])
+    assert list(splits["train"].labels) == [3, 0]
+    with pytest.raises(ValueError, match="unknown config.data.long_sequences 'cut'"):
+        fpt_tasks.homology_splits(str(tmp_path), 6, "cut")
+    with pytest.raises(ValueError) as e:
+        fpt_tasks.homology_splits(str(tmp_path), 3)                   # no train row fits
+    assert "\n" not in str(e.value) and "remote_homology_train is longer" in str(e.value)
+    assert "long_sequences=truncate" in str(e.value)
+
+    # The source: accuracy over the kept examples, and over all of them.
+    c = _loop_config("remote-homology", data_dir=str(tmp_path), seq_len=6)
+    c.data.eval_batch_size = 2
+    source = fpt_tasks.FPTSource(c)
+    assert source.skipped["train"] == 1 and len(source.splits["train"]) == 2
+    source.skipped["test"] = 2            # as if two longer test examples had been left out
+    test_labels = source.splits["test"].labels                         # [12, 5]
+
+    def predict(batch):    # right on the fold-12 example only
+        logits = np.zeros((len(batch["labels"]), fpt_tasks.HOMOLOGY_CLASSES), np.float32)
+        logits[:, 12] = 1.0
+        return logits
+
+    scores = source.score(0, predict)
+    assert list(test_labels) == [12, 5]
+    assert scores["test/accuracy"] == 0.5 and scores["test/accuracy_all"] == 0.25
+    assert "validation/accuracy_all" not in scores
 
 
 def test_damaged_tape_lmdb_stops_with_one_line(tmp_path):

@@ -99,6 +99,11 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def length(record: dict) -> int:
+    """The record's tokens: <cls> + residues + <sep>."""
+    return len(record["primary"]) + 2
+
+
 def encode(records: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 (N, seq_len): <cls> + residues + <sep>, cut at seq_len, 0-padded;
     fold labels int32 (N,))."""
