@@ -1,12 +1,15 @@
 """Decoding throughput: cached `bigs_jax.generate` vs prefix recomputation vs HF PyTorch.
 
     python bench/generate.py [--model gpt2] [--batches 1,8] [--prompt 128] [--new 128]
-                             [--repeats 3] [--recompute-repeats N] [--no-hf]
+                             [--repeats 3] [--recompute-repeats N] [--no-recompute] [--no-hf]
 
 Greedy continuation of random prompts by a randomly initialized model of the registry (the
 weights do not change the work), measured side by side in one run, medians of `repeats` timed
 runs after one warm-up (which compiles; for the recompute baseline a one-token call, which
-compiles its one forward; `--recompute-repeats` sets its own repeats, as it is the slow one):
+compiles its one forward; `--recompute-repeats` sets its own repeats, as it is the slow one).
+Ours cached and HF's run in turns (ours, HF, ours, HF, ...) so a load that comes and goes on a
+shared machine hits both alike; their `time / cached` is the median of the pairs' ratios (the
+recompute baseline, timed after them, is its median over ours):
 
 1. ours, cached: `bigs_jax.generate` (one compiled prefill + one compiled decode loop with the
    key/value cache); every row generates exactly `new` tokens (no eos).
@@ -36,6 +39,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("USE_TF", "0")
@@ -45,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from timing import median_time  # noqa: E402  (bench/timing.py)
+from train_step import interleaved_times, paired_ratio  # noqa: E402
 
 import bigs_jax  # noqa: E402
 from bigs_jax.evals.scrolls import greedy_decode  # noqa: E402
@@ -71,7 +76,9 @@ def hf_runner(model, prompts: np.ndarray, new: int):
 
 
 def rows_for(model, B: int, P: int, new: int, repeats: int, hf: bool,
-             recompute_repeats: int):
+             recompute_repeats: int) -> dict[str, tuple[float, int, float]]:
+    """{decoder: (median s, timed runs, paired time / cached)}: ours cached and HF's in turns
+    (a, b, a, b, ...; each ratio the median of the pairs'), the recompute baseline after."""
     prompts = np.random.default_rng(B).integers(1, model.config.vocab_size, (B, P))
     prompts = prompts.astype(np.int32)
 
@@ -83,14 +90,17 @@ def rows_for(model, B: int, P: int, new: int, repeats: int, hf: bool,
         greedy_decode(model, prompts.tolist(), max_new_tokens=n, eos_id=-1, seq_len=P + new,
                       batch_size=B)
 
-    # Every recompute step runs the one compiled (B, P + new) forward: one token warms it up.
-    out = {"ours, cached (KV cache)": (median_time(cached, repeats), repeats),
-           "ours, prefix recompute": (median_time(recompute, recompute_repeats,
-                                                  warmup=lambda: recompute(1)),
-                                      recompute_repeats)}
+    runs = [cached] + ([hf_runner(model, prompts, new)] if hf else [])
+    times = interleaved_times(runs, repeats)
+    ours = statistics.median(times[0])
+    out = {"ours, cached (KV cache)": (ours, repeats, 1.0)}
     if hf:
-        out["HF transformers, PyTorch"] = (median_time(hf_runner(model, prompts, new), repeats),
-                                           repeats)
+        out["HF transformers, PyTorch"] = (statistics.median(times[1]), repeats,
+                                           paired_ratio(times[1], times[0]))
+    if recompute_repeats:
+        # Every recompute step runs the one compiled (B, P + new) forward: one token warms it.
+        t = median_time(recompute, recompute_repeats, warmup=lambda: recompute(1))
+        out["ours, prefix recompute"] = (t, recompute_repeats, t / ours)
     return out
 
 
@@ -147,6 +157,8 @@ def main():
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--recompute-repeats", type=int, default=0,
                    help="timed runs of the (slow) recompute baseline; 0: --repeats")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="leave the recompute baseline out (minutes per row on a CPU)")
     p.add_argument("--per-token", default="", help="contexts, e.g. 128,512,2048,8192")
     p.add_argument("--ssm-model", default="bigs-lm-mini")
     p.add_argument("--steps", type=int, default=32)
@@ -164,11 +176,10 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for B in (int(b) for b in a.batches.split(",")):
         times = rows_for(model, B, a.prompt, a.new, a.repeats, hf,
-                         a.recompute_repeats or a.repeats)
-        ours = times["ours, cached (KV cache)"][0]
-        for name, (t, n) in times.items():
+                         0 if a.no_recompute else a.recompute_repeats or a.repeats)
+        for name, (t, n, ratio) in times.items():
             print(f"| {name} | {B} | {a.prompt} | {a.new} | {n} | {t:.3f} | "
-                  f"{B * a.new / t:,.0f} | {t / ours:.2f}x |", flush=True)
+                  f"{B * a.new / t:,.0f} | {ratio:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
