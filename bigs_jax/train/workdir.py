@@ -72,7 +72,7 @@ def eval_output(out: str) -> Iterator[str]:
     out = check_workdir(out, "eval")
     existed = fs.exists(out)
     marker = fs.join(out, checkpointing.MARKER_JSON)
-    marked = existed and fs.exists(marker)
+    marked = fs.exists(marker)
     fs.makedirs(out)
     if fs.is_primary():
         checkpointing.write_marker(out, "eval")
