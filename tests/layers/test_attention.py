@@ -223,8 +223,10 @@ def test_layer_output_does_not_depend_on_the_blocking(monkeypatch):
 def test_block_sizes():
     assert flash.block_sizes(1, 12, 64, 64) == (64, 64)           # one tile
     assert flash.block_sizes(1, 12, 512, 512) == (256, 512)       # 2**21 scores at most
-    assert flash.block_sizes(1, 12, 4096, 4096) == (320, 512)     # 13 blocks of <= 341: 4160
-    assert flash.block_sizes(1, 12, 1000, 1000) == (336, 504)     # multiples of 8
+    assert flash.block_sizes(1, 12, 4096, 4096) == (256, 512)     # 341 fit; a power of two
+    assert flash.block_sizes(1, 12, 2048, 2048) == (256, 512)
+    assert flash.block_sizes(1, 12, 1000, 1000) == (256, 504)     # 4 x 250 -> multiples of 8
+    assert flash.block_sizes(1, 12, 1200, 1200) == (240, 400)     # equal blocks under 256
     assert flash.block_sizes(1, 12, 1, 4096) == (1, 512)          # one decoding query
     assert flash.block_sizes(64, 64, 4096, 4096) == (1, 512)      # at least one query
 
