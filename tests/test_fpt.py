@@ -724,6 +724,32 @@ def test_bit_xor_reaches_100_percent_with_frozen_pretrained_minilm(minilm_workdi
     assert s["test"]["accuracy"] == 1.0 and s["test"]["exact"] == 1.0, s
 
 
+def test_protocol_reuses_a_finished_run_only_with_its_own_settings(tmp_path):
+    """A finished run (its result.json) is read back, also after the output directory moved;
+    one trained with other settings (here another step count) is refused in one line rather
+    than standing in the table for a run that never happened."""
+    import shutil
+
+    from bigs_jax.errors import ConfigError
+    from bigs_jax.evals import fpt as protocol
+
+    c = _loop_config("digits", "INIT")
+    c.protocol.size = "cpu"
+    run_dir = tmp_path / "old" / "digits" / "pretrained" / "lr0.001" / "seed0"
+    rc = protocol.run_config(c, "digits", "pretrained", 1e-3, 0, str(run_dir))
+    result = {"task": "digits", "test": {"accuracy": 0.8}}
+    run_dir.mkdir(parents=True)
+    checkpointing.write_json_atomic(str(run_dir / checkpointing.CONFIG_JSON), rc.to_dict())
+    checkpointing.write_json_atomic(str(run_dir / protocol.RESULT_JSON), result)
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    assert protocol.run_one(c, "digits", "pretrained", 1e-3, 0, str(tmp_path / "new")) == result
+    c.protocol.steps = 10
+    with pytest.raises(ConfigError, match=r"^\S+seed0 holds a run with other settings \(differs "
+                       r"in \[.*'train\.steps'\]\); use a new --workdir or delete that "
+                       r"directory$"):
+        protocol.run_one(c, "digits", "pretrained", 1e-3, 0, str(tmp_path / "new"))
+
+
 def test_protocol_picks_the_lr_on_validation_and_reports_test_there():
     """bigs_jax.evals.fpt: the lr of the best validation accuracy over the seeds every lr ran
     with; the test score is the chosen lr's, mean ± std over its seeds."""

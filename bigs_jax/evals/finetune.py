@@ -16,9 +16,7 @@ batch, train and dev alike, so the global arrays the loop assembles are the glob
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax

@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 
 from bigs_jax import fpt, fs
 from bigs_jax.data.fpt_tasks import apply_task_settings
+from bigs_jax.evals.runner import check_run_dir
 from bigs_jax.fpt import freeze_patterns
 from bigs_jax.train import checkpointing, loop
 from bigs_jax.train.metrics import read_scores
@@ -78,12 +79,14 @@ def run_config(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
 
 def run_one(c: ConfigDict, task: str, mode: str, lr: float, seed: int,
             out: str) -> Optional[dict]:
-    """Train and score one run; None if it was preempted."""
+    """Train and score one run (a finished one of the same settings is read back); None if it
+    was preempted."""
     run_dir = fs.join(out, task, mode, f"lr{lr:g}", f"seed{seed}")
     path = fs.join(run_dir, RESULT_JSON)
+    rc = run_config(c, task, mode, lr, seed, run_dir)
+    check_run_dir(run_dir, rc)
     if fs.exists(path):
         return fs.read_json(path)
-    rc = run_config(c, task, mode, lr, seed, run_dir)
     summary = loop.train_and_evaluate(rc, run_dir)
     if summary.get("preempted"):
         return None

@@ -10,7 +10,6 @@ OUT/tb (TensorBoard) hold the summary: mean ± std over seeds, and the benchmark
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Optional
@@ -28,7 +27,7 @@ from bigs_jax.models import build
 from bigs_jax.train import checkpointing, loop
 from bigs_jax.train import config as schema
 from bigs_jax.train import metrics as tb
-from bigs_jax.train.workdir import eval_output
+from bigs_jax.train.workdir import config_changes, eval_output
 
 RESULT_JSON = "result.json"
 MNLI_STARTED = ("mrpc", "stsb", "rte")
@@ -109,21 +108,17 @@ def _vocab_of(init: str) -> str:
     return vocab_lib.workdir_vocabulary_file(checkpointing.resolve(init)[0]) or ""
 
 
-def _normalized(d: dict) -> dict:
-    return json.loads(json.dumps(d, sort_keys=True))
+# What a run's config says about where it is rather than what it is: its scores go into its
+# own directory, which may have moved along with the output directory around it.
+_LOCATION = {"data.scores_dir"}
 
 
 def check_run_dir(run_dir: str, rc: ConfigDict) -> None:
-    """Refuse a run directory that holds a run with other settings."""
-    path = fs.join(run_dir, checkpointing.CONFIG_JSON)
-    if not fs.exists(path):
-        return
-    old = fs.read_json(path)
-    new = _normalized(rc.to_dict())
-    if old != new:
-        diff = sorted(f"{s}.{k}" for s in new if isinstance(new[s], dict)
-                      for k in new[s] if old.get(s, {}).get(k) != new[s][k])
-        diff += sorted(k for k in new if not isinstance(new[k], dict) and old.get(k) != new[k])
+    """Refuse a run directory that holds a run with other settings (resuming it, or reusing
+    its result, would mix two configurations under one row). Keys its config.json lacks
+    (added to the schema since) are not differences."""
+    diff = sorted(k for k in config_changes(run_dir, rc) if k not in _LOCATION)
+    if diff:
         raise ConfigError(f"{run_dir} holds a run with other settings (differs in {diff}); "
                           "use a new --workdir or delete that directory")
 

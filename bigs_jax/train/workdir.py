@@ -173,15 +173,15 @@ def _check_ours(workdir: str, kind: str) -> None:
 
 
 # Run-config keys a resume may change without a word in the way: how long to train, how often
-# to log, evaluate and save, what to evaluate on, the mesh (a checkpoint restores onto any mesh)
-# and the model section (prepare_workdir compares the frozen model configs itself). The rest
+# to log, evaluate and save, what to evaluate on and where its scores go, the mesh (a checkpoint
+# restores onto any mesh) and the model section (prepare_workdir compares the frozen model configs itself). The rest
 # (optim, data, objective, seeds, growth) shaped the checkpoints already written.
 _RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
               "train.keep_checkpoints", "train.dry_run", "train.peak_flops_per_device",
               "train.profile_start_step", "train.profile_num_steps", "train.log_grad_norm",
               "train.eval_at_start", "train.allow_config_change", "train.grad_accum_steps",
               "train.compilation_cache_dir",
-              "data.eval_batches", "data.eval_batch_size"}
+              "data.eval_batches", "data.eval_batch_size", "data.scores_dir"}
 _RESUMABLE_SECTIONS = {"mesh", "model"}
 HISTORY_JSON = "config_history.json"
 
