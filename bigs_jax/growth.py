@@ -322,7 +322,7 @@ def index_maps(config, params, **grow_kwargs) -> tuple[Any, dict, list]:
     """
     flat = _flat_np(params)
     order = sorted(flat)
-    offsets, total, tagged = {}, 0, {}
+    total, tagged = 0, {}
     for path in order:
         size = int(np.prod(np.shape(flat[path])))
         tagged[path] = (np.arange(size, dtype=np.int64) + total + 1).reshape(np.shape(flat[path]))

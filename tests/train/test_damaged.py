@@ -94,7 +94,7 @@ def test_train_resumes_from_the_newest_intact_step_and_keeps_the_damaged_one(
     summary = loop.train_and_evaluate(smoke(6), workdir)
     out = capsys.readouterr().out
     kept = os.path.join(workdir, checkpointing.DAMAGED, "4")
-    assert (f"warning: checkpoint step 4 is damaged (its files cannot be read (" in out
+    assert ("warning: checkpoint step 4 is damaged (its files cannot be read (" in out
             and f"moved to {kept} (kept, not deleted); resuming from step 2" in out), out
     assert hashes(kept) == damaged                      # set aside byte for byte
     assert summary["checkpoints"] == [2, 4, 6]          # step 4 retrained and saved anew

@@ -6,7 +6,6 @@ checkpoint left, a rerun ends with one `error:` line and changes nothing."""
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
