@@ -108,16 +108,11 @@ def _vocab_of(init: str) -> str:
     return vocab_lib.workdir_vocabulary_file(checkpointing.resolve(init)[0]) or ""
 
 
-# What a run's config says about where it is rather than what it is: its scores go into its
-# own directory, which may have moved along with the output directory around it.
-_LOCATION = {"data.scores_dir"}
-
-
 def check_run_dir(run_dir: str, rc: ConfigDict) -> None:
     """Refuse a run directory that holds a run with other settings (resuming it, or reusing
     its result, would mix two configurations under one row). Keys its config.json lacks
-    (added to the schema since) are not differences."""
-    diff = sorted(k for k in config_changes(run_dir, rc) if k not in _LOCATION)
+    (added to the schema since) and where its scores go are not differences."""
+    diff = sorted(config_changes(run_dir, rc))
     if diff:
         raise ConfigError(f"{run_dir} holds a run with other settings (differs in {diff}); "
                           "use a new --workdir or delete that directory")

@@ -173,15 +173,15 @@ def _check_ours(workdir: str, kind: str) -> None:
 
 
 # Run-config keys a resume may change without a word in the way: how long to train, how often
-# to log, evaluate and save, what to evaluate on and where its scores go, the mesh (a checkpoint
-# restores onto any mesh) and the model section (prepare_workdir compares the frozen model configs itself). The rest
+# to log, evaluate and save, what to evaluate on, the mesh (a checkpoint restores onto any mesh)
+# and the model section (prepare_workdir compares the frozen model configs itself). The rest
 # (optim, data, objective, seeds, growth) shaped the checkpoints already written.
 _RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
               "train.keep_checkpoints", "train.dry_run", "train.peak_flops_per_device",
               "train.profile_start_step", "train.profile_num_steps", "train.log_grad_norm",
               "train.eval_at_start", "train.allow_config_change", "train.grad_accum_steps",
               "train.compilation_cache_dir",
-              "data.eval_batches", "data.eval_batch_size", "data.scores_dir"}
+              "data.eval_batches", "data.eval_batch_size"}
 _RESUMABLE_SECTIONS = {"mesh", "model"}
 HISTORY_JSON = "config_history.json"
 
@@ -196,9 +196,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# What a run's config says about where the run is rather than what it is: its scores go into
+# its own directory, which may have moved along with the output directory around it.
+_LOCATION = {"data.scores_dir"}
+
+
 def config_changes(workdir: str, config: ConfigDict) -> dict:
     """{dotted key: [stored, new]} of the values that differ from the workdir's config.json
-    (keys it lacks, added to the schema after it was written, are not changes)."""
+    (keys it lacks, added to the schema after it was written, are not changes; nor is where
+    the run's own scores go)."""
     path = fs.join(workdir, checkpointing.CONFIG_JSON)
     stored = _read_json(path)
     if stored is None:
@@ -208,7 +214,8 @@ def config_changes(workdir: str, config: ConfigDict) -> dict:
                               "remove it to record this run's config there")
         return {}
     old, new = _flat(stored), _flat(json.loads(json.dumps(config.to_dict())))
-    return {k: [old[k], new.get(k)] for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+    return {k: [old[k], new.get(k)] for k in sorted((old.keys() & new.keys()) - _LOCATION)
+            if old[k] != new[k]}
 
 
 def check_resume_config(workdir: str, config: ConfigDict) -> dict:
