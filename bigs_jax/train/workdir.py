@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from typing import Iterator, Optional
 
@@ -39,7 +40,7 @@ _EVAL_DEPTH = 4
 def check_workdir(workdir: str, kind: str = "run") -> str:
     """The workdir path (local: absolute; a gs://... URI: as given) after checking it can be
     written and is absent, empty or ours (of `kind`: "run" for the train loop, "eval" for
-    eval.py's output), creating nothing."""
+    eval.py's output), leaving nothing behind."""
     try:
         workdir = fs.resolve(workdir)
     except ValueError as e:
@@ -61,6 +62,12 @@ def check_workdir(workdir: str, kind: str = "run") -> str:
                           "pass a writable --workdir")
     if probe == workdir:
         _check_ours(workdir, kind)
+    else:  # permission bits do not tell all (/proc, a full or read-only mount): try it
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".bigs_jax_probe_", dir=probe))
+        except OSError as e:
+            raise ConfigError(f"workdir {workdir} cannot be created under {probe} "
+                              f"({e.strerror}); pass a writable --workdir") from None
     return workdir
 
 

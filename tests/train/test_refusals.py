@@ -134,6 +134,19 @@ def test_our_workdirs_old_and_new_are_recognised(smoke_run, tmp_path):
     assert check_workdir(str(tmp_path / "empty")) == str(tmp_path / "empty")
 
 
+def test_a_workdir_that_cannot_be_created_is_refused_before_any_work(tmp_path):
+    """/proc passes a permission check for root but creates nothing: the workdir check must
+    find that out itself (before, train.py built the model and failed ~20 s later with a bare
+    "[Errno 2]"), and leave nothing behind where the probe succeeds."""
+    with pytest.raises(loop.ConfigError, match=(
+            r"^workdir /proc/bigs_jax_test/run (cannot be created under /proc \(No such file "
+            r"or directory\)|is not writable \(/proc denies writes\)); pass a writable "
+            r"--workdir$")):
+        check_workdir("/proc/bigs_jax_test/run")
+    assert check_workdir(str(tmp_path / "new" / "run")) == str(tmp_path / "new" / "run")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("text", ["{not json", "", "[1, 2]"])
 def test_a_damaged_marker_is_refused_not_trusted(smoke_run, tmp_path, text):
     """A bigs_jax.json that is not a JSON object: one line, nothing changed (the run files
