@@ -7,6 +7,7 @@ find it without flags; a SentencePiece `.model` passed where a vocabulary is exp
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from bigs_jax.data import tasks, vocab, wordpiece
-from bigs_jax.evals import finetune, glue, metrics
+from bigs_jax.evals import finetune, glue, metrics, runner
+from configs import glue as glue_config
 from tests.runs import ROOT
 
 FAMILIES = {  # a tiny model of each encoder family, 2 steps on the embedded corpus
@@ -36,13 +38,18 @@ def pretrain_then_glue(tmp_path, glue_dir, family):
                  "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
                  f"--workdir={pretrained}")
     assert result.returncode == 0, result.stderr[-3000:]
-    recorded = pretrained / "tokenizer" / "spm.model"
-    assert recorded.read_bytes() == vocab.EMBEDDED_MODEL_PATH.read_bytes()
-
     result = run("eval.py", "--config=configs/glue.py:smoke", f"--config.init={pretrained}",
                  f"--config.data_dir={glue_dir}", "--config.tasks=sst2",
                  "--config.max_steps=2", f"--workdir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
+    check_sst2_run(pretrained, glue_dir, out)
+
+
+def check_sst2_run(pretrained, glue_dir, out):
+    """The SST-2 fine-tune in `out` of the workdir `pretrained`: its table holds the accuracy
+    of its own saved predictions, and it read and recorded the workdir's vocabulary."""
+    recorded = pretrained / "tokenizer" / "spm.model"
+    assert recorded.read_bytes() == vocab.EMBEDDED_MODEL_PATH.read_bytes()
     run_dir = out / "sst2" / "seed0"
     done = json.loads((run_dir / "result.json").read_text())
     scores = json.loads((run_dir / "dev" / f"step_{done['step']}.json").read_text())
@@ -53,16 +60,21 @@ def pretrain_then_glue(tmp_path, glue_dir, family):
     saved = json.loads((out / "results.json").read_text())
     assert saved["tasks"]["sst2"]["columns"]["sst2"]["accuracy"]["values"] == [
         pytest.approx(accuracy)]
-    # The fine-tuning run read, and recorded, the pretrained model's vocabulary.
     assert (run_dir / "tokenizer" / "spm.model").read_bytes() == recorded.read_bytes()
 
 
-def test_bigs_pretrain_then_glue(tmp_path, glue_files):
-    pretrain_then_glue(tmp_path, glue_files[0], "bigs")
+def test_pretrained_workdir_fine_tunes_on_glue(smoke_run, tmp_path, glue_files):
+    """The seam in one process: the shared smoke pretraining run, fine-tuned by eval.py's runner
+    (the command-line pairs for every encoder family are the slow test below)."""
+    config = glue_config.get_config("smoke")
+    config.init, config.data_dir = smoke_run[0], glue_files[0]
+    config.tasks, config.max_steps = "sst2", 2
+    runner.evaluate(config, str(tmp_path / "glue"))
+    check_sst2_run(pathlib.Path(smoke_run[0]), glue_files[0], tmp_path / "glue")
 
 
-@pytest.mark.slow  # two more train.py + eval.py pairs (~25 s each on 2 cores)
-@pytest.mark.parametrize("family", ["bert", "m2"])
+@pytest.mark.slow  # a train.py + eval.py pair per family (~25-40 s each on 2 cores)
+@pytest.mark.parametrize("family", ["bigs", "bert", "m2"])
 def test_encoder_pretrain_then_glue(tmp_path, glue_files, family):
     pretrain_then_glue(tmp_path, glue_files[0], family)
 

@@ -108,6 +108,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow  # a train.py process (~21 s); the in-process failed writes above stay default
 def test_train_py_on_a_full_disk_ends_in_one_line(tmp_path):
     """The optimizer state (~2 MB) cannot be written: Orbax's background threads and the
     futures they leave report nothing of their own; the run ends in the one error line."""

@@ -66,6 +66,7 @@ def test_growth_schedule_in_a_train_run(grown5):
     assert bigs_jax.load(workdir).config == grown  # the grown workdir loads like any other
 
 
+@pytest.mark.slow  # a second grown run (~23 s); test_damaged.py covers damaged steps in one stage
 def test_damaged_grown_steps_resume_in_the_stage_before_growth(grown5, tmp_path, capsys):
     """Every step saved after growth (3, 4, 5) damaged: the run resumes from step 2 in the base
     model's stage (not restoring step 2 onto the grown model and calling it damaged too), sets

@@ -12,7 +12,7 @@ from bigs_jax.train import checkpointing, loop
 from tests.runs import ROOT, params_of, smoke, snapshot
 
 
-def test_train_writes_workdir_and_resumes_exactly(tmp_path):
+def test_train_writes_workdir_profiles_and_resumes_exactly(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     summary = loop.train_and_evaluate(smoke(6), straight)
     assert summary["steps"] == 6 and summary["checkpoints"] == [2, 4, 6]
@@ -22,7 +22,13 @@ def test_train_writes_workdir_and_resumes_exactly(tmp_path):
     assert checkpointing.read_model_config(straight).vocab_size == 8192
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{straight}/tb"))
 
-    loop.train_and_evaluate(smoke(4), split)            # "interrupted" after step 4
+    interrupted = smoke(4)                               # "interrupted" after step 4,
+    interrupted.train.profile_start_step = 2             # with steps 2-3 traced, which must
+    interrupted.train.profile_num_steps = 2              # change nothing of the training
+    loop.train_and_evaluate(interrupted, split)
+    traces = [f for _, _, files in os.walk(os.path.join(split, "profile")) for f in files
+              if f.endswith(".xplane.pb")]
+    assert len(traces) == 1
     resumed = loop.train_and_evaluate(smoke(6), split)  # the same run, continued
     assert 0 not in resumed["eval_loss"]                # no re-init, no step-0 eval
     assert resumed["steps"] == 6 and resumed["checkpoints"] == [2, 4, 6]

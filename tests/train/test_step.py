@@ -119,13 +119,3 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     from bigs_jax.train.checkpointing import Checkpointer
 
     assert Checkpointer(str(workdir)).all_steps() == [stopped] and stopped > 1
-
-
-def test_profiler_trace_written_for_requested_steps(tmp_path):
-    config = smoke(4)
-    config.train.profile_start_step = 2
-    config.train.profile_num_steps = 2
-    loop.train_and_evaluate(config, str(tmp_path / "run"))
-    traces = [f for _, _, files in os.walk(tmp_path / "run" / "profile") for f in files
-              if f.endswith(".xplane.pb")]
-    assert len(traces) == 1
