@@ -106,6 +106,9 @@ def get_config(arg=None):
         "size": size,                        # TASK_SETTINGS of every task
         "sweep": "all",                      # all: every lr × seed; first_seed: see evals/fpt
         "steps": config_dict.placeholder(int),    # None: each task's default
+        # the task and size whose TASK_SETTINGS this config holds: a flag that changes one
+        # of them is refused by the protocol, which sets them per task (bigs_jax/evals/fpt.py)
+        "settings_of": f"{task},{size}",
     })
     c.benchmark = "fpt"
     if args.get("smoke"):

@@ -773,3 +773,92 @@ def test_protocol_picks_the_lr_on_validation_and_reports_test_there():
     assert protocol.summarize("digits", "random", runs)["lr"] == 1e-4
     table = protocol.markdown([row])
     assert "| digits | frozen random | 40.0 ± 20.0 | 30.0 ± 26.5 | 0.001 | 0,1,2 |" in table
+
+
+def _protocol_config(task: str, built_size: str = "cpu", **protocol):
+    from configs import fpt as fpt_configs
+
+    c = fpt_configs.get_config(f"task={task},backbone=gpt2-tiny,size={built_size}")
+    c.protocol.update(modes="random", **protocol)
+    return c
+
+
+def test_eval_protocol_tables_its_own_runs_and_reads_them_back(tmp_path):
+    """eval.py's FPT protocol end to end (frozen random gpt2-tiny, Bit XOR, 2 lrs × 2 seeds of
+    4 steps): results.json and results.md hold the lr of the best mean validation accuracy
+    and the test mean ± std of the runs' own result.json files there; a rerun trains nothing."""
+    import json
+
+    from bigs_jax.evals import fpt as protocol
+
+    c = _protocol_config("bit-xor", tasks="bit-xor", lrs="1e-3,1e-2", seeds="0,1", steps=4)
+    out = tmp_path / "out"
+    summary = protocol.evaluate(c, str(out))
+    runs = {lr: [json.loads((out / "bit-xor" / "random" / f"lr{lr:g}" / f"seed{k}" /
+                             protocol.RESULT_JSON).read_text()) for k in (0, 1)]
+            for lr in (1e-3, 1e-2)}
+    val = {lr: np.mean([r["validation"]["accuracy"] for r in rs]) for lr, rs in runs.items()}
+    [row] = summary["rows"]
+    assert row["sweep"] == {f"{lr:g}": pytest.approx(v) for lr, v in val.items()}
+    assert val[row["lr"]] == max(val.values())
+    chosen = [r["test"]["accuracy"] for r in runs[row["lr"]]]
+    assert row["test"]["accuracy"] == {"mean": pytest.approx(np.mean(chosen)),
+                                       "std": pytest.approx(np.std(chosen, ddof=1)),
+                                       "values": chosen}
+    assert all(r["step"] == 4 for rs in runs.values() for r in rs)
+    assert (row["trainable"], row["params"], row["seeds"]) == (1538, 3317442, [0, 1])
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(summary))
+    assert (out / "results.md").read_text() == protocol.markdown([row])
+    results = sorted(out.glob("bit-xor/random/*/*/" + protocol.RESULT_JSON))
+    written = [p.stat().st_mtime_ns for p in results]
+    assert protocol.evaluate(c, str(out))["rows"] == summary["rows"]
+    assert [p.stat().st_mtime_ns for p in results] == written
+
+
+def test_eval_protocol_refuses_flags_it_would_ignore_before_writing(tmp_path):
+    """Every run takes its data sizes and steps from TASK_SETTINGS[protocol.size]: a flag that
+    changed one of them (here the README's 250-bit run's) would be dropped silently, so it is
+    refused; so are a task without settings and impossible data values. Nothing is written."""
+    from bigs_jax.errors import ConfigError
+    from bigs_jax.evals import fpt as protocol
+
+    out = tmp_path / "out"
+    c = _protocol_config("bit-memory", tasks="bit-memory")
+    c.data.n_bits = 250
+    with pytest.raises(ConfigError, match=(
+            r"^the protocol takes each task's data sizes and steps from fpt_tasks\."
+            r"TASK_SETTINGS\['cpu'\] and would ignore config\.data\.n_bits=250; drop those "
+            r"flags \(--config\.protocol\.steps sets the steps")):
+        protocol.evaluate(c, str(out))
+    c = _protocol_config("bit-memory", tasks="bit-xor,sudoku")
+    with pytest.raises(ConfigError, match=r"^config\.protocol\.tasks: task 'sudoku' has no "
+                       r"'cpu' settings; choose one of \['bit-memory', 'bit-xor', 'digits'"):
+        protocol.evaluate(c, str(out))
+    c = _protocol_config("bit-memory", tasks="bit-xor,digits")
+    c.data.val_fraction = 1.0
+    with pytest.raises(ConfigError, match=r"^impossible digits data values: config\.data\."
+                       r"val_fraction=1\.0 \(the share of train carved out"):
+        protocol.evaluate(c, str(out))
+    assert not out.exists()
+    # A config of the paper's sizes run at the CPU sizes changed no setting by flag.
+    protocol.check_settings(_protocol_config("listops", "paper", size="cpu"), ["listops"],
+                            "random", 1e-3, 0)
+
+
+@pytest.mark.parametrize("task,values,message", [
+    ("bit-memory", {"n_bits": 0}, "config.data.n_bits=0 (must be an integer >= 1)"),
+    ("bit-memory", {"n_bits": 120}, "config.data.n_bits=120 is not a multiple of "
+                                    "config.data.patch_size=50"),
+    ("bit-xor", {"patch_size": 0, "eval_examples": -1},
+     "config.data.patch_size=0 (must be an integer >= 1); config.data.eval_examples=-1"),
+    ("listops", {"listops_min_length": 50, "listops_max_length": 40},
+     "config.data.listops_min_length=50 exceeds config.data.listops_max_length=40"),
+])
+def test_impossible_task_data_is_one_config_error(task, values, message):
+    """Before: a ZeroDivisionError traceback (n_bits or patch_size 0) or a bare ValueError."""
+    from bigs_jax.errors import ConfigError
+
+    c = _loop_config(task)
+    c.data.update(values)
+    with pytest.raises(ConfigError, match=f"^impossible {task} data values: {re.escape(message)}"):
+        fpt_tasks.FPTSource(c)

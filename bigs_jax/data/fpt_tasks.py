@@ -48,6 +48,7 @@ from scipy import ndimage
 
 from bigs_jax.data import images, listops, registry, tape
 from bigs_jax.data.images import train_indices
+from bigs_jax.errors import ConfigError
 from bigs_jax.train.metrics import write_scores
 
 TASKS = ("bit-memory", "bit-xor", "listops", "mnist", "cifar10", "cifar10-gray", "digits",
@@ -262,7 +263,7 @@ def listops_splits(d: ConfigDict) -> tuple[dict[str, Split], int]:
         elif d.listops_source == "lra":
             src, y = listops.read_tsv(d.data_dir, {"validation": "val"}.get(split, split))
         else:
-            raise ValueError(f"unknown config.data.listops_source {d.listops_source!r}; "
+            raise ConfigError(f"unknown config.data.listops_source {d.listops_source!r}; "
                              "choose generate or lra")
         ids, c = listops.encode(src, d.seq_len)
         out[split], cut = Split(ids, y), cut + c
@@ -283,7 +284,7 @@ def homology_splits(data_dir: str, seq_len: int,
     evaluation alike: 97.39% of TAPE's train split is kept, and the paper multiplies its
     accuracies by that fraction), or cut at seq_len with "truncate"."""
     if long_sequences not in LONG_SEQUENCES:
-        raise ValueError(f"unknown config.data.long_sequences {long_sequences!r}; choose one "
+        raise ConfigError(f"unknown config.data.long_sequences {long_sequences!r}; choose one "
                          f"of {LONG_SEQUENCES}")
     folder, fmt = tape.locate(data_dir)
     splits, skipped = {}, {}
@@ -292,13 +293,48 @@ def homology_splits(data_dir: str, seq_len: int,
         if long_sequences == "skip":
             kept = [r for r in records if tape.length(r) <= seq_len]
             if not kept:
-                raise ValueError(
+                raise ConfigError(
                     f"every example of remote_homology_{name} is longer than "
                     f"config.data.seq_len {seq_len} tokens (<cls> and <sep> included); raise "
                     "seq_len or set config.data.long_sequences=truncate")
             skipped[split], records = len(records) - len(kept), kept
         splits[split] = Split(*tape.encode(records, seq_len))
     return splits, skipped
+
+
+# The smallest value each task's data keys can take (the keys every source shares, batch
+# sizes and steps, `train.config.check_values` covers).
+_LOWEST = {
+    "bit-memory": {"n_bits": 1, "patch_size": 1, "num_patterns": 1, "eval_examples": 1},
+    "bit-xor": {"n_bits": 1, "patch_size": 1, "eval_examples": 1},
+    "listops": {"seq_len": 1, "listops_train": 1, "listops_eval": 1, "listops_min_length": 1},
+    "remote-homology": {"seq_len": 3},  # <cls>, one residue, <sep>
+}
+
+
+def check_data(d: ConfigDict) -> None:
+    """Raise ConfigError naming every `config.data` value of the task that no run can use,
+    before anything is generated or read."""
+    if d.task not in TASKS:
+        raise ConfigError(f"unknown config.data.task {d.task!r}; choose one of {TASKS}")
+    problems = []
+    for key, low in _LOWEST.get(d.task, {}).items():
+        value = d.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"config.data.{key}={value} (must be an integer >= {low})")
+    if d.task in ("bit-memory", "bit-xor") and not problems and d.n_bits % d.patch_size:
+        problems.append(f"config.data.n_bits={d.n_bits} is not a multiple of "
+                        f"config.data.patch_size={d.patch_size}")
+    if d.task == "listops" and not problems:
+        if d.listops_min_length > d.listops_max_length:
+            problems.append(f"config.data.listops_min_length={d.listops_min_length} exceeds "
+                            f"config.data.listops_max_length={d.listops_max_length}")
+    if d.task in IMAGE_TASKS and not 0 < d.val_fraction < 1:
+        problems.append(f"config.data.val_fraction={d.val_fraction} (the share of train "
+                        "carved out for validation; must be in (0, 1))")
+    if problems:
+        raise ConfigError(f"impossible {d.task} data values: {'; '.join(problems)}; pass "
+                          "values in range with --config.data.<key>=...")
 
 
 # ---------------------------------------------------------------------------- the source
@@ -309,15 +345,11 @@ class FPTSource:
 
     def __init__(self, config: ConfigDict):
         d = self.d = config.data
-        if d.task not in TASKS:
-            raise ValueError(f"unknown config.data.task {d.task!r}; choose one of {TASKS}")
+        check_data(d)
         self.task, self.splits, self.augment = d.task, {}, False
         self.skipped: dict[str, int] = {}   # examples left out per split (long_sequences)
         self.generated = d.task in ("bit-memory", "bit-xor")
         if self.generated:
-            if d.n_bits % d.patch_size:
-                raise ValueError(f"config.data.n_bits {d.n_bits} is not a multiple of "
-                                 f"config.data.patch_size {d.patch_size}")
             self.splits = {s: Split(*self._draw(np.random.default_rng([d.generator_seed, k]),
                                                 d.eval_examples))
                            for k, s in ((1, "validation"), (2, "test"))}

@@ -27,12 +27,12 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from bigs_jax import fpt, fs
-from bigs_jax.data.fpt_tasks import apply_task_settings
+from bigs_jax.data.fpt_tasks import apply_task_settings, check_data
 from bigs_jax.evals.runner import check_run_dir
 from bigs_jax.fpt import freeze_patterns
 from bigs_jax.train import checkpointing, loop
 from bigs_jax.train.metrics import read_scores
-from bigs_jax.train.workdir import eval_output
+from bigs_jax.train.workdir import config_diff, eval_output
 from bigs_jax.errors import ConfigError
 
 MODES = ("pretrained", "random", "full")
@@ -152,6 +152,32 @@ def markdown(rows: list[dict]) -> str:
         "evaluation); accuracy per bit for bit tasks.\n")
 
 
+def check_settings(c: ConfigDict, tasks: list[str], mode: str, lr: float, seed: int) -> None:
+    """Refuse, before any run, a task without settings of `c.protocol.size`, impossible data
+    values, and flags that changed a task setting of `c` (data sizes, batch size, steps): every
+    run takes those from `TASK_SETTINGS`, so such a flag would be ignored without a word."""
+    for task in tasks:
+        try:
+            check_data(run_config(c, task, mode, lr, seed, "").data)
+        except ConfigError:
+            raise
+        except ValueError as e:  # apply_task_settings: no settings of that task and size
+            raise ConfigError(f"config.protocol.tasks: {e}") from None
+    if not c.protocol.get("settings_of"):
+        return
+    task, size = c.protocol.settings_of.split(",")
+    expected = ConfigDict(c.to_dict())
+    apply_task_settings(expected, task, size)
+    changed = config_diff(expected.to_dict(), c.to_dict())
+    if changed:
+        shown = ", ".join(f"config.{k}={v[1]}" for k, v in changed.items())
+        raise ConfigError(
+            f"the protocol takes each task's data sizes and steps from fpt_tasks.TASK_SETTINGS"
+            f"[{c.protocol.size!r}] and would ignore {shown}; drop those flags "
+            "(--config.protocol.steps sets the steps, --config.protocol.size the sizes) or "
+            "train that one setting with train.py")
+
+
 def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     """Run the protocol of `c.protocol`; returns the summary (None if preempted)."""
     tasks = _list(c.protocol.tasks, "tasks")
@@ -168,6 +194,7 @@ def evaluate(c: ConfigDict, out: str) -> Optional[dict]:
     if c.protocol.sweep not in ("all", "first_seed"):
         raise ConfigError(f"unknown config.protocol.sweep {c.protocol.sweep!r}; choose all "
                           "or first_seed")
+    check_settings(c, tasks, modes[0], lrs[0], seeds[0])
     rows = []
     with eval_output(out) as out:
         for task in tasks:

@@ -220,9 +220,15 @@ def config_changes(workdir: str, config: ConfigDict) -> dict:
                               "be read as a JSON object; nothing was written; restore it, or "
                               "remove it to record this run's config there")
         return {}
-    old, new = _flat(stored), _flat(json.loads(json.dumps(config.to_dict())))
-    return {k: [old[k], new.get(k)] for k in sorted((old.keys() & new.keys()) - _LOCATION)
-            if old[k] != new[k]}
+    changes = config_diff(stored, json.loads(json.dumps(config.to_dict())))
+    return {k: v for k, v in changes.items() if k not in _LOCATION}
+
+
+def config_diff(old: dict, new: dict) -> dict:
+    """{dotted key: [old value, new value]} of the keys both nested dicts hold, where the
+    values differ."""
+    a, b = _flat(old), _flat(new)
+    return {k: [a[k], b[k]] for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
 
 
 def check_resume_config(workdir: str, config: ConfigDict) -> dict:
