@@ -797,33 +797,36 @@ def _protocol_config(task: str, built_size: str = "cpu", **protocol):
 
 
 def test_eval_protocol_tables_its_own_runs_and_reads_them_back(tmp_path):
-    """eval.py's FPT protocol end to end (frozen random gpt2-tiny, Bit XOR, 2 lrs × 2 seeds of
-    4 steps): results.json and results.md hold the lr of the best mean validation accuracy
-    and the test mean ± std of the runs' own result.json files there; a rerun trains nothing."""
+    """eval.py's FPT protocol end to end (frozen random gpt2-tiny, Bit XOR, runs of 4 steps,
+    lrs 1e-3 and 1e-2 on seed 0, then seed 1 at the lr seed 0 picked): results.json and
+    results.md hold that lr and the test mean ± std of the runs' own result.json files there;
+    a rerun trains nothing."""
     import json
 
     from bigs_jax.evals import fpt as protocol
 
-    c = _protocol_config("bit-xor", tasks="bit-xor", lrs="1e-3,1e-2", seeds="0,1", steps=4)
+    c = _protocol_config("bit-xor", tasks="bit-xor", lrs="1e-3,1e-2", seeds="0,1", steps=4,
+                         sweep="first_seed")
     out = tmp_path / "out"
     summary = protocol.evaluate(c, str(out))
-    runs = {lr: [json.loads((out / "bit-xor" / "random" / f"lr{lr:g}" / f"seed{k}" /
-                             protocol.RESULT_JSON).read_text()) for k in (0, 1)]
-            for lr in (1e-3, 1e-2)}
-    val = {lr: np.mean([r["validation"]["accuracy"] for r in rs]) for lr, rs in runs.items()}
+    run = lambda lr, k: out / "bit-xor" / "random" / f"lr{lr:g}" / f"seed{k}"
+    result = lambda lr, k: json.loads((run(lr, k) / protocol.RESULT_JSON).read_text())
+    val = {lr: result(lr, 0)["validation"]["accuracy"] for lr in (1e-3, 1e-2)}
     [row] = summary["rows"]
     assert row["sweep"] == {f"{lr:g}": pytest.approx(v) for lr, v in val.items()}
     assert val[row["lr"]] == max(val.values())
-    chosen = [r["test"]["accuracy"] for r in runs[row["lr"]]]
+    assert not run(1e-2 if row["lr"] == 1e-3 else 1e-3, 1).exists()
+    chosen = [result(row["lr"], k)["test"]["accuracy"] for k in (0, 1)]
     assert row["test"]["accuracy"] == {"mean": pytest.approx(np.mean(chosen)),
                                        "std": pytest.approx(np.std(chosen, ddof=1)),
                                        "values": chosen}
-    assert all(r["step"] == 4 for rs in runs.values() for r in rs)
+    assert result(row["lr"], 1)["step"] == 4
     assert (row["trainable"], row["params"], row["seeds"]) == (1538, 3317442, [0, 1])
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(summary))
     assert (out / "results.md").read_text() == protocol.markdown([row])
     results = sorted(out.glob("bit-xor/random/*/*/" + protocol.RESULT_JSON))
     written = [p.stat().st_mtime_ns for p in results]
+    assert len(results) == 3
     assert protocol.evaluate(c, str(out))["rows"] == summary["rows"]
     assert [p.stat().st_mtime_ns for p in results] == written
 
