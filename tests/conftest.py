@@ -10,7 +10,9 @@ run measures what a fresh clone pays): the training-loop tests start many runs o
 tiny models, and every `train_and_evaluate` jits new closures whose programs XLA would
 otherwise compile again (~35 s of a 40 s smoke run on 2 cores). Subprocesses (train.py,
 eval.py, the mesh runs) inherit both settings through the environment. Under pytest-xdist
-(`-n 2`, the README's command) each worker process keeps a cache of its own.
+(`-n 2`, the README's command) the workers inherit the directory of the controlling process,
+so a program one worker compiled the other reads (JAX writes each entry whole, and an entry it
+cannot read is compiled again); the process that made the directory removes it at the end.
 """
 
 import os
@@ -22,7 +24,10 @@ import tempfile
 # one-step values are the same at both levels); drop the flag to test the default pipeline.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
-_CACHE = tempfile.mkdtemp(prefix="bigs_jax_test_xla_cache_")
+_OWNS_CACHE = "BIGS_JAX_TEST_XLA_CACHE" not in os.environ  # False in an xdist worker
+if _OWNS_CACHE:
+    os.environ["BIGS_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="bigs_jax_test_xla_cache_")
+_CACHE = os.environ["BIGS_JAX_TEST_XLA_CACHE"]
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.update({
     "JAX_COMPILATION_CACHE_DIR": _CACHE,
@@ -58,7 +63,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if _OWNS_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -67,9 +67,9 @@ def _loss_and_grads(model):
 
 
 @pytest.mark.parametrize("family", [
-    "bigs", "bert", "gpt2", "bigs-lm", "m2-gpt", "vit", "m2-vit",
-    # the M2 layer code of m2-gpt, bidirectional: with the slow tests
-    pytest.param("m2-bert", marks=pytest.mark.slow)])
+    "bigs", "bert", "gpt2", "m2-gpt", "vit",
+    # the layer code of bigs and m2-gpt, causal or bidirectional: with the slow tests
+    *[pytest.param(f, marks=pytest.mark.slow) for f in ("bigs-lm", "m2-bert", "m2-vit")]])
 def test_scanned_equals_unrolled(family):
     unrolled, scanned = _model(family, False), _model(family, True)
     flat = lambda m: [(p, v[...]) for p, v in nnx.to_flat_state(nnx.state(m))]

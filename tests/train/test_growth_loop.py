@@ -52,6 +52,7 @@ def grown5(tmp_path_factory):
     return workdir, loop.train_and_evaluate(rewarm_run(), workdir)
 
 
+@pytest.mark.slow  # with the grown5 run (~30-40 s on 2 cores)
 def test_growth_schedule_in_a_train_run(grown5):
     workdir, summary = grown5
     before, after = summary["growth"][3]["eval_loss_before"], summary["growth"][3][
@@ -86,6 +87,7 @@ def test_damaged_grown_steps_resume_in_the_stage_before_growth(grown5, tmp_path,
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # with the grown5 run (~30-40 s on 2 cores)
 def test_rewarm_steps_ramp_the_logged_lr_after_growth(grown5):
     lr = _scalars(grown5[0], "train/lr")
     peak = rewarm_run().optim.lr
