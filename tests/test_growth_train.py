@@ -331,7 +331,7 @@ M2_VIT_GROWTH = [{"step": 5, "hidden_size": 128, "num_layers": 3, "intermediate_
                   "mlp_nblocks": 2}]
 
 
-@pytest.mark.slow  # ~40 s; the default suite grows a train run in test_growth_loop.py
+@pytest.mark.slow  # ~40 s, as the BiGS growth-schedule runs of test_growth_loop.py
 def test_m2_vit_growth_schedule_in_a_classification_run(tmp_path, digits_dir):
     """configs/m2_vit.py:smoke (M2-ViT on the sklearn digits) with a growth schedule at step 5
     (width 64 → 128, 2 → 3 layers, MLP 256 → 320 in 2 blocks): the eval loss right after
