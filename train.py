@@ -38,15 +38,16 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; pass options as --config.KEY=VALUE")
-    # Imported after flag parsing: TensorFlow and the data stack take seconds to load, and a
-    # mistyped flag should fail at once. The fine-tuning sources (`config.data.source` glue,
-    # scrolls) register when imported; the loop itself registers only those of bigs_jax.data.
+    config = _CONFIG.value
+    cli.check_config_loads(config, "train")
+    # Imported after the flags and the config file are checked: TensorFlow and the data stack
+    # take seconds to load, and a mistyped flag or config path should fail at once. The
+    # fine-tuning sources (`config.data.source` glue, scrolls) register when imported; the
+    # loop itself registers only those of bigs_jax.data.
     from bigs_jax.evals import glue, scrolls  # noqa: F401
     from bigs_jax.train import loop
 
     cli.join_distributed(_DISTRIBUTED)
-    config = _CONFIG.value
-    cli.check_config_loads(config, "train")
     try:
         loop.train_and_evaluate(config, _WORKDIR.value or default_workdir())
     except (ConfigError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
