@@ -264,7 +264,7 @@ def listops_splits(d: ConfigDict) -> tuple[dict[str, Split], int]:
             src, y = listops.read_tsv(d.data_dir, {"validation": "val"}.get(split, split))
         else:
             raise ConfigError(f"unknown config.data.listops_source {d.listops_source!r}; "
-                             "choose generate or lra")
+                              "choose generate or lra")
         ids, c = listops.encode(src, d.seq_len)
         out[split], cut = Split(ids, y), cut + c
     return out, cut
@@ -284,8 +284,8 @@ def homology_splits(data_dir: str, seq_len: int,
     evaluation alike: 97.39% of TAPE's train split is kept, and the paper multiplies its
     accuracies by that fraction), or cut at seq_len with "truncate"."""
     if long_sequences not in LONG_SEQUENCES:
-        raise ConfigError(f"unknown config.data.long_sequences {long_sequences!r}; choose one "
-                         f"of {LONG_SEQUENCES}")
+        raise ConfigError(f"unknown config.data.long_sequences {long_sequences!r}; "
+                          f"choose one of {LONG_SEQUENCES}")
     folder, fmt = tape.locate(data_dir)
     splits, skipped = {}, {}
     for split, name in HOMOLOGY_SPLITS.items():

@@ -158,11 +158,10 @@ def check_settings(c: ConfigDict, tasks: list[str], mode: str, lr: float, seed: 
     run takes those from `TASK_SETTINGS`, so such a flag would be ignored without a word."""
     for task in tasks:
         try:
-            check_data(run_config(c, task, mode, lr, seed, "").data)
-        except ConfigError:
-            raise
+            rc = run_config(c, task, mode, lr, seed, "")
         except ValueError as e:  # apply_task_settings: no settings of that task and size
             raise ConfigError(f"config.protocol.tasks: {e}") from None
+        check_data(rc.data)
     if not c.protocol.get("settings_of"):
         return
     task, size = c.protocol.settings_of.split(",")
