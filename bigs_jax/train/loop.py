@@ -219,7 +219,8 @@ class Program:
                               f"{'; '.join(indivisible[:3])}; set config.model.vocab_multiple="
                               "128 for a vocabulary axis, or mesh/model sizes that divide")
         tx, lr_schedule = optim.make_optimizer(config.optim, abstract_params, t.steps,
-                                                 train_growth.restarts(config))
+                                                 train_growth.restarts(config),
+                                                 stack_layers=t.stacked_update)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         opt_shardings = partitioning.opt_state_shardings(abstract_opt, abstract_params,
                                                          param_shardings, mesh)
@@ -245,7 +246,8 @@ class Program:
                                              grad_norm=t.log_grad_norm),
                              in_shardings=(state_shardings, data_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=0)
-        return cls(model_config=model_config, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule, mesh=mesh,
+        return cls(model_config=model_config, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
+                   mesh=mesh,
                    abstract_params=abstract_params, abstract_opt=abstract_opt,
                    state_shardings=state_shardings, data_sharding=data_sharding,
                    init_state=init_state, train_step=train_step,

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bigs_jax.train import layer_stack
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -117,15 +119,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
         # then discarded below) is dead code XLA removes.
         all_grads = grads if keep is None else _combine(
             grads, [jnp.zeros_like(x) for x in frozen], keep, treedef)
-        updates, opt_state = tx.update(all_grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = layer_stack.apply_updates(tx, all_grads, state.opt_state, state.params)
         if keep is not None:
             params = _combine(_partition(params, keep)[0], frozen, keep, treedef)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                rng=jax.random.key_data(rng))
         stats = {"loss": loss, **extra}
-        if grad_norm:
-            stats["grad_norm"] = optax.tree.norm(grads)
+        if grad_norm:  # over the layers stacked if the update is (the same sum, fewer ops)
+            stats["grad_norm"] = optax.tree.norm(
+                layer_stack.view(tx, all_grads) if isinstance(tx, layer_stack.Stacked)
+                else grads)
         return new_state, stats
 
     return train_step

@@ -187,7 +187,7 @@ _RESUMABLE = {"train.steps", "train.log_every", "train.eval_every", "train.check
               "train.keep_checkpoints", "train.dry_run", "train.peak_flops_per_device",
               "train.profile_start_step", "train.profile_num_steps", "train.log_grad_norm",
               "train.eval_at_start", "train.allow_config_change", "train.grad_accum_steps",
-              "train.compilation_cache_dir",
+              "train.compilation_cache_dir", "train.stacked_update",
               "data.eval_batches", "data.eval_batch_size"}
 _RESUMABLE_SECTIONS = {"mesh", "model"}
 HISTORY_JSON = "config_history.json"

@@ -64,6 +64,18 @@ def test_real_vocabularies_under_tensor_parallelism(model, vocab, task, objectiv
         np.testing.assert_allclose(got, reference, rtol=1e-5, err_msg=f"{model} {mesh}")
 
 
+@pytest.mark.slow  # two 8-device compiles and one single-device one (~60 s)
+def test_scanned_stacked_update_matches_across_meshes(tmp_path):
+    """Scanned layers with the optimizer update on the stacked layers, FSDP and tensor
+    sharded: the unrolled single-device run's losses (rtol 1e-5, as across meshes)."""
+    reference = losses("bigs-tiny", "1,1,1", 5, tmp_path / "single", devices=1)
+    stacked = {"model.scan_layers": True, "train.stacked_update": True}
+    for mesh, got in zip(["8,1,1", "2,2,2"], mesh_losses("bigs-tiny", ["8,1,1", "2,2,2"], 5,
+                                                         tmp_path / "meshes",
+                                                         overrides=stacked), strict=True):
+        np.testing.assert_allclose(got, reference, rtol=1e-5, err_msg=mesh)
+
+
 def run_two_processes(model, mesh, steps, workdir, overrides=None):
     """Two processes × 4 CPU devices on 127.0.0.1, gloo collectives."""
     import socket
