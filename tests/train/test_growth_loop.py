@@ -110,6 +110,23 @@ def test_growth_run_stopped_after_growth_resumes_exactly(tmp_path):
     assert resumed["eval_loss"][6] == summary["eval_loss"][6]
 
 
+def test_a_short_growth_run_keeps_its_loss_and_trains_on(tmp_path):
+    """The default suite's run of a growth schedule inside the train loop (the grown5 tests
+    are slow): 3 steps, deeper and wider at step 2 with the stacked optimizer update."""
+    config = grown_run(3)
+    config.growth = json.dumps([{"step": 2, "num_layers": 3, "intermediate_size": 192}])
+    config.train.update(eval_every=2, checkpoint_every=2, stacked_update=True)
+    config.model.scan_layers = True
+    workdir = str(tmp_path / "run")
+    summary = loop.train_and_evaluate(config, workdir)
+    growth = summary["growth"][2]
+    assert abs(growth["eval_loss_before"] - growth["eval_loss_after"]) < 1e-5
+    assert summary["eval_loss"][3] < summary["eval_loss"][2] < summary["eval_loss"][0]
+    assert summary["checkpoints"] == [2, 3]
+    grown = checkpointing.read_model_config(workdir)
+    assert (grown.num_layers, grown.intermediate_size) == (3, 192)
+
+
 def test_bad_schedules_fail_in_one_line(tmp_path):
     config = grown_run(6)
     config.growth = '[{"step": 3, "hidden": 128}]'
