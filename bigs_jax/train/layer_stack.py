@@ -17,10 +17,9 @@ slices them again at runtime indices, so XLA compiles one kernel per parameter s
 per parameter and layer. The price is those copies, every step: on XLA:CPU at batch 8 x 128,
 bigs-large's scanned step took 16% longer and bert-large's 30%, with 2.2 GiB more temporaries
 (`bench/compile.py --optimizer-steps`); their share falls as the batch grows (bert-base at
-32 x 128: +6%). `train.py` uses
-the view with `--config.train.stacked_update=True`, for runs whose compile time matters more
-than those copies (with `scan_layers`: bigs-large's step compiles 3.15x faster than
-unrolled, against 1.6x for `scan_layers` alone).
+32 x 128: +6%). `train.py` uses the view with `--config.train.stacked_update=True`, for runs
+whose compile time matters more than those copies (with `scan_layers`: bigs-large's step
+compiles 3.15x faster than unrolled, against 1.6x for `scan_layers` alone).
 """
 
 from __future__ import annotations
