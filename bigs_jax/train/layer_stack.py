@@ -129,12 +129,6 @@ def stacked(tx: optax.GradientTransformation, stacks: LayerStacks) -> Stacked:
     return out
 
 
-def view(tx: optax.GradientTransformation, tree):
-    """`tree` as `tx` computes on it: its layers stacked where `tx` is `Stacked` (a reduction
-    over it, such as a global norm, is then one op per parameter kind, not per layer)."""
-    return tx.stacks.stack(tree) if isinstance(tx, Stacked) else tree
-
-
 def apply_updates(tx: optax.GradientTransformation, grads, opt_state, params):
     """(new params, new optimizer state) of one `tx` step: `optax.apply_updates` of
     `tx.update`, the sum taken on the stacked layers too where `tx` is `Stacked`."""

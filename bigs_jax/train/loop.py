@@ -247,8 +247,7 @@ class Program:
                              in_shardings=(state_shardings, data_sharding),
                              out_shardings=(state_shardings, replicated), donate_argnums=0)
         return cls(model_config=model_config, graphdef=graphdef, tx=tx, lr_schedule=lr_schedule,
-                   mesh=mesh,
-                   abstract_params=abstract_params, abstract_opt=abstract_opt,
+                   mesh=mesh, abstract_params=abstract_params, abstract_opt=abstract_opt,
                    state_shardings=state_shardings, data_sharding=data_sharding,
                    init_state=init_state, train_step=train_step,
                    eval_step=jax.jit(make_eval_step(graphdef, loss_fn), **params_and_batch),

@@ -110,7 +110,7 @@ def make_optimizer(c: ConfigDict, params, total_steps: int,
             labels, decay = stacks.stack(labels), stacks.stack(decay)
         except layer_stack.NotUniform:
             log.info("optimizer: the layers' groups or decay masks differ, so the update "
-                         "runs per layer (slower to compile) instead of on the stacked layers")
+                     "runs per layer (slower to compile) instead of on the stacked layers")
             stacks = None
     decay_of = {path_str(p): d for p, d in jax.tree_util.tree_flatten_with_path(decay)[0]}
     # optax hands each group's mask function that group's tree (other groups' leaves masked)

@@ -127,8 +127,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
         stats = {"loss": loss, **extra}
         if grad_norm:  # over the layers stacked if the update is (the same sum, fewer ops)
             stats["grad_norm"] = optax.tree.norm(
-                layer_stack.view(tx, all_grads) if isinstance(tx, layer_stack.Stacked)
-                else grads)
+                tx.stacks.stack(all_grads) if isinstance(tx, layer_stack.Stacked) else grads)
         return new_state, stats
 
     return train_step
