@@ -31,6 +31,21 @@ def leading_ones(v: jax.Array, ndim: int) -> jax.Array:
     return jnp.expand_dims(v, tuple(range(ndim - v.ndim)))
 
 
+def matmul_channels(x_BIL: jax.Array, w_IO: jax.Array, *, precision=None) -> jax.Array:
+    """Channel-major x (B, I, L) times a kernel w (I, O) → (B, O, L): y_b = wᵀ · x_b.
+
+    The product is written as GEMMs (O, I) · (I, L) on a copy of wᵀ (I·O floats per call).
+    Left to itself XLA folds the transpose into the dot, whose lhs then contracts its leading
+    axis; XLA:CPU sends that form to its slower generic GEMM instead of YNNPACK. On the 2-core
+    AMD EPYC VM (jax 0.10.2) this form runs the M2 projections 1.36x faster forward and 1.2x
+    faster forward+backward (in (768, 2304) at batch 1 x 2048 ... 32 x 128). The optimization
+    barrier keeps XLA from folding the transpose back in. For B > 1 the (O, B, L) result is
+    transposed to (B, O, L), which costs less than the slow GEMM does (measured at 8 x 1024).
+    """
+    w_OI = jax.lax.optimization_barrier(w_IO.T)
+    return jnp.moveaxis(jnp.einsum("OI,BIL->OBL", w_OI, x_BIL, precision=precision), 0, 1)
+
+
 def dense(
     in_features: int,
     out_features: int,

@@ -122,9 +122,11 @@ def blockdiag_matmul_channels(x_BIL: Array, w_KPQ: Array, *,
                               precision: PrecisionLike = None) -> Array:
     """`blockdiag_matmul` on channel-major input: (B, K·P, L) → (B, K·Q, L).
 
-    The block axis splits the channel axis, so each block is one GEMM w_kᵀ · x_k on
-    contiguous (P, L) rows and the result is written in place: one batched dot over the K
-    blocks with no transpose of activations.
+    The block axis splits the channel axis, so block k is one GEMM w_kᵀ · x_k on its
+    contiguous (P, L) rows, with no transpose of activations. The K GEMMs run one by one on a
+    copy of the transposed blocks (`linear.matmul_channels` says why): on the 2-core AMD EPYC
+    VM (jax 0.10.2) that is 1.1x (4 x 192 → 1536) and 1.8x (4 x 768 → 192) faster than one
+    batched dot over the blocks at L = 8192, which XLA:CPU runs on its generic GEMM.
     """
     K, P, Q = w_KPQ.shape
     B, I, L = x_BIL.shape
@@ -132,10 +134,11 @@ def blockdiag_matmul_channels(x_BIL: Array, w_KPQ: Array, *,
         raise ValueError(f"blockdiag_matmul_channels: x has {I} channels but the {K} blocks "
                          f"of shape {(P, Q)} need {K * P}; pad or crop x to K*P channels.")
     dtype = jnp.result_type(x_BIL, w_KPQ)
-    # x first: XLA:CPU then runs the dense-GEMM speed; with w first it is ~1.5x slower.
-    y_BKQL = jnp.einsum("BKPL,KPQ->BKQL", x_BIL.astype(dtype).reshape(B, K, P, L),
-                        w_KPQ.astype(dtype), precision=precision)
-    return y_BKQL.reshape(B, K * Q, L)
+    x_BIL = x_BIL.astype(dtype)
+    w_KQP = jax.lax.optimization_barrier(jnp.swapaxes(w_KPQ.astype(dtype), 1, 2))
+    y_OBL = jnp.concatenate([jnp.einsum("QP,BPL->QBL", w_KQP[k], x_BIL[:, k * P:(k + 1) * P],
+                                        precision=precision) for k in range(K)], axis=0)
+    return jnp.moveaxis(y_OBL, 0, 1)
 
 
 def blockdiag_to_dense(w_KPQ: Array) -> Array:

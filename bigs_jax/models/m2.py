@@ -25,9 +25,10 @@ would have no normalization at all).
 Layout: the layer stack runs channel-major, hidden states (B, D, L) between the embeddings
 and the head (`channel_major=True`, one transpose in and one out). The long convolutions'
 FFTs then run along the last axis with no transpose around them, the dense projections are
-GEMMs that write (D, L) directly, and the block-diagonal MLP is one batched GEMM over blocks
-of contiguous channel rows (bench/m2.py times it against `channel_major=False`, the (B, L, D)
-stack, and against the fp32 matmul roofline). The cached decoding path and
+GEMMs Wᵀ·x that write (D, L) directly, and the block-diagonal MLP is one such GEMM per block of
+contiguous channel rows (`linear.matmul_channels`, `monarch.blockdiag_matmul_channels`: both
+keep XLA:CPU on its fast GEMM; bench/m2.py times the stack against `channel_major=False`, the
+(B, L, D) stack, and against the fp32 matmul roofline). The cached decoding path and
 `M2SequenceMixer.__call__` (M2-ViT's mixer) keep (B, L, D).
 
 Long convolutions: `conv_mode='auto'` (the default) runs them by `jnp.fft` on CPU and as
@@ -54,7 +55,7 @@ from flax import nnx
 
 from bigs_jax.layers.blocks import check_remat, run_layers
 from bigs_jax.layers.embeddings import BertEmbeddings, mask_pad_logits, padded_vocab
-from bigs_jax.layers.linear import LayerNorm, dense, gelu_exact, layer_norm
+from bigs_jax.layers.linear import LayerNorm, dense, gelu_exact, layer_norm, matmul_channels
 from bigs_jax.layers.longconv import CONV_MODES, ImplicitFilter, ShortConv, modulation_deltas
 from bigs_jax.layers.monarch import BlockdiagLinear
 from bigs_jax.layers.precision import check_precision
@@ -103,7 +104,7 @@ class M2Config:
     conv_mode: str = "auto"
     conv_precision: str = "fp32"
     # The layer stack runs channel-major, (B, D, L): the long convolutions' FFTs run along the
-    # last axis without transposes and the block-diagonal MLP is a plain batched GEMM. False
+    # last axis without transposes and the block-diagonal MLP is one GEMM per block. False
     # runs it (B, L, D), the layout before issue 18 (bench/m2.py's baseline); same outputs.
     channel_major: bool = True
     official_padding: bool = False
@@ -157,8 +158,8 @@ def check_conv_settings(conv_mode: str, conv_precision: str) -> None:
 def _linear_channels(linear: nnx.Linear, x_BIL: jax.Array) -> jax.Array:
     """`linear` (kernel (I, O)) on channel-major x (B, I, L) → (B, O, L), in its dtype."""
     dtype = linear.dtype or jnp.result_type(x_BIL, linear.kernel[...])
-    y_BOL = jnp.einsum("BIL,IO->BOL", x_BIL.astype(dtype), linear.kernel[...].astype(dtype),
-                       precision=linear.precision)
+    y_BOL = matmul_channels(x_BIL.astype(dtype), linear.kernel[...].astype(dtype),
+                            precision=linear.precision)
     return y_BOL + linear.bias[...].astype(dtype)[None, :, None]
 
 

@@ -3,6 +3,7 @@ vs a direct float64 convolution, and the drop-in linear layers."""
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from bigs_jax.layers import monarch
+from bigs_jax.layers.linear import matmul_channels
 from bigs_jax.layers.precision import PRECISIONS
 from bench.monarch_two_factor import MonarchLinear, monarch_matmul, monarch_to_dense
 from bigs_jax.layers.monarch import (
@@ -348,6 +350,31 @@ def test_blockdiag_channel_major_equals_last_axis_layout(d_in, d_out, nblocks):
     got_BOL = jax.jit(lambda x: layer.channel_major(x))(jnp.swapaxes(x_BLI, 1, 2))
     assert got_BOL.shape == (2, d_out, 9)
     assert rel_err(jnp.swapaxes(got_BOL, 1, 2), layer(x_BLI)) < MATMUL_TOL
+
+
+def _dot_forms(fn, *args) -> set:
+    """(lhs, rhs) contracting dims of every dot in fn's compiled program."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return set(re.findall(r" dot\(.*?lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}",
+                          text))
+
+
+def test_channel_major_gemms_are_exact_and_compile_to_plain_gemms():
+    # matmul_channels (B, I, L) x (I, O) -> (B, O, L): values and both gradients against float64
+    x_BIL, w_IO, g_BOL = normal(0, (3, 12, 6)), normal(1, (12, 5)), normal(2, (3, 5, 6))
+    y, vjp = jax.vjp(lambda x, w: matmul_channels(x, w, precision="highest"), x_BIL, w_IO)
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x_BIL, w_IO, g_BOL))
+    assert rel_err(y, np.einsum("bil,io->bol", x64, w64)) < MATMUL_TOL
+    dx, dw = vjp(g_BOL)
+    assert rel_err(dx, np.einsum("bol,io->bil", g64, w64)) < MATMUL_TOL
+    assert rel_err(dw, np.einsum("bil,bol->io", x64, g64)) < MATMUL_TOL
+    # The reason the helpers exist: XLA:CPU's fast GEMM takes only dots whose lhs contracts
+    # its last axis and rhs its first. The plain einsum compiles to a transposed-lhs dot
+    # (the control: this test fails if the helpers fall back to it).
+    x1, w = normal(3, (1, 64, 256)), normal(4, (64, 96))
+    assert _dot_forms(lambda x, w: jnp.einsum("BIL,IO->BOL", x, w), x1, w) == {("0", "0")}
+    assert _dot_forms(matmul_channels, x1, w) == {("1", "0")}
+    assert _dot_forms(monarch.blockdiag_matmul_channels, x1, normal(5, (4, 16, 24))) == {("1", "0")}
 
 
 def test_blockdiag_matmul_channels_matches_dense_and_refuses_bad_width():
