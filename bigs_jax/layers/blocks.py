@@ -24,6 +24,7 @@ a looped one; deterministic outputs and gradients agree to fp32 rounding.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -55,6 +56,35 @@ def constrain(x_BLD: jax.Array, axes: tuple = ACTIVATION_AXES) -> jax.Array:
         return x_BLD
     spec = linen.logical_to_mesh_axes(axes, rules)
     return jax.lax.with_sharding_constraint(x_BLD, spec)
+
+
+def per_shard(fn: Callable, in_axes: Sequence[tuple], out_axes: tuple) -> Callable:
+    """`fn` run by `jax.shard_map` on each device's shard of its arguments, their logical
+    `in_axes` (one tuple per argument) and the result's `out_axes` mapped to mesh axes as
+    `constrain` maps them; `fn` itself off a mesh, or where a sharded dimension does not
+    divide evenly.
+
+    For ops XLA's SPMD partitioner does not partition along their batch-like dimensions:
+    it all-gathers an FFT's operand even when only channels are sharded, and on XLA:CPU the
+    gathered layout then fails the FFT's layout check (`fft_thunk.cc` RET_CHECK) in the
+    backward pass. Each shard's FFT is independent, so `fn` must be elementwise in every
+    dimension the mesh shards.
+    """
+    def call(*args):
+        rules = spmd.get_logical_axis_rules()
+        mesh = jax.sharding.get_abstract_mesh()
+        if not rules or mesh.empty:
+            return fn(*args)
+        specs = [linen.logical_to_mesh_axes(axes, rules) for axes in in_axes]
+        for x, spec in zip(args, specs, strict=True):
+            for size, names in zip(x.shape, spec):
+                names = () if names is None else (names,) if isinstance(names, str) else names
+                if size % math.prod(mesh.shape[n] for n in names):
+                    return fn(*args)
+        return jax.shard_map(fn, in_specs=tuple(specs),
+                             out_specs=linen.logical_to_mesh_axes(out_axes, rules))(*args)
+
+    return call
 
 
 def block_call(remat: str, deterministic: bool) -> Callable:

@@ -48,6 +48,7 @@ E positional-feature size, O filter-MLP width (order), K short-conv taps.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -56,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigs_jax.layers.blocks import per_shard
 from bigs_jax.layers.linear import sharded
 from bigs_jax.layers.monarch import fft_conv
 from bigs_jax.layers.precision import check_precision, dot
@@ -253,8 +255,9 @@ class ImplicitFilter(nnx.Module):
         if mode == "toeplitz":
             return long_conv(u_BLD, *self.kernels(u_BLD.shape[1]), mode=mode,
                              precision=precision) + skip_BLD
-        return circular_conv(u_BLD, self.circular_kernel(u_BLD.shape[1]), mode=mode,
-                             precision=precision) + skip_BLD
+        conv = per_shard(functools.partial(circular_conv, mode=mode, precision=precision),
+                         (("batch", None, "mlp"), ("mlp", None)), ("batch", None, "mlp"))
+        return conv(u_BLD, self.circular_kernel(u_BLD.shape[1])) + skip_BLD
 
     def channel_major(self, u_BDL: jax.Array, *, mode: str = "fft",
                       precision: str = "fp32") -> jax.Array:
@@ -267,8 +270,10 @@ class ImplicitFilter(nnx.Module):
         if mode == "toeplitz":
             w_LLD = toeplitz_weights(*self.kernels(L))
             return dot("tsd,bds->bdt", w_LLD, u_BDL, precision) + skip_BDL
-        return fft_conv(u_BDL, self.circular_kernel(L), 2 * L, use_monarch=mode == "monarch",
-                        precision=precision) + skip_BDL
+        conv = per_shard(functools.partial(fft_conv, n_fft=2 * L, use_monarch=mode == "monarch",
+                                           precision=precision),
+                         (("batch", "mlp", None), ("mlp", None)), ("batch", "mlp", None))
+        return conv(u_BDL, self.circular_kernel(L)) + skip_BDL
 
     # Decoding (causal filters): y[p] = Σ_{s≤p} k[p-s]·v[s] + D·v[p] read from a cache of the
     # inputs v, O(S·D) per token for S cached positions, exact (no FFT round-off).

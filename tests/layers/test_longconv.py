@@ -2,7 +2,11 @@
 matmul paths (Monarch DFT, Toeplitz) at each precision against the fp32 FFT path."""
 
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +201,48 @@ def test_matmul_paths_gradients_at_each_precision(mode):
             for p in ("fp32", "bf16_3x", "bf16")}
     assert errs["fp32"] < 1e-5 and errs["bf16_3x"] < 1e-4, errs
     assert 10 * errs["bf16_3x"] < errs["bf16"] < 1e-2, errs
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_MESH_SCRIPT = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from bigs_jax.layers.longconv import ImplicitFilter
+from bigs_jax.train.partitioning import DEFAULT_RULES, make_mesh
+g, state = nnx.split(ImplicitFilter(16, l_max=12, rngs=nnx.Rngs(0)))
+u = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 12)), jnp.float32)
+out = {}
+for method in ("channel_major", "__call__"):
+    x = u if method == "channel_major" else jnp.swapaxes(u, 1, 2)
+    loss = lambda s, x: jnp.sum(getattr(nnx.merge(g, s), method)(x) ** 2)
+    ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
+    mesh = make_mesh((2, 2, 2))
+    # channels tensor-sharded, as the M2 mixer's in_linear (kernel axes embed, mlp) leaves them
+    spec = (("data", "fsdp"), "tensor", None) if x is u else (("data", "fsdp"), None, "tensor")
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_RULES):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        gathers = grad.lower(state, x).compile().as_text().count("all-gather(")
+        got = jax.device_get(grad(state, x))
+    err = max(float(np.abs(a - b).max() / np.abs(a).max())
+              for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+    out[method] = {"err": err, "gathers": gathers}
+print(json.dumps(out))
+"""
+
+
+def test_long_conv_gradients_on_a_tensor_parallel_mesh():
+    # XLA's partitioner all-gathers an FFT's operand even when only its channels are sharded,
+    # and XLA:CPU's FFT then fails its layout check in the backward pass (a RET_CHECK that
+    # crashed M2 training on any mesh with tensor > 1); blocks.per_shard runs each shard's FFTs
+    # locally. 8 CPU devices in a subprocess, mesh (data, fsdp, tensor) = (2, 2, 2).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for method, res in json.loads(out.stdout.strip().splitlines()[-1]).items():
+        assert res["gathers"] == 0, method
+        assert res["err"] < 1e-5, method

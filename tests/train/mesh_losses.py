@@ -35,7 +35,10 @@ def main(model: str, meshes: str, steps: str, workdir: str, coordinator: str = "
 def run(model: str, mesh: str, steps: str, workdir: str) -> None:
     config = quickstart.get_config("smoke")
     config.model.name = model
-    config.model.num_heads = 4
+    if model.startswith("m2-"):  # M2 has neither attention heads nor an SSM state size
+        del config.model["ssm_state"]
+    else:
+        config.model.num_heads = 4
     config.mesh.shape = tuple(int(x) for x in mesh.split(","))
     config.train.steps = int(steps)
     config.train.log_every = 1
