@@ -1,6 +1,10 @@
-"""The quickstart smoke run that the training-loop tests share, and readers of its workdir."""
+"""The quickstart smoke run that the training-loop tests share, readers of its workdir, and a
+script runner on 8 forced CPU devices."""
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -40,3 +44,13 @@ def params_of(workdir, step=None) -> list[np.ndarray]:
     """The leaves of the model saved in `workdir` (latest step, or `step`)."""
     model = bigs_jax.load(workdir) if step is None else bigs_jax.load(workdir, step=step)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))]
+
+
+def on_8_devices(script: str, timeout: int = 600):
+    """The last stdout line, as JSON, of `python -c script` on 8 forced CPU devices (a mesh
+    needs them at JAX's start, so the script runs in its own process)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -7,11 +7,6 @@ forward with constraints equals the one without them, and the lowered program re
 one constraint per block boundary (and none off a mesh).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +14,8 @@ import pytest
 from flax import nnx
 
 import bigs_jax
+from tests import runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REMAT_CASES = {
     "gpt2": ("gpt2-tiny", dict(num_layers=2, dropout=0.0, attention_dropout=0.0)),
@@ -125,12 +120,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return runs.on_8_devices(_MESH_SCRIPT)
 
 
 # ~1 minute (a subprocess compiling 8 forwards); tests/train/test_sharding.py's default

@@ -2,11 +2,7 @@
 matmul paths (Monarch DFT, Toeplitz) at each precision against the fp32 FFT path."""
 
 import functools
-import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +18,7 @@ from bigs_jax.layers.longconv import (
     positional_features,
     resolve_conv_mode,
 )
+from tests import runs
 
 
 def direct_conv(u_BLD, kf_LD, kr_LD=None):
@@ -203,8 +200,6 @@ def test_matmul_paths_gradients_at_each_precision(mode):
     assert 10 * errs["bf16_3x"] < errs["bf16"] < 1e-2, errs
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 _MESH_SCRIPT = """
 import json
 import jax, jax.numpy as jnp, numpy as np
@@ -238,11 +233,6 @@ def test_long_conv_gradients_on_a_tensor_parallel_mesh():
     # and XLA:CPU's FFT then fails its layout check in the backward pass (a RET_CHECK that
     # crashed M2 training on any mesh with tensor > 1); blocks.per_shard runs each shard's FFTs
     # locally. 8 CPU devices in a subprocess, mesh (data, fsdp, tensor) = (2, 2, 2).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for method, res in json.loads(out.stdout.strip().splitlines()[-1]).items():
+    for method, res in runs.on_8_devices(_MESH_SCRIPT, timeout=300).items():
         assert res["gathers"] == 0, method
         assert res["err"] < 1e-5, method
